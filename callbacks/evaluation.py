@@ -1,0 +1,190 @@
+"""ContinualEvaluation: the accuracy matrix, its summary, TensorBoard and results.json.
+
+During ``fit`` it evaluates every task's test set (past and future) before training starts
+(the initial row, used for FWT) and at the end of every training phase, writes one row of
+the accuracy matrix per evaluation variant, logs scalars and a heatmap, and rewrites
+``results.json`` in the log directory. Its rows are part of every checkpoint, so a resumed
+run continues the same matrix. Under ``validate``/``test`` it reports one row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from callbacks.report import accuracy_heatmap, print_matrix, print_row
+from cl_lightning.metrics import summarize
+from cl_lightning.plugins import LearnerPlugin
+
+if TYPE_CHECKING:
+    from cl_lightning.module import ContinualLearner
+
+
+class ContinualEvaluation(L.Callback, LearnerPlugin):
+    """Per-task evaluation of the whole stream.
+
+    Args:
+        eval_initial: evaluate before training (the row that FWT needs).
+        results_file: name of the JSON file written in the log directory.
+        heatmap: log the accuracy matrix as a TensorBoard figure at every task end and save
+            it as ``accuracy_matrix.png`` next to the results at the end.
+        print_table: print the matrix and the summary at the end of fit (and the row of a
+            validate/test run).
+    """
+
+    plugin_order = 1000  # after every strategy's own task-end work
+
+    def __init__(
+        self,
+        eval_initial: bool = True,
+        results_file: str = "results.json",
+        heatmap: bool = True,
+        print_table: bool = True,
+    ) -> None:
+        self.eval_initial = eval_initial
+        self.results_file = results_file
+        self.heatmap = heatmap
+        self.print_table = print_table
+        self.rows: dict[str, list[list[float]]] = {}
+        self.initial: dict[str, list[float]] | None = None
+        self.run_config: dict[str, Any] = {}
+
+    # ----- evaluation --------------------------------------------------------------------
+    def evaluate(self, trainer: L.Trainer, learner: ContinualLearner) -> dict[str, list[float]]:
+        """Accuracy (percent) on every task, per variant; all ranks take part."""
+        models = list(learner.eval_models().values())
+        modes = [m.training for m in models]
+        for m in models:
+            m.eval()
+        loaders = trainer.datamodule.eval_loaders(trainer.global_rank, trainer.world_size)
+        with trainer.strategy.precision_plugin.forward_context():
+            for loader in loaders:
+                for batch in loader:
+                    learner.eval_step(learner.transfer_batch_to_device(batch, learner.device, 0))
+        for m, mode in zip(models, modes, strict=True):
+            m.train(mode)
+        return learner.compute_eval()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: ContinualLearner) -> None:
+        if self.eval_initial and self.initial is None:
+            self.initial = self.evaluate(trainer, pl_module)
+
+    def on_task_end(self, learner: ContinualLearner, task: int) -> None:
+        trainer = learner.trainer
+        accs = self.evaluate(trainer, learner)
+        for name, row in accs.items():
+            self.rows.setdefault(name, []).append(row)
+        self._log(trainer, learner)
+        self._write_results(trainer, learner)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: ContinualLearner) -> None:
+        if not self.rows:
+            return
+        self._write_results(trainer, pl_module, final=True)
+        if self.print_table and trainer.is_global_zero:
+            primary = pl_module.primary_variant
+            print_matrix(self.rows[primary], self.summary(pl_module, primary), primary,
+                         {k: self.summary(pl_module, k) for k in self.rows if k != primary})
+
+    def _report_row(self, trainer: L.Trainer, learner: ContinualLearner, stage: str) -> None:
+        accs = learner.compute_eval()
+        for name, row in accs.items():
+            avg = sum(row) / len(row)
+            for logger in trainer.loggers:
+                logger.log_metrics({f"{stage}/{name}/avg_accuracy": avg}, step=trainer.global_step)
+        if self.print_table and trainer.is_global_zero and accs:
+            print_row(accs, stage)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: ContinualLearner) -> None:
+        if not trainer.sanity_checking:
+            self._report_row(trainer, pl_module, "validate")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: ContinualLearner) -> None:
+        self._report_row(trainer, pl_module, "test")
+
+    # ----- summaries and outputs ---------------------------------------------------------
+    def summary(self, learner: ContinualLearner, variant: str) -> dict[str, Any]:
+        rows = self.rows[variant]
+        seen = learner.stream.num_tasks if trainer_joint(learner) else None
+        initial = None if self.initial is None else self.initial.get(variant)
+        s = summarize(rows, initial, seen).as_dict()
+        return {"accuracy_matrix": rows, **s, "initial_accuracy": initial}
+
+    def _log(self, trainer: L.Trainer, learner: ContinualLearner) -> None:
+        for name in self.rows:
+            s = self.summary(learner, name)
+            metrics = {f"eval/{name}/{k}": v for k, v in s.items()
+                       if k not in ("accuracy_matrix", "initial_accuracy") and v is not None}
+            last = s["accuracy_matrix"][-1]
+            metrics.update({f"eval/{name}/acc_task{j:02d}": a for j, a in enumerate(last)})
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+        if self.heatmap and trainer.is_global_zero:
+            primary = learner.primary_variant
+            fig = accuracy_heatmap(self.rows[primary], f"accuracy matrix ({primary})")
+            for logger in trainer.loggers:
+                experiment = getattr(logger, "experiment", None)
+                if hasattr(experiment, "add_figure"):
+                    experiment.add_figure("eval/accuracy_matrix", fig,
+                                          global_step=len(self.rows[primary]), close=False)
+            fig.savefig(os.path.join(log_dir(trainer), "accuracy_matrix.png"), dpi=100)
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+
+    def results(self, learner: ContinualLearner) -> dict[str, Any]:
+        """The results.json document (schema in the README)."""
+        primary = learner.primary_variant
+        dm = learner.trainer.datamodule
+        return {
+            "scenario": learner.stream.scenario,
+            "num_tasks": learner.stream.num_tasks,
+            "primary_variant": primary,
+            **self.summary(learner, primary),
+            "tasks_trained": len(self.rows[primary]),
+            "variants": {k: self.summary(learner, k) for k in self.rows if k != primary},
+            "stream": dm.stream_definition(),
+            "config": self.run_config,
+        }
+
+    @rank_zero_only
+    def _write_results(self, trainer: L.Trainer, learner: ContinualLearner,
+                       final: bool = False) -> None:
+        doc = self.results(learner)
+        doc["complete"] = final
+        path = os.path.join(log_dir(trainer), self.results_file)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=2, default=_jsonable)
+        os.replace(tmp, path)  # atomic: a crash never leaves a half-written file
+
+    # ----- checkpointed state ------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "initial": self.initial}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = state_dict.get("rows", {})
+        self.initial = state_dict.get("initial")
+
+
+def trainer_joint(learner: ContinualLearner) -> bool:
+    return bool(getattr(learner.trainer.datamodule, "joint", False))
+
+
+def log_dir(trainer: L.Trainer) -> str:
+    path = trainer.log_dir or trainer.default_root_dir
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, tuple | set):
+        return list(obj)
+    return str(obj)

@@ -1,0 +1,70 @@
+"""Human-facing views of an accuracy matrix: a matplotlib heatmap and rich terminal tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+
+def accuracy_heatmap(rows: list[list[float]], title: str) -> Figure:
+    """Heatmap of ``rows[i][j]`` = accuracy on task j after phase i (percent)."""
+    n_rows, n_tasks = len(rows), len(rows[0])
+    fig, ax = plt.subplots(figsize=(1.0 + 0.35 * n_tasks, 1.0 + 0.35 * max(n_rows, 2)))
+    im = ax.imshow(rows, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+    ax.set_xlabel("evaluated task")
+    ax.set_ylabel("after training phase")
+    ax.set_xticks(range(n_tasks))
+    ax.set_yticks(range(n_rows))
+    if n_tasks <= 10:
+        for i, row in enumerate(rows):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if v < 60 else "black")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="accuracy (%)")
+    fig.tight_layout()
+    return fig
+
+
+def format_matrix(rows: list[list[float]], name: str) -> str:
+    """Plain-text accuracy matrix (any number of tasks; no terminal-width squeezing)."""
+    head = "phase " + "".join(f"{'T' + str(j):>6}" for j in range(len(rows[0])))
+    lines = [f"Accuracy matrix ({name}, %): row = after phase, column = task", head]
+    lines += [f"{i:>5} " + "".join(f"{v:6.1f}" for v in row) for i, row in enumerate(rows)]
+    return "\n".join(lines)
+
+
+def print_matrix(rows: list[list[float]], summary: dict[str, Any], name: str,
+                 others: dict[str, dict[str, Any]] | None = None) -> None:
+    """Print the accuracy matrix and the summary metrics of every variant."""
+    console = Console(width=max(100, 8 + 6 * len(rows[0])))
+    console.print(format_matrix(rows, name), highlight=False)
+    summ = Table(title="Summary (percent points)")
+    keys = ["avg_accuracy", "avg_incremental_accuracy", "forgetting", "bwt", "fwt"]
+    summ.add_column("variant")
+    for k in keys:
+        summ.add_column(k, justify="right")
+    for variant, s in {name: summary, **(others or {})}.items():
+        summ.add_row(variant, *("-" if s[k] is None else f"{s[k]:.2f}" for k in keys))
+    console.print(summ)
+
+
+def print_row(accs: dict[str, list[float]], stage: str) -> None:
+    """Print one evaluation (validate/test) of every task, per variant."""
+    n = len(next(iter(accs.values())))
+    console = Console(width=max(100, 20 + 7 * n))
+    table = Table(title=f"{stage}: accuracy per task (%)")
+    table.add_column("variant")
+    for j in range(n):
+        table.add_column(f"T{j}", justify="right")
+    table.add_column("avg", justify="right")
+    for name, row in accs.items():
+        table.add_row(name, *(f"{v:.1f}" for v in row), f"{sum(row) / len(row):.1f}")
+    console.print(table)

@@ -1,0 +1,110 @@
+"""ContinualCLI: LightningCLI wired for task streams.
+
+- links the datamodule's :class:`~datamodules.base.StreamInfo` into the learner;
+- derives ``trainer.max_epochs`` from the stream (phases x epochs_per_task) and forces
+  ``reload_dataloaders_every_n_epochs=1`` (the datamodule serves one task per epoch range);
+- always adds the evaluation (``--evaluation.*``) and task checkpoint (``--checkpoint.*``)
+  callbacks;
+- ``fit --ckpt_path last`` finds the newest ``last.ckpt`` of the experiment and keeps
+  logging into the same version directory.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+import yaml
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from callbacks.checkpoint import TaskCheckpoint
+from callbacks.evaluation import ContinualEvaluation
+from cl_lightning.module import ContinualLearner
+from datamodules.base import ContinualDataModule
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "gradient_clip_val": 1.0,
+    "num_sanity_val_steps": 0,
+    "log_every_n_steps": 10,
+    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+               "init_args": {"save_dir": "logs", "name": "default"}},
+}
+
+
+class ContinualCLI(LightningCLI):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(ContinualLearner, ContinualDataModule, *args,
+                         subclass_mode_data=True, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ContinualEvaluation, "evaluation")
+        parser.add_lightning_class_args(TaskCheckpoint, "checkpoint")
+        parser.link_arguments("data", "model.stream", apply_on="instantiate",
+                              compute_fn=lambda dm: dm.info)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        dm: ContinualDataModule = self.datamodule
+        given = config.get("max_epochs")
+        if given not in (None, -1, dm.max_epochs):
+            raise ValueError(
+                f"trainer.max_epochs={given} conflicts with the stream: it is derived as "
+                f"phases ({dm.num_phases}) x data.epochs_per_task ({dm.epochs_per_task}) = "
+                f"{dm.max_epochs}. Remove trainer.max_epochs, or change data.epochs_per_task."
+            )
+        if config.get("reload_dataloaders_every_n_epochs", 0) not in (0, 1):
+            raise ValueError("trainer.reload_dataloaders_every_n_epochs must be 1: the stream "
+                             "serves a new task's loader at task boundaries; remove the option.")
+        config["max_epochs"] = dm.max_epochs
+        config["reload_dataloaders_every_n_epochs"] = 1
+        trainer = super()._instantiate_trainer(config, callbacks)
+        for cb in trainer.callbacks:
+            if isinstance(cb, ContinualEvaluation):
+                cb.run_config = self._config_dict()
+        return trainer
+
+    def _config_dict(self) -> dict[str, Any]:
+        try:
+            parser = self._parser(self.subcommand)
+            cfg = self.config.get(str(self.subcommand), self.config)
+            return yaml.safe_load(parser.dump(cfg, skip_none=False, skip_check=True))
+        except Exception as err:  # the config is a report, never a reason to fail a run
+            return {"error": f"config could not be dumped: {err}"}
+
+    def before_fit(self) -> None:
+        cfg = self.config[self.subcommand]
+        if cfg.get("ckpt_path") == "last":
+            cfg["ckpt_path"] = self._resolve_last()
+
+    def _resolve_last(self) -> str:
+        """Newest last.ckpt of this experiment; the logger continues in its version."""
+        logger = self.trainer.logger
+        if isinstance(logger, TensorBoardLogger):
+            pattern = os.path.join(logger.root_dir, "version_*", "checkpoints", "last.ckpt")
+        else:
+            pattern = os.path.join(self.trainer.default_root_dir, "**", "last.ckpt")
+        found = sorted(glob.glob(pattern, recursive=True), key=os.path.getmtime)
+        if not found:
+            raise FileNotFoundError(
+                f"--ckpt_path last: no last.ckpt matches {pattern}; give the checkpoint's "
+                "path, or check trainer.logger's save_dir/name against the run to resume."
+            )
+        path = found[-1]
+        if isinstance(logger, TensorBoardLogger):
+            version = os.path.basename(os.path.dirname(os.path.dirname(path)))
+            logger._version = version  # keep logging into the resumed run's directory
+        return path
+
+
+def main(args: list[str] | None = None) -> ContinualCLI:
+    """Entry point of ``train.py`` and the ``cl-train`` console script."""
+    return ContinualCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The protocol between the learner and the strategy callbacks (replay, ESMER, ...).
+
+A strategy is a Lightning ``Callback`` that also subclasses :class:`LearnerPlugin`. The
+learner finds every such callback on the trainer and calls the methods below, in the
+order of ``plugin_order`` (then the order of ``trainer.callbacks``). Every method has a
+no-op default, so a plugin implements only what it needs.
+
+One training step, as the learner runs it::
+
+    batch = {"x", "y", "task"}                 # from the datamodule (current task)
+    for p in plugins: batch = p.extend_batch(learner, batch)   # e.g. append replay samples
+    logits = learner(batch["x"]); loss_i = CE(logits, y)       # per sample
+    w_i = prod_p p.sample_weights(learner, step)               # e.g. ESMER, PER weights
+    loss = mean_current(w * loss) + mean_replay(w * loss) + sum_p sum(p.extra_losses(...))
+    -- backward, optimizer step --
+    for p in plugins: p.after_step(learner, step)             # buffer insertion, EMA, ...
+
+Batch keys a plugin may add: ``"replay"`` (bool (B,), True for samples it appended),
+plus any key its own losses need (e.g. ``"logits"`` for DER++). Appended samples must
+carry ``"x"``, ``"y"`` and ``"task"``; keys present in only one part are padded by the
+plugin that appends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from cl_lightning.module import ContinualLearner
+
+
+@dataclass
+class StepOutput:
+    """What one training step computed, shared with every plugin.
+
+    batch: the extended batch (dict of (B, ...) tensors)
+    logits: (B, C) working-model logits (after task-IL masking, if any)
+    losses: (B,) per-sample cross-entropy of the working model
+    weights: (B,) per-sample loss weights after all plugins (ones if none)
+    task: index of the current task
+    extras: named extra loss terms added by plugins (scalars)
+    """
+
+    batch: dict[str, torch.Tensor]
+    logits: torch.Tensor
+    losses: torch.Tensor
+    task: int
+    weights: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def replay_mask(self) -> torch.Tensor:
+        """(B,) bool, True for samples a plugin appended from a buffer."""
+        mask = self.batch.get("replay")
+        return torch.zeros_like(self.losses, dtype=torch.bool) if mask is None else mask
+
+    def detached(self) -> StepOutput:
+        """A copy safe to keep after the step (no graph)."""
+        return StepOutput(
+            batch={k: v.detach() for k, v in self.batch.items()},
+            logits=self.logits.detach(),
+            losses=self.losses.detach(),
+            task=self.task,
+            weights=None if self.weights is None else self.weights.detach(),
+            extras={k: v.detach() for k, v in self.extras.items()},
+        )
+
+
+class LearnerPlugin:
+    """Mixin for callbacks that take part in the learner's training step."""
+
+    plugin_order: int = 0  # lower runs first; evaluation uses a high value to run last
+
+    def extend_batch(
+        self, learner: ContinualLearner, batch: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Return the batch to train on (default: unchanged)."""
+        return batch
+
+    def sample_weights(self, learner: ContinualLearner, step: StepOutput) -> torch.Tensor | None:
+        """(B,) multiplicative per-sample loss weights, or None for all ones."""
+        return None
+
+    def extra_losses(self, learner: ContinualLearner, step: StepOutput) -> dict[str, torch.Tensor]:
+        """Named scalar loss terms added to the step's loss."""
+        return {}
+
+    def after_step(self, learner: ContinualLearner, step: StepOutput) -> None:
+        """Called after the optimizer step with the step's detached outputs."""
+
+    def on_task_start(self, learner: ContinualLearner, task: int) -> None:
+        """Called at the first training epoch of ``task`` (also after a resume into it)."""
+
+    def on_task_end(self, learner: ContinualLearner, task: int) -> None:
+        """Called after the last training epoch of ``task``."""
+
+    def eval_models(self, learner: ContinualLearner) -> dict[str, nn.Module]:
+        """Extra models to evaluate next to the working model, by variant name prefix."""
+        return {}

@@ -1,0 +1,78 @@
+"""Summary metrics against matrices worked out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from cl_lightning.metrics import summarize
+from cl_lightning.task_accuracy import TaskAccuracy
+
+# R[i][j]: accuracy on task j after training task i (3 tasks).
+R = [
+    [90.0, 10.0, 20.0],
+    [60.0, 80.0, 30.0],
+    [50.0, 70.0, 95.0],
+]
+B = [10.0, 12.0, 25.0]  # before training
+
+
+def test_average_accuracy_is_mean_of_last_row():
+    assert summarize(R).avg_accuracy == pytest.approx((50 + 70 + 95) / 3)
+
+
+def test_average_incremental_accuracy():
+    # after task 0: 90; after task 1: (60+80)/2 = 70; after task 2: 215/3
+    expected = (90 + 70 + 215 / 3) / 3
+    assert summarize(R).avg_incremental_accuracy == pytest.approx(expected)
+
+
+def test_forgetting_uses_best_earlier_accuracy():
+    # task 0: max(90, 60) - 50 = 40; task 1: max(80) - 70 = 10
+    assert summarize(R).forgetting == pytest.approx((40 + 10) / 2)
+    # a task that peaks after it was trained: best of rows j..last-1 counts
+    r = [[40.0, 0.0, 0.0], [70.0, 90.0, 0.0], [55.0, 90.0, 90.0]]
+    assert summarize(r).forgetting == pytest.approx(((70 - 55) + 0) / 2)
+
+
+def test_bwt_and_fwt():
+    s = summarize(R, B)
+    assert s.bwt == pytest.approx(((50 - 90) + (70 - 80)) / 2)
+    # FWT: R[0,1]-b1 = 10-12, R[1,2]-b2 = 30-25
+    assert s.fwt == pytest.approx(((10 - 12) + (30 - 25)) / 2)
+
+
+def test_fwt_undefined_without_initial_row_or_single_phase():
+    assert summarize(R).fwt is None
+    assert summarize([R[0]], B).fwt is None
+    assert summarize([R[0]]).forgetting == 0.0 and summarize([R[0]]).bwt == 0.0
+
+
+def test_partial_matrix_counts_only_seen_tasks():
+    s = summarize(R[:2], B)
+    assert s.avg_accuracy == pytest.approx(70.0)
+    assert s.forgetting == pytest.approx(30.0)
+    assert s.fwt == pytest.approx(10 - 12)
+
+
+def test_joint_single_phase_sees_every_task():
+    s = summarize([[80.0, 90.0, 100.0]], B, seen=3)
+    assert s.avg_accuracy == pytest.approx(90.0)
+    assert s.forgetting == 0.0 and s.bwt == 0.0 and s.fwt is None
+
+
+def test_bad_shapes_fail():
+    with pytest.raises(ValueError, match="more rows"):
+        summarize([[1.0], [2.0]])
+    with pytest.raises(ValueError, match="initial row"):
+        summarize(R, [1.0, 2.0])
+
+
+def test_task_accuracy_counts_per_task():
+    m = TaskAccuracy(3)
+    m.update(torch.tensor([1, 2, 3, 4]), torch.tensor([1, 0, 3, 4]), torch.tensor([0, 0, 2, 2]))
+    m.update(torch.tensor([5]), torch.tensor([6]), torch.tensor([2]))
+    acc = m.compute()
+    assert acc[0].item() == pytest.approx(50.0)
+    assert math.isnan(acc[1].item())
+    assert acc[2].item() == pytest.approx(200 / 3)
