@@ -10,10 +10,16 @@ import torch
 
 
 def collect_rng_states() -> dict[str, Any]:
-    """States of Python's, NumPy's, torch's CPU and (if present) CUDA generators."""
+    """States of Python's, NumPy's, torch's CPU and (if present) CUDA generators.
+
+    Only tensors, ints, floats, strings and tuples, so ``torch.load(weights_only=True)``
+    can read a checkpoint that holds them.
+    """
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
     states: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                  float(gauss)),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -26,7 +32,8 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     if "python" in states:
         random.setstate(states["python"])
     if "numpy" in states:
-        np.random.set_state(states["numpy"])
+        name, keys, pos, has_gauss, gauss = states["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "torch" in states:
         torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():

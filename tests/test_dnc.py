@@ -1,0 +1,456 @@
+"""Tests for the Differentiable Neural Computer and its addressing functions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cl_lightning.models import dnc_addressing as addr
+from cl_lightning.models.dnc import DNC, DNCState, DNCTrace
+
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def small_dnc(**kw) -> DNC:
+    sizes = dict(hidden_size=16, memory_slots=8, word_size=5, read_heads=2, write_heads=1)
+    sizes.update(kw)
+    return DNC(input_size=4, output_size=3, **sizes)
+
+
+def assert_weighting(w: torch.Tensor, exact_sum: bool = False) -> None:
+    """Entries in [0, 1] and sum over the last axis <= 1 (== 1 if ``exact_sum``)."""
+    assert torch.isfinite(w).all()
+    assert w.min() >= -TOL and w.max() <= 1 + TOL
+    sums = w.sum(-1)
+    assert sums.max() <= 1 + TOL
+    if exact_sum:
+        torch.testing.assert_close(sums, torch.ones_like(sums), atol=TOL, rtol=0)
+
+
+def assert_link(link: torch.Tensor) -> None:
+    diag = link.diagonal(dim1=-2, dim2=-1)
+    assert diag.abs().max() == 0
+    assert link.min() >= -TOL
+    assert link.sum(-1).max() <= 1 + TOL
+    assert link.sum(-2).max() <= 1 + TOL
+
+
+def random_distribution(*shape: int, total: float = 1.0) -> torch.Tensor:
+    """Random non-negative weights whose last axis sums to ``total * U(0, 1)``."""
+    w = torch.softmax(3 * torch.randn(*shape), -1)
+    return w * total * torch.rand(*shape[:-1], 1)
+
+
+# --------------------------------------------------------------------- content addressing
+
+
+def test_content_weighting_hand_example() -> None:
+    memory = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
+    keys = torch.tensor([[[1.0, 0.0]]])
+    strength = torch.tensor([[2.0]])
+    expected_sim = torch.tensor([1.0, 0.0, 1.0 / math.sqrt(2.0)])
+    expected = torch.exp(2 * expected_sim) / torch.exp(2 * expected_sim).sum()
+    got = addr.content_weighting(memory, keys, strength)[0, 0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_content_weighting_mask_selects_key_part() -> None:
+    # Rows 0 and 1 match the key on the first two features and differ on the third.
+    memory = torch.tensor([[[1.0, 2.0, 5.0], [1.0, 2.0, -5.0], [-1.0, 0.5, 0.0]]])
+    keys = torch.tensor([[[1.0, 2.0, 0.0]]])
+    strength = torch.tensor([[10.0]])
+    mask = torch.tensor([[[1.0, 1.0, 0.0]]])
+    masked = addr.content_weighting(memory, keys, strength, mask)[0, 0]
+    torch.testing.assert_close(masked[0], masked[1])
+    assert masked[0] > 0.49 and masked[2] < 0.01
+    # An all-ones mask is the same as no mask.
+    ones = torch.ones_like(keys)
+    torch.testing.assert_close(
+        addr.content_weighting(memory, keys, strength, ones),
+        addr.content_weighting(memory, keys, strength),
+    )
+
+
+def test_content_weighting_is_distribution() -> None:
+    memory, keys = torch.randn(3, 7, 4), torch.randn(3, 5, 4)
+    w = addr.content_weighting(memory, keys, torch.rand(3, 5) * 5)
+    assert w.shape == (3, 5, 7)
+    assert_weighting(w, exact_sum=True)
+
+
+def test_zero_memory_and_keys_have_finite_gradients() -> None:
+    memory = torch.zeros(2, 6, 4, requires_grad=True)
+    keys = torch.zeros(2, 3, 4, requires_grad=True)
+    strengths = torch.ones(2, 3, requires_grad=True)
+    mask = torch.full((2, 3, 4), 0.5, requires_grad=True)
+    for m in (None, mask):
+        w = addr.content_weighting(memory, keys, strengths, m)
+        torch.testing.assert_close(w, torch.full_like(w, 1 / 6))
+        grads = torch.autograd.grad((w * torch.randn_like(w)).sum(), [memory, keys, strengths])
+        assert all(torch.isfinite(g).all() for g in grads)
+
+
+# ------------------------------------------------------------------- usage and allocation
+
+
+def test_allocation_hand_computed_three_slots() -> None:
+    usage = torch.tensor([[0.4, 0.1, 0.8]])
+    # Ascending order: slot 1 (0.1), slot 0 (0.4), slot 2 (0.8).
+    expected = torch.tensor([[(1 - 0.4) * 0.1, 1 - 0.1, (1 - 0.8) * 0.1 * 0.4]])
+    got = addr.allocation_weighting(usage)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_allocation_peaks_at_least_used_slot() -> None:
+    usage = torch.tensor([[0.9, 0.7, 0.95, 0.05, 0.6], [0.0, 1.0, 1.0, 1.0, 1.0]])
+    alloc = addr.allocation_weighting(usage)
+    assert alloc.argmax(-1).tolist() == [3, 0]
+    assert_weighting(alloc)
+    # Fully used memory allocates (almost) nothing.
+    assert addr.allocation_weighting(torch.ones(1, 5)).sum() < 1e-5
+
+
+def test_allocation_random_batched_and_leading_dims() -> None:
+    usage = torch.rand(4, 3, 16)
+    alloc = addr.allocation_weighting(usage)
+    assert_weighting(alloc)
+    torch.testing.assert_close(alloc.argmax(-1), usage.argmin(-1))
+    for i in range(4):
+        torch.testing.assert_close(alloc[i], addr.allocation_weighting(usage[i]))
+
+
+def test_multiple_write_heads_allocate_distinct_slots() -> None:
+    usage = torch.tensor([[0.5, 0.0, 0.9, 0.2]])
+    alloc = addr.write_allocation_weightings(usage, torch.ones(1, 2))
+    assert alloc.shape == (1, 2, 4)
+    assert alloc[0].argmax(-1).tolist() == [1, 3]
+    # With a closed gate the first head does not claim its slot.
+    alloc = addr.write_allocation_weightings(usage, torch.tensor([[0.0, 1.0]]))
+    assert alloc[0].argmax(-1).tolist() == [1, 1]
+
+
+def test_usage_update_formula_and_stop_gradient() -> None:
+    prev_usage = torch.tensor([[0.5, 0.0, 1.0]], requires_grad=True)
+    prev_write = torch.tensor([[[0.5, 1.0, 0.0]]], requires_grad=True)
+    free_gates = torch.tensor([[1.0, 0.5]], requires_grad=True)
+    prev_read = torch.tensor([[[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]])
+    usage, psi = addr.update_usage(prev_usage, prev_write, free_gates, prev_read)
+    torch.testing.assert_close(psi, torch.tensor([[1.0, 0.5, 0.0]]))
+    torch.testing.assert_close(usage, torch.tensor([[0.75, 0.5, 0.0]]))
+    usage.sum().backward()
+    assert prev_write.grad is None  # stop-gradient on the previous write weights
+    assert prev_usage.grad is not None and free_gates.grad is not None
+
+
+# ------------------------------------------------------------- writing and temporal links
+
+
+def test_write_weighting_mixes_allocation_and_content() -> None:
+    content = torch.tensor([[[1.0, 0.0, 0.0]]])
+    alloc = torch.tensor([[[0.0, 1.0, 0.0]]])
+    w = addr.write_weighting(content, alloc, torch.tensor([[0.25]]), torch.tensor([[0.8]]))
+    torch.testing.assert_close(w, torch.tensor([[[0.6, 0.2, 0.0]]]))
+
+
+def test_erase_and_write_and_deallocation() -> None:
+    memory = torch.ones(1, 3, 2)
+    weights = torch.tensor([[[0.0, 1.0, 0.5]]])
+    erase = torch.tensor([[[1.0, 0.0]]])
+    values = torch.tensor([[[2.0, 3.0]]])
+    out = addr.erase_and_write(memory, weights, erase, values)
+    expected = torch.tensor([[[1.0, 1.0], [2.0, 4.0], [1.5, 2.5]]])
+    torch.testing.assert_close(out, expected)
+    # De-allocation: slot 0 fully freed (psi = 0) is zeroed.
+    psi = torch.tensor([[0.0, 1.0, 1.0]])
+    out = addr.erase_and_write(memory, weights, erase, values, psi)
+    torch.testing.assert_close(out[0, 0], torch.zeros(2))
+    torch.testing.assert_close(out[0, 1:], expected[0, 1:])
+
+
+def test_multi_head_erase_matches_sequential_definition() -> None:
+    memory = torch.randn(2, 5, 3)
+    weights = random_distribution(2, 2, 5)
+    erase, values = torch.rand(2, 2, 3), torch.randn(2, 2, 3)
+    keep = (1 - weights[:, 0, :, None] * erase[:, 0, None]) * (
+        1 - weights[:, 1, :, None] * erase[:, 1, None]
+    )
+    expected = memory * keep + weights.transpose(1, 2) @ values
+    torch.testing.assert_close(addr.erase_and_write(memory, weights, erase, values), expected)
+
+
+def test_link_follows_write_order() -> None:
+    n = 4
+    link = torch.zeros(1, 1, n, n)
+    prec = torch.zeros(1, 1, n)
+    for slot in (0, 2, 1):
+        w = torch.zeros(1, 1, n)
+        w[0, 0, slot] = 1.0
+        link = addr.update_link(link, prec, w)
+        prec = addr.update_precedence(prec, w)
+    assert_link(link)
+    assert link[0, 0, 2, 0] == 1 and link[0, 0, 1, 2] == 1 and link.sum() == 2
+    reads = torch.zeros(1, 2, n)
+    reads[0, 0, 0] = 1.0  # head 0 at slot 0
+    reads[0, 1, 1] = 1.0  # head 1 at slot 1
+    forward, backward = addr.directional_weightings(link, reads)
+    assert forward.shape == (1, 2, 1, n)
+    assert forward[0, 0, 0].argmax() == 2  # after slot 0 came slot 2
+    assert backward[0, 1, 0].argmax() == 2  # before slot 1 came slot 2
+    assert forward[0, 1, 0].sum() == 0  # nothing was written after slot 1
+
+
+@pytest.mark.parametrize("write_heads", [1, 2])
+def test_link_invariants_and_fused_equivalence(write_heads: int) -> None:
+    b, r, n = 3, 2, 6
+    link = torch.zeros(b, write_heads, n, n)
+    prec = torch.zeros(b, write_heads, n)
+    for _ in range(6):
+        w = random_distribution(b, write_heads, n)
+        reads = random_distribution(b, r, n)
+        new_link, fwd, bwd = addr.fused_link_read(link, prec, w, reads)
+        ref_link = addr.update_link(link, prec, w)
+        ref_fwd, ref_bwd = addr.directional_weightings(ref_link, reads)
+        torch.testing.assert_close(new_link, ref_link)
+        torch.testing.assert_close(fwd, ref_fwd)
+        torch.testing.assert_close(bwd, ref_bwd)
+        # Directional weightings against explicit matrix-vector products.
+        torch.testing.assert_close(fwd, torch.einsum("bhij,brj->brhi", ref_link, reads))
+        torch.testing.assert_close(bwd, torch.einsum("bhji,brj->brhi", ref_link, reads))
+        link, prec = new_link, addr.update_precedence(prec, w)
+        assert_link(link)
+        assert_weighting(prec)
+        assert_weighting(fwd)
+        assert_weighting(bwd)
+
+
+def test_fused_link_gradients_match_autograd() -> None:
+    b, wr, r, n = 2, 2, 3, 5
+    base = torch.rand(b, wr, n, n, dtype=torch.float64) * 0.2
+    base.diagonal(dim1=-2, dim2=-1).zero_()
+    inputs = [
+        base,
+        random_distribution(b, wr, n).double(),
+        random_distribution(b, wr, n).double(),
+        random_distribution(b, r, n).double(),
+    ]
+    inputs = [t.requires_grad_() for t in inputs]
+    ref_link = addr.update_link(*inputs[:3])
+    ref = (ref_link, *addr.directional_weightings(ref_link, inputs[3]))
+    fused = addr.fused_link_read(*inputs)
+    upstream = [torch.randn_like(t) for t in ref]
+    ref_grads = torch.autograd.grad(ref, inputs, upstream)
+    fused_grads = torch.autograd.grad(fused, inputs, upstream)
+    for got, want in zip(fused_grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(addr.fused_link_read, inputs)
+
+
+# ------------------------------------------------------------------------ reading
+
+
+def test_read_weighting_mode_mixture() -> None:
+    content = torch.tensor([[[1.0, 0.0, 0.0]]])
+    forward = torch.tensor([[[[0.0, 1.0, 0.0]]]])
+    backward = torch.tensor([[[[0.0, 0.0, 1.0]]]])
+    modes = torch.tensor([[[0.2, 0.3, 0.5]]])  # backward, forward, content
+    w = addr.read_weighting(content, forward, backward, modes)
+    torch.testing.assert_close(w, torch.tensor([[[0.5, 0.3, 0.2]]]))
+
+
+def test_sharpen_is_sharper_distribution() -> None:
+    d = random_distribution(2, 3, 1, 8)
+    s = addr.sharpen(d, torch.full((2, 3, 1), 3.0))
+    assert_weighting(s, exact_sum=True)
+    flat = (d + addr.EPSILON) / (d + addr.EPSILON).sum(-1, keepdim=True)
+    assert (s.amax(-1) >= flat.amax(-1) - TOL).all()
+    torch.testing.assert_close(s, addr.sharpen(d, 3.0))
+
+
+# ---------------------------------------------------------------------- full model
+
+
+OPTION_SETS = [
+    {},
+    {"masking": True},
+    {"dealloc": True},
+    {"sharpness": True},
+    {"sharpness": 2.0},
+    {"masking": True, "dealloc": True, "sharpness": True, "write_heads": 2},
+    {"fused": False, "strength_activation": "oneplus"},
+]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS)
+def test_dnc_invariants(options: dict) -> None:
+    model = small_dnc(**options)
+    x = torch.randn(3, 12, 4) * 3
+    y, state, trace = model(x, return_trace=True)
+    assert y.shape == (3, 12, 3) and torch.isfinite(y).all()
+    assert isinstance(trace, DNCTrace) and isinstance(state, DNCState)
+    wr = model.write_heads
+    assert trace.read_weights.shape == (3, 12, 2, 8)
+    assert trace.write_weights.shape == (3, 12, wr, 8)
+    assert trace.read_modes.shape == (3, 12, 2, 1 + 2 * wr)
+    for name in ("read_weights", "write_weights", "allocation"):
+        assert_weighting(getattr(trace, name))
+    assert_weighting(trace.read_modes, exact_sum=True)
+    assert trace.usage.min() >= 0 and trace.usage.max() <= 1 + TOL
+    for gate in (trace.allocation_gate, trace.write_gate, trace.free_gates):
+        assert gate.min() >= 0 and gate.max() <= 1
+    assert_link(state.link)
+    assert_weighting(state.precedence)
+    # The directional and content weightings of the final state are valid too.
+    forward, backward = addr.directional_weightings(state.link, state.read_weights)
+    assert_weighting(forward)
+    assert_weighting(backward)
+
+
+def test_dnc_gradients_finite_from_zero_state_and_zero_keys() -> None:
+    model = small_dnc()
+    with torch.no_grad():
+        model.interface.weight.zero_()
+        model.interface.bias.zero_()  # all keys zero, memory starts at zero
+    x = torch.zeros(2, 4, 4, requires_grad=True)
+    y, _ = model(x)
+    y.square().sum().backward()
+    for p in model.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"masking": True, "dealloc": True, "sharpness": True, "write_heads": 2}]
+)
+def test_dnc_gradcheck_float64(options: dict) -> None:
+    # The reference's stop-gradient on the previous write weights (inside the usage update)
+    # makes autograd deliberately differ from finite differences; switch it off here.
+    model = DNC(
+        3, 2, hidden_size=5, memory_slots=4, word_size=3, read_heads=2,
+        stop_write_gradient=False, **options,
+    ).double()
+    x = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
+
+    def run(inp: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y, state = model(inp)
+        return y, state.memory, state.usage, state.link, state.read_weights
+
+    assert torch.autograd.gradcheck(run, (x,), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(run, (x,), eps=1e-6, atol=1e-6, fast_mode=True)
+
+    # With the stop-gradient on, the usage Jacobian no longer matches finite differences.
+    model.stop_write_gradient = True
+    usage_only = lambda inp: model(inp)[1].usage  # noqa: E731
+    assert not torch.autograd.gradcheck(usage_only, (x,), eps=1e-6, raise_exception=False)
+
+
+def test_dnc_batched_equals_per_sample() -> None:
+    model = small_dnc(write_heads=2, masking=True)
+    x = torch.randn(4, 9, 4)
+    y, state = model(x)
+    for i in range(4):
+        yi, si = model(x[i : i + 1])
+        torch.testing.assert_close(yi, y[i : i + 1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(si.link, state.link[i : i + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_dnc_state_carries_across_calls() -> None:
+    model = small_dnc()
+    x = torch.randn(2, 10, 4)
+    y_full, s_full = model(x)
+    y_a, s_a = model(x[:, :6])
+    y_b, s_b = model(x[:, 6:], s_a.detach())
+    torch.testing.assert_close(torch.cat([y_a, y_b], 1), y_full)
+    torch.testing.assert_close(s_b.memory, s_full.memory)
+    y_init, _ = model(x, model.initial_state(2))
+    torch.testing.assert_close(y_init, y_full)
+
+
+def test_fused_and_autograd_models_agree() -> None:
+    fused = small_dnc(write_heads=2)
+    plain = small_dnc(write_heads=2, fused=False)
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 7, 4)
+    y1, _ = fused(x)
+    y2, _ = plain(x)
+    torch.testing.assert_close(y1, y2)
+    g1 = torch.autograd.grad(y1.square().sum(), list(fused.parameters()))
+    g2 = torch.autograd.grad(y2.square().sum(), list(plain.parameters()))
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def transplant(base: DNC, other: DNC, extra_bias: float | None) -> None:
+    """Copy ``base``'s weights into ``other``, whose interface may have extra rows.
+
+    Extra interface rows get zero weights and bias ``extra_bias`` (random if ``None``).
+    """
+    with torch.no_grad():
+        for name in ("input_gates", "recurrent_gates", "output"):
+            getattr(other, name).load_state_dict(getattr(base, name).state_dict())
+        w, b = other.interface.weight, other.interface.bias
+        w.zero_()
+        if extra_bias is None:
+            b.normal_(0, 2)
+        else:
+            b.fill_(extra_bias)
+        src = dst = 0
+        for size_base, size_other in zip(
+            base.layout.block_sizes, other.layout.block_sizes, strict=True
+        ):
+            w[dst : dst + size_base] = base.interface.weight[src : src + size_base]
+            b[dst : dst + size_base] = base.interface.bias[src : src + size_base]
+            src, dst = src + size_base, dst + size_other
+
+
+def test_options_change_output_only_when_on() -> None:
+    base = small_dnc()
+    x = torch.randn(2, 10, 4)
+    y_base, _ = base(x)
+
+    # Same weights, option flags off: identical output.
+    same = small_dnc(masking=False, dealloc=False, sharpness=False)
+    same.load_state_dict(base.state_dict())
+    torch.testing.assert_close(same(x)[0], y_base)
+
+    # De-allocation and a fixed sharpness add no parameters: same weights, new output.
+    for options in ({"dealloc": True}, {"sharpness": 3.0}):
+        other = small_dnc(**options)
+        other.load_state_dict(base.state_dict())
+        assert (other(x)[0] - y_base).abs().max() > 1e-4, options
+
+    # Masking with masks saturated at 1 is the plain DNC; random masks change the output.
+    masked = small_dnc(masking=True)
+    transplant(base, masked, extra_bias=40.0)  # clipped to 20: sigmoid(20) ~ 1 - 2e-9
+    torch.testing.assert_close(masked(x)[0], y_base, atol=1e-5, rtol=1e-5)
+    transplant(base, masked, extra_bias=None)
+    assert (masked(x)[0] - y_base).abs().max() > 1e-4
+
+    # Learned sharpness changes the output.
+    sharp = small_dnc(sharpness=True)
+    transplant(base, sharp, extra_bias=2.0)
+    assert (sharp(x)[0] - y_base).abs().max() > 1e-4
+
+
+def test_default_path_returns_pair_and_initial_state_shapes() -> None:
+    model = small_dnc(write_heads=2)
+    out = model(torch.randn(2, 3, 4))
+    assert len(out) == 2
+    s = model.initial_state(5, dtype=torch.float64)
+    assert s.memory.shape == (5, 8, 5) and s.memory.dtype == torch.float64
+    assert s.link.shape == (5, 2, 8, 8)
+    assert s.read_vectors.shape == (5, 2, 5)
+    assert s.h.shape == s.c.shape == (5, 16)
+
+
+def test_invalid_arguments() -> None:
+    with pytest.raises(ValueError):
+        small_dnc(strength_activation="exp")
+    with pytest.raises(ValueError):
+        small_dnc(sharpness=-1.0)
