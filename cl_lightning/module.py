@@ -74,8 +74,12 @@ class ContinualLearner(L.LightningModule):
         return logits.masked_fill(~self.task_mask[task], torch.finfo(logits.dtype).min)
 
     def train_logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits the training loss sees: masked to the task's classes under task-IL."""
-        logits = model(batch["x"])
+        """Logits the training loss sees: the datamodule's augmentation of ``batch["x"]``
+        (the batch keeps the raw inputs, e.g. for a buffer), masked to the task's classes
+        under task-IL."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        x = batch["x"] if dm is None else dm.augment(batch["x"])
+        logits = model(x)
         if self.stream.scenario == "task-il":
             logits = self.mask_logits(logits, batch["task"])
         return logits

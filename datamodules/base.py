@@ -166,6 +166,14 @@ class ContinualDataModule(L.LightningDataModule):
         """The subclass's parameters that define the data (saved in checkpoints)."""
         return {}
 
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """Training augmentation of a whole batch on its device, x: (B, *input_shape).
+
+        Datasets yield un-augmented inputs; the learner augments every training batch,
+        replayed samples included, right before the forward pass (default: none).
+        """
+        return x
+
     # ----- the stream ---------------------------------------------------------------------
     @property
     def task_order(self) -> list[int]:

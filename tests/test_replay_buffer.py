@@ -6,6 +6,7 @@ import io
 import os
 import socket
 import tempfile
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from cl_lightning.replay_policies import SPARSE_SAMPLING_MIN_SIZE
 P_MIN = 0.01  # significance level for the chi-square checks (all seeds are fixed)
 
 
-def chisquare(observed: np.ndarray, expected: np.ndarray | None = None):  # noqa: ANN201
+def chisquare(observed: np.ndarray, expected: np.ndarray | None = None) -> Any:
     """``scipy.stats.chisquare``, imported lazily so DDP worker processes skip scipy."""
     from scipy.stats import chisquare as scipy_chisquare
 
