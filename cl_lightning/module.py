@@ -196,7 +196,7 @@ class ContinualLearner(L.LightningModule):
         """Per-task accuracy (percent) of every variant, synced across ranks; then reset."""
         out = {}
         for name, metric in self._eval_metrics.items():
-            out[name] = metric.compute().tolist()
+            out[name] = torch.atleast_1d(metric.compute()).tolist()  # 1 task: no squeeze
             metric.reset()
         return out
 

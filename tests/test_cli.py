@@ -97,3 +97,10 @@ def test_checkpoint_from_another_stream_is_refused(tmp_path):
         run_cli(tmp_path, "--ckpt_path", ckpt, "--data.stream_seed", "7")
     with pytest.raises(ValueError, match="different model"):
         run_cli(tmp_path, "--ckpt_path", ckpt, "--model.net.hidden", "[16]")
+
+
+@pytest.mark.slow
+def test_single_task_stream(tmp_path):
+    res = read_results(run_cli(tmp_path, "--data.num_tasks", "1"))
+    assert len(res["accuracy_matrix"]) == 1 and len(res["accuracy_matrix"][0]) == 1
+    assert res["avg_accuracy"] == pytest.approx(res["accuracy_matrix"][0][0])

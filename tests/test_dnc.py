@@ -331,10 +331,8 @@ def test_dnc_gradients_finite_from_zero_state_and_zero_keys() -> None:
 def test_dnc_gradcheck_float64(options: dict) -> None:
     # The reference's stop-gradient on the previous write weights (inside the usage update)
     # makes autograd deliberately differ from finite differences; switch it off here.
-    model = DNC(
-        3, 2, hidden_size=5, memory_slots=4, word_size=3, read_heads=2,
-        stop_write_gradient=False, **options,
-    ).double()
+    sizes = dict(hidden_size=5, memory_slots=4, word_size=3, read_heads=2)
+    model = DNC(3, 2, stop_write_gradient=False, **sizes, **options).double()
     x = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
 
     def run(inp: torch.Tensor) -> tuple[torch.Tensor, ...]:
