@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from cl_lightning.models.backbones import MLP
+from cl_lightning.models.backbones import MLP, Classifier
 from cl_lightning.plugins import LearnerPlugin, StepOutput
 from cl_lightning.rng import collect_rng_states, restore_rng_states
 from cl_lightning.task_accuracy import TaskAccuracy
 from datamodules.base import StreamInfo
 
-NetFactory = Callable[[Sequence[int], int], nn.Module]
+NetFactory = Callable[[Sequence[int], int], Classifier]
 """Builds the classifier from ``(input_shape, num_classes)``; in a config, a ``class_path``
 whose other ``init_args`` are the model's options."""
 

@@ -10,10 +10,22 @@ import torch
 from torch import nn
 
 
-class MLP(nn.Module):
+class Classifier(nn.Module):
+    """Base of every model the learner builds: ``Model(input_shape, num_classes, **options)``
+    with ``forward(x: (B, *input_shape)) -> logits (B, num_classes)``. Subclass it to make
+    your own model selectable with ``--model.net your.module.Model``."""
+
+
+class MLP(Classifier):
     """Flatten -> [Linear -> ReLU (-> Dropout)] * len(hidden) -> Linear.
 
     x: (B, *input_shape) -> logits: (B, num_classes)
+
+    Args:
+        input_shape: shape of one input (linked from the stream).
+        num_classes: number of output logits (linked from the stream).
+        hidden: widths of the hidden layers.
+        dropout: dropout after every hidden layer (0 = none).
     """
 
     def __init__(
