@@ -1,0 +1,241 @@
+"""Rehearsal strategies: ExperienceReplay (ER, prioritized ER) and DarkExperienceReplay (DER++).
+
+Both are learner plugins (:mod:`cl_lightning.plugins`): they append a minibatch from a
+:class:`~cl_lightning.replay.ReplayBuffer` to every training batch (marked ``"replay"``),
+and insert the step's current-task samples (raw, un-augmented inputs) after the optimizer
+step. The learner applies the stream's training augmentation to the whole batch, replayed
+samples included. Under DDP every rank keeps its own shard of ``capacity // world_size``
+items; the checkpoint holds the gathered buffer and loading re-shards it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from cl_lightning.plugins import LearnerPlugin, StepOutput
+from cl_lightning.replay import ReplayBuffer
+
+if TYPE_CHECKING:
+    from cl_lightning.module import ContinualLearner
+
+STORED_KEYS = ("x", "y", "task", "y_clean")
+
+
+class ExperienceReplay(L.Callback, LearnerPlugin):
+    """Experience replay (ER), optionally prioritized (Schaul et al. 2016).
+
+    Args:
+        capacity: total buffer size (split evenly over DDP ranks).
+        replay_batch_size: replayed samples appended to every training batch.
+        policy: insertion policy: ``reservoir``, ``fifo`` or ``class_balanced``.
+        sampling: ``uniform`` (without replacement) or ``prioritized``.
+        alpha: prioritization exponent, priority = (|loss| + eps) ** alpha.
+        beta: initial importance-sampling exponent (annealed to 1 over the whole fit).
+        anneal_beta: anneal beta linearly to 1 over the fit's optimizer steps.
+        buffer_device: ``cpu`` or ``model`` (the training device).
+        seed: seed of the buffer's own generator (offset by the rank under DDP).
+    """
+
+    plugin_order = 10
+
+    def __init__(
+        self,
+        capacity: int = 10000,
+        replay_batch_size: int = 32,
+        policy: Literal["reservoir", "fifo", "class_balanced"] = "reservoir",
+        sampling: Literal["uniform", "prioritized"] = "uniform",
+        alpha: float = 0.6,
+        beta: float = 0.4,
+        anneal_beta: bool = True,
+        buffer_device: Literal["cpu", "model"] = "cpu",
+        seed: int = 0,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if replay_batch_size < 1:
+            raise ValueError(f"replay_batch_size must be >= 1, got {replay_batch_size}")
+        if replay_batch_size > capacity:
+            raise ValueError(f"the buffer (capacity={capacity}) is smaller than one replay batch "
+                             f"(replay_batch_size={replay_batch_size}); raise capacity or lower "
+                             "replay_batch_size")
+        self.capacity, self.replay_batch_size = capacity, replay_batch_size
+        self.policy, self.sampling = policy, sampling
+        self.alpha, self.beta, self.anneal_beta = alpha, beta, anneal_beta
+        self.buffer_device, self.seed = buffer_device, seed
+        self.buffer: ReplayBuffer | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._sampled: dict[str, torch.Tensor] | None = None
+
+    # ----- buffer lifecycle --------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.buffer is not None:
+            return
+        world = max(trainer.world_size, 1)
+        beta_steps = int(trainer.estimated_stepping_batches) if self.anneal_beta else 0
+        self.buffer = ReplayBuffer(
+            capacity=max(self.capacity // world, self.replay_batch_size),
+            policy=self.policy, sampling=self.sampling, alpha=self.alpha, beta=self.beta,
+            beta_final=1.0 if self.anneal_beta else self.beta, beta_steps=beta_steps,
+            device=pl_module.device if self.buffer_device == "model" else "cpu",
+            seed=self.seed + trainer.global_rank,
+        )
+        if self._pending_state is not None:
+            self.buffer.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    def state_dict(self) -> dict[str, Any]:
+        # every rank calls this while saving, so the buffer may gather its shards
+        return {"buffer": None if self.buffer is None else self.buffer.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = state_dict.get("buffer")
+        if state is None:
+            return
+        if self.buffer is None:
+            self._pending_state = state
+        else:
+            self.buffer.load_state_dict(state)
+
+    # ----- the protocol ------------------------------------------------------------------
+    def draw(self, learner: ContinualLearner, n: int) -> dict[str, torch.Tensor] | None:
+        """n samples from the buffer on the learner's device (None while empty)."""
+        if self.buffer is None or len(self.buffer) == 0:
+            return None
+        sample = self.buffer.sample(n)
+        return {k: v.to(learner.device, non_blocking=True) for k, v in sample.items()}
+
+    def extend_batch(self, learner: ContinualLearner, batch: dict[str, torch.Tensor]
+                     ) -> dict[str, torch.Tensor]:
+        self._sampled = self.draw(learner, self.replay_batch_size)
+        return append_replay(batch, self._sampled)
+
+    def sample_weights(self, learner: ContinualLearner, step: StepOutput) -> torch.Tensor | None:
+        if self._sampled is None or "weight" not in self._sampled:
+            return None
+        w = torch.ones_like(step.losses)
+        w[step.replay_mask] = self._sampled["weight"].to(w.dtype)
+        return w
+
+    def stored_items(self, step: StepOutput) -> dict[str, torch.Tensor]:
+        """The current-task samples of a step, as the buffer stores them."""
+        current = ~step.replay_mask
+        return {k: step.batch[k][current] for k in STORED_KEYS if k in step.batch}
+
+    def after_step(self, learner: ContinualLearner, step: StepOutput) -> None:
+        assert self.buffer is not None
+        if self._sampled is not None and self.sampling == "prioritized":
+            self.buffer.update_priorities(self._sampled["index"], step.losses[step.replay_mask])
+        self.buffer.add(self.stored_items(step))
+        self._sampled = None
+
+    def on_task_end(self, learner: ContinualLearner, task: int) -> None:
+        if self.buffer is None or len(self.buffer) == 0:
+            return
+        metrics = {"replay/fill": len(self.buffer) / self.buffer.capacity}
+        content = self.buffer.contents()
+        if "y_clean" in content:
+            noisy = (content["y"] != content["y_clean"]).float().mean().item()
+            metrics["replay/noisy_fraction"] = noisy
+        if "priority" in content:
+            metrics["replay/mean_priority"] = content["priority"].float().mean().item()
+        for logger in learner.trainer.loggers:
+            logger.log_metrics(metrics, step=learner.trainer.global_step)
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_histogram"):
+                experiment.add_histogram("replay/classes", content["y"].float(), global_step=task)
+                experiment.add_histogram("replay/tasks", content["task"].float(),
+                                         global_step=task)
+
+
+class DarkExperienceReplay(ExperienceReplay):
+    """DER++ (Buzzega et al., NeurIPS 2020): replay stored logits and labels.
+
+    Each step appends two independent buffer minibatches: on the first the working model's
+    logits are pulled to the stored ones (``der_alpha`` x MSE), on the second it is trained
+    with cross-entropy on the stored labels (``der_beta`` x CE). The buffer stores each
+    sample's logits from the step it was seen in. ``der_beta = 0`` is plain DER.
+
+    Args:
+        der_alpha: weight of the logit-matching MSE term.
+        der_beta: weight of the cross-entropy term on the second replay minibatch.
+        **kwargs: the options of :class:`ExperienceReplay`.
+    """
+
+    def __init__(self, der_alpha: float = 0.1, der_beta: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if der_alpha < 0 or der_beta < 0:
+            raise ValueError("der_alpha and der_beta must be >= 0")
+        self.der_alpha, self.der_beta = der_alpha, der_beta
+        self._n_logit = 0
+
+    def extend_batch(self, learner: ContinualLearner, batch: dict[str, torch.Tensor]
+                     ) -> dict[str, torch.Tensor]:
+        first = self.draw(learner, self.replay_batch_size)
+        if first is None:
+            self._sampled = None
+            return batch
+        second = self.draw(learner, self.replay_batch_size) if self.der_beta > 0 else None
+        self._n_logit = len(first["y"])
+        self._sampled = first if second is None else {
+            k: torch.cat([first[k], second[k]]) for k in first}
+        return append_replay(batch, self._sampled)
+
+    def _parts(self, step: StepOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) masks of the logit-matching and the label minibatch."""
+        idx = step.replay_mask.nonzero().squeeze(1)
+        logit_part = torch.zeros_like(step.replay_mask)
+        logit_part[idx[: self._n_logit]] = True
+        return logit_part, step.replay_mask & ~logit_part
+
+    def sample_weights(self, learner: ContinualLearner, step: StepOutput) -> torch.Tensor | None:
+        if self._sampled is None:
+            return None
+        # The learner averages w * CE over all replayed samples; the logit minibatch takes no
+        # CE (w = 0) and the label minibatch is rescaled so the term is der_beta * its mean.
+        logit_part, label_part = self._parts(step)
+        w = torch.ones_like(step.losses)
+        w[logit_part] = 0.0
+        n_label = int(label_part.sum())
+        if n_label:
+            w[label_part] = self.der_beta * step.replay_mask.sum() / n_label
+        return w
+
+    def extra_losses(self, learner: ContinualLearner, step: StepOutput) -> dict[str, torch.Tensor]:
+        if self._sampled is None:
+            return {}
+        logit_part, _ = self._parts(step)
+        stored = self._sampled["logits"][: self._n_logit].to(step.logits.dtype)
+        return {"der_mse": self.der_alpha * F.mse_loss(step.logits[logit_part], stored)}
+
+    def stored_items(self, step: StepOutput) -> dict[str, torch.Tensor]:
+        items = super().stored_items(step)
+        items["logits"] = step.logits[~step.replay_mask]
+        return items
+
+
+def append_replay(batch: dict[str, torch.Tensor], sample: dict[str, torch.Tensor] | None
+                  ) -> dict[str, torch.Tensor]:
+    """Concatenate replayed samples to a batch and mark them in ``"replay"`` (B,) bool.
+
+    Keys the current batch has are concatenated (``y_clean`` falls back to ``y`` where the
+    buffer has none); buffer-only keys (``logits``, ``index``, ...) stay with the plugin.
+    """
+    if sample is None:
+        return batch
+    prev = batch.get("replay", torch.zeros(len(batch["y"]), dtype=torch.bool,
+                                           device=batch["y"].device))
+    out: dict[str, torch.Tensor] = {}
+    for key, value in batch.items():
+        if key == "replay":
+            continue
+        extra = sample.get(key, sample["y"] if key == "y_clean" else None)
+        if extra is None:
+            raise KeyError(f"replayed samples lack the batch key {key!r}")
+        out[key] = torch.cat([value, extra.to(value.dtype)])
+    out["replay"] = torch.cat([prev, torch.ones(len(sample["y"]), dtype=torch.bool,
+                                                device=prev.device)])
+    return out

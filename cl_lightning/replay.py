@@ -1,0 +1,778 @@
+"""Preallocated tensor replay buffer for continual learning.
+
+Contents are stored on ``device``, the training device. Index bookkeeping stays on the CPU: slot
+choice, priorities, class tables and the ``torch.Generator``. That makes the RNG state the same
+on every device, so checkpoints can move between devices, and sampling costs no device syncs
+beyond one small index transfer. ``add`` syncs once if ``admit`` or, for the class-balanced
+policy, the labels live on the device.
+
+On the CPU, reads and writes go through NumPy views of the storage. They are single-threaded and
+cost about half as much per call as torch indexing. Torch's ``index_select`` can also stall for
+milliseconds on OpenMP threads when other processes hold the cores. On other devices, and for
+dtypes NumPy lacks (bfloat16), torch indexing is used.
+
+Cost per call:
+
+- ``add``: O(B), with no Python loop, for ``reservoir`` and ``fifo``. ``class_balanced`` loops
+  over the batch and scans the stored labels, O(B * capacity).
+- uniform ``sample``: ``randperm`` below 2048 stored items, O(n log n) above.
+- prioritized ``sample``: O(capacity).
+
+Under ``torch.distributed`` each rank holds one shard: its own :class:`ReplayBuffer`, built by
+the caller with ``capacity = total_capacity // world_size`` and, ideally, ``seed = base + rank``.
+``state_dict()`` then gathers all shards and returns the **merged** buffer, the same on every
+rank. ``load_state_dict()`` takes back this rank's part. :func:`merge_shards` and
+:func:`split_state` do the conversion as pure functions on state dicts.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from cl_lightning.replay_policies import (
+    annealed_beta,
+    as_range,
+    class_balanced_slots,
+    fifo_slots,
+    importance_weights,
+    last_writer_rows,
+    num_fill,
+    priority_from_loss,
+    reservoir_slots,
+    uniform_indices,
+)
+
+__all__ = ["ReplayBuffer", "merge_shards", "split_state"]
+
+POLICIES = ("reservoir", "fifo", "class_balanced")
+SAMPLINGS = ("uniform", "prioritized")
+RESERVED_KEYS = ("index", "weight")
+STATE_FORMAT = 1
+_EMPTY_DRAWS = np.empty(0, dtype=np.float64)
+
+
+class ReplayBuffer:
+    """Fixed-capacity replay memory of dict-of-tensor items.
+
+    Args:
+        capacity: Maximum number of stored items on this rank.
+        policy: How new items are placed:
+
+            - ``"reservoir"``: Vitter's algorithm R, vectorised over the batch. Each of the
+              ``n`` admitted items so far is held with probability ``capacity / n``.
+            - ``"fifo"``: ring buffer; the oldest item is overwritten first.
+            - ``"class_balanced"``: class-balanced reservoir sampling. See
+              :func:`cl_lightning.replay_policies.class_balanced_slots` for the exact rule. Class
+              counts stay within one of each other whenever the stream allows.
+        sampling: ``"uniform"`` (without replacement) or ``"prioritized"`` (Schaul et al. 2016,
+            with replacement). Prioritized sampling costs O(capacity) per call.
+        alpha: Priority exponent, ``p_i = (|loss_i| + eps) ** alpha``.
+        beta: Initial importance-sampling exponent.
+        beta_final: ``beta`` after annealing.
+        beta_steps: Number of ``sample()`` calls over which beta goes linearly from ``beta`` to
+            ``beta_final``. ``0`` keeps it constant.
+        eps: Priority offset, so no item has zero probability.
+        device: Where the contents live.
+        seed: Seed of the buffer's own CPU ``torch.Generator``. It drives every random choice.
+        label_key: Item key that holds the class label. Only the class-balanced policy uses it.
+
+    Storage is allocated on the first :meth:`add`. Every key of that dict gets a
+    ``(capacity, *shape)`` tensor with that key's dtype. Later adds must use the same keys and
+    per-item shapes.
+    """
+
+    def __init__(
+        self,
+        capacity: int = 10000,
+        policy: str = "reservoir",
+        sampling: str = "uniform",
+        alpha: float = 0.6,
+        beta: float = 0.4,
+        beta_final: float = 1.0,
+        beta_steps: int = 0,
+        eps: float = 1e-6,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        label_key: str = "y",
+    ) -> None:
+        self.device = _resolve_device(device)
+        self._configure(
+            dict(
+                capacity=capacity,
+                policy=policy,
+                sampling=sampling,
+                alpha=alpha,
+                beta=beta,
+                beta_final=beta_final,
+                beta_steps=beta_steps,
+                eps=eps,
+                seed=seed,
+                label_key=label_key,
+            )
+        )
+        self._generator = torch.Generator().manual_seed(self.seed)
+        self._reset()
+
+    # -----------------------------------------------------------------------------------------
+    # configuration and bookkeeping
+    # -----------------------------------------------------------------------------------------
+    def _configure(self, config: Mapping[str, Any]) -> None:
+        if config["policy"] not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {config['policy']!r}")
+        if config["sampling"] not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {config['sampling']!r}")
+        if int(config["capacity"]) < 1:
+            raise ValueError(f"capacity must be >= 1, got {config['capacity']}")
+        if int(config["beta_steps"]) < 0:
+            raise ValueError(f"beta_steps must be >= 0, got {config['beta_steps']}")
+        self.capacity = int(config["capacity"])
+        self.policy = str(config["policy"])
+        self.sampling = str(config["sampling"])
+        self.alpha = float(config["alpha"])
+        self.beta = float(config["beta"])
+        self.beta_final = float(config["beta_final"])
+        self.beta_steps = int(config["beta_steps"])
+        self.eps = float(config["eps"])
+        self.seed = int(config["seed"])
+        self.label_key = str(config["label_key"])
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments, except ``device``."""
+        return dict(
+            capacity=self.capacity,
+            policy=self.policy,
+            sampling=self.sampling,
+            alpha=self.alpha,
+            beta=self.beta,
+            beta_final=self.beta_final,
+            beta_steps=self.beta_steps,
+            eps=self.eps,
+            seed=self.seed,
+            label_key=self.label_key,
+        )
+
+    def _reset(self) -> None:
+        self._data: dict[str, Tensor] | None = None
+        self._size = 0
+        self.num_seen = 0
+        self._fifo_ptr = 0
+        self._sample_calls = 0
+        self._max_priority = 1.0
+        # priorities are float64 on the CPU; multinomial reads them through torch.from_numpy
+        self._priority = np.zeros(self.capacity) if self._prioritized else None
+        self._item_spec: dict[str, tuple[torch.Size, torch.dtype]] = {}
+        self._numpy_views: dict[str, np.ndarray] = {}  # CPU stores that NumPy can write to
+        self._on_cpu = self.device.type == "cpu"
+        self._stored_labels = np.zeros(self.capacity, dtype=np.int64)
+        self._class_count = np.zeros(0, dtype=np.int64)
+        self._class_seen = np.zeros(0, dtype=np.int64)
+
+    @property
+    def _prioritized(self) -> bool:
+        return self.sampling == "prioritized"
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def is_empty(self) -> bool:
+        return self._size == 0
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Stored item keys (empty before the first :meth:`add`)."""
+        return tuple(self._data) if self._data is not None else ()
+
+    def contents(self) -> dict[str, Tensor]:
+        """Read-only views of the stored items (no copy, no random draw), plus
+        ``"priority"`` ((size,) float64) when prioritized. Empty dict before the first add."""
+        if self._data is None:
+            return {}
+        out = {key: store[: self._size] for key, store in self._data.items()}
+        if self._priority is not None:
+            out["priority"] = torch.from_numpy(self._priority[: self._size])
+        return out
+
+    @property
+    def current_beta(self) -> float:
+        """The beta the next :meth:`sample` call will use."""
+        return annealed_beta(self.beta, self.beta_final, self.beta_steps, self._sample_calls)
+
+    @property
+    def class_counts(self) -> dict[int, int]:
+        """Stored items per class (class-balanced policy only; empty otherwise)."""
+        return {c: int(n) for c, n in enumerate(self._class_count) if n > 0}
+
+    def __repr__(self) -> str:
+        return (
+            f"ReplayBuffer(len={self._size}, capacity={self.capacity}, policy={self.policy!r}, "
+            f"sampling={self.sampling!r}, num_seen={self.num_seen}, device={self.device})"
+        )
+
+    # -----------------------------------------------------------------------------------------
+    # add
+    # -----------------------------------------------------------------------------------------
+    def add(self, items: Mapping[str, Tensor], admit: Tensor | None = None) -> Tensor:
+        """Offer a batch to the buffer.
+
+        Args:
+            items: ``{key: (B, *shape)}`` tensors, e.g. ``x (B, C, H, W)``, ``y (B,)``,
+                ``task (B,)``. The tensors are detached and copied.
+            admit: Optional ``(B,)`` bool mask. Only admitted items are offered to the policy
+                and counted in :attr:`num_seen` (ESMER admits low-loss samples only).
+
+        Returns:
+            ``(B,)`` int64 on ``device``: the slot each item was written to, or ``-1`` if it
+            was not admitted, was rejected by the policy, or was overwritten by a later item
+            of the same batch.
+        """
+        items, batch = self._check_items(items)
+        admitted = self._admitted_positions(admit, batch)
+        count = batch if admitted is None else admitted.size
+        if self._data is None:
+            self._allocate(items)
+        if count == 0:
+            return self._to_device(torch.full((batch,), -1, dtype=torch.int64))
+        slots = self._assign_slots(items, admitted, count)
+        rows = last_writer_rows(slots)  # positions among the admitted items
+        dst = slots[rows]
+        if admitted is not None:
+            rows = admitted[rows]  # positions in the batch
+        self._write(items, batch, rows, dst)
+        self.num_seen += count
+        result = np.full(batch, -1, dtype=np.int64)
+        result[rows] = dst
+        return self._to_device(torch.from_numpy(result))
+
+    def _to_device(self, value: Tensor) -> Tensor:
+        return value if self._on_cpu else value.to(self.device)
+
+    def _check_items(self, items: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], int]:
+        """Validate keys, batch size, shapes and dtypes; return detached items on ``device``."""
+        if not items:
+            raise ValueError("ReplayBuffer.add: items must be a non-empty dict of tensors")
+        if self._item_spec and items.keys() != self._item_spec.keys():
+            missing = sorted(set(self._item_spec) - set(items))
+            extra = sorted(set(items) - set(self._item_spec))
+            raise KeyError(
+                f"ReplayBuffer.add: keys differ from the first add: missing {missing}, "
+                f"unexpected {extra}"
+            )
+        batch = -1
+        checked = {}
+        for key, value in items.items():
+            value = self._check_value(key, value)
+            if batch < 0:
+                batch = value.shape[0]
+            elif value.shape[0] != batch:
+                raise ValueError(
+                    f"ReplayBuffer.add: item '{key}' has batch size {value.shape[0]}, "
+                    f"expected {batch}"
+                )
+            checked[key] = value
+        return checked, batch
+
+    def _check_value(self, key: str, value: Tensor) -> Tensor:
+        if not isinstance(value, Tensor) or not value.shape:
+            raise TypeError(f"ReplayBuffer.add: item '{key}' must be a tensor with a batch dim")
+        if value.requires_grad:
+            value = value.detach()
+        if value.device != self.device:
+            value = value.to(self.device)
+        if not self._item_spec:
+            if key in RESERVED_KEYS:
+                raise KeyError(f"ReplayBuffer.add: key '{key}' is reserved for sample() output")
+            return value
+        shape, dtype = self._item_spec[key]
+        if value.shape[1:] != shape:
+            raise ValueError(
+                f"ReplayBuffer.add: item '{key}' has per-item shape {tuple(value.shape[1:])}, "
+                f"the buffer stores {tuple(shape)}"
+            )
+        if value.dtype != dtype:
+            if not (value.dtype.is_floating_point and dtype.is_floating_point):
+                raise TypeError(
+                    f"ReplayBuffer.add: item '{key}' has dtype {value.dtype}, "
+                    f"the buffer stores {dtype}"
+                )
+            value = value.to(dtype)
+        return value
+
+    def _admitted_positions(self, admit: Tensor | None, batch: int) -> np.ndarray | None:
+        """``(k,)`` int64 batch positions of admitted items; ``None`` means all of them."""
+        if admit is None:
+            return None
+        mask = admit.detach().to("cpu", torch.bool).reshape(-1)
+        if mask.numel() != batch:
+            raise ValueError(f"ReplayBuffer.add: admit has {mask.numel()} entries, batch {batch}")
+        return np.flatnonzero(mask.numpy())
+
+    def _allocate(self, items: Mapping[str, Tensor]) -> None:
+        if self.policy == "class_balanced":
+            self._check_labels(items)
+        self._item_spec = {key: (value.shape[1:], value.dtype) for key, value in items.items()}
+        self._data = {
+            key: torch.zeros((self.capacity, *shape), dtype=dtype, device=self.device)
+            for key, (shape, dtype) in self._item_spec.items()
+        }
+        self._numpy_views = {
+            key: store.numpy() for key, store in self._data.items() if _numpy_writable(store)
+        }
+
+    def _check_labels(self, items: Mapping[str, Tensor]) -> None:
+        labels = items.get(self.label_key)
+        if labels is None:
+            raise KeyError(
+                f"ReplayBuffer: class_balanced policy needs label key '{self.label_key}' in items"
+            )
+        if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError(
+                f"ReplayBuffer: label '{self.label_key}' must be a (B,) integer tensor, got "
+                f"shape {tuple(labels.shape)} dtype {labels.dtype}"
+            )
+
+    def _assign_slots(
+        self, items: Mapping[str, Tensor], admitted: np.ndarray | None, count: int
+    ) -> np.ndarray:
+        """Run the placement policy; updates size, pointer and class tables."""
+        if self.policy == "reservoir":
+            n_draws = count - num_fill(self._size, self.capacity, count)
+            draws = self._uniforms(n_draws)
+            slots = reservoir_slots(self.num_seen, self._size, self.capacity, count, draws)
+        elif self.policy == "fifo":
+            slots = fifo_slots(self._fifo_ptr, self.capacity, count)
+            self._fifo_ptr = (self._fifo_ptr + count) % self.capacity
+        else:
+            slots = self._class_balanced_slots(items[self.label_key], admitted, count)
+        self._size = min(self.capacity, self._size + count)
+        return slots
+
+    def _uniforms(self, *shape: int) -> np.ndarray:
+        """Float64 uniforms from the buffer's generator; no draw at all if the shape is empty."""
+        if math.prod(shape) == 0:
+            return _EMPTY_DRAWS.reshape(shape)
+        return torch.rand(shape, dtype=torch.float64, generator=self._generator).numpy()
+
+    def _class_balanced_slots(
+        self, labels: Tensor, admitted: np.ndarray | None, count: int
+    ) -> np.ndarray:
+        labels_np = labels.to("cpu", torch.int64).numpy()
+        if admitted is not None:
+            labels_np = labels_np[admitted]
+        if labels_np.size and labels_np.min() < 0:
+            raise ValueError(f"ReplayBuffer: class labels must be >= 0, got {labels_np.min()}")
+        self._grow_class_tables(int(labels_np.max()) + 1)
+        draws = self._uniforms(count - num_fill(self._size, self.capacity, count), 3)
+        return class_balanced_slots(
+            labels_np,
+            self._size,
+            self.capacity,
+            self._stored_labels,
+            self._class_count,
+            self._class_seen,
+            draws,
+        )
+
+    def _grow_class_tables(self, num_classes: int) -> None:
+        if num_classes > self._class_count.size:
+            grow = num_classes - self._class_count.size
+            self._class_count = np.concatenate([self._class_count, np.zeros(grow, np.int64)])
+            self._class_seen = np.concatenate([self._class_seen, np.zeros(grow, np.int64)])
+
+    def _write(
+        self, items: Mapping[str, Tensor], batch: int, rows: np.ndarray, dst: np.ndarray
+    ) -> None:
+        """Copy batch rows ``rows`` to slots ``dst`` (both ``(k,)``); new items get the running
+        max priority."""
+        if rows.size == 0:
+            return
+        src = None if rows.size == batch else rows
+        dst_range = as_range(dst)
+        target = dst if dst_range is None else slice(*dst_range)
+        torch_src = torch_dst = None
+        assert self._data is not None
+        for key, store in self._data.items():
+            view = self._numpy_views.get(key)
+            if view is not None:  # CPU: NumPy indexing costs about half of torch's per call
+                value = items[key].numpy()
+                view[target] = value if src is None else value[src]
+                continue
+            if torch_dst is None:
+                torch_src = None if src is None else self._to_device(torch.from_numpy(src))
+                torch_dst = self._to_device(torch.from_numpy(dst))
+            value = items[key] if torch_src is None else items[key].index_select(0, torch_src)
+            store.index_copy_(0, torch_dst, value)
+        if self._priority is not None:
+            self._priority[target] = self._max_priority
+
+    # -----------------------------------------------------------------------------------------
+    # sample / priorities
+    # -----------------------------------------------------------------------------------------
+    def sample(self, n: int) -> dict[str, Tensor]:
+        """Draw a batch of stored items.
+
+        Uniform sampling returns ``min(n, len(self))`` distinct items. Prioritized sampling
+        returns ``n`` items drawn with replacement, with ``P(i) = p_i / sum_k p_k``.
+
+        Returns:
+            Every stored key as ``(k, *shape)`` on ``device``, plus ``"index"`` ``(k,)`` int64
+            slot ids (for :meth:`update_priorities`). Prioritized sampling also returns
+            ``"weight"`` ``(k,)`` float32 importance weights
+            ``w_i = (N * P(i)) ** -beta / max_j w_j``. Here ``N = len(self)``, the max runs over
+            the sampled batch, and beta is :attr:`current_beta`, annealed per ``sample()``
+            call.
+        """
+        if self._data is None or self._size == 0:
+            raise RuntimeError("ReplayBuffer.sample: the buffer is empty")
+        if n < 0:
+            raise ValueError(f"ReplayBuffer.sample: n must be >= 0, got {n}")
+        weight = None
+        if self._prioritized:
+            index_np, weight = self._sample_prioritized(n)
+        else:
+            index_np = uniform_indices(self._size, n, self._generator)
+        self._sample_calls += 1
+        index = self._to_device(torch.from_numpy(index_np))
+        batch = {
+            key: self._gather(key, store, index_np, index) for key, store in self._data.items()
+        }
+        batch["index"] = index
+        if weight is not None:
+            batch["weight"] = self._to_device(torch.from_numpy(weight.astype(np.float32)))
+        return batch
+
+    def _gather(self, key: str, store: Tensor, index_np: np.ndarray, index: Tensor) -> Tensor:
+        """Rows ``index`` of ``store``. On the CPU NumPy's ``take`` does it single-threaded:
+        torch's ``index_select`` splits large gathers over OpenMP threads and can stall for
+        milliseconds when other processes hold the cores."""
+        view = self._numpy_views.get(key)
+        if view is not None:
+            return torch.from_numpy(np.take(view, index_np, axis=0))
+        return store.index_select(0, index)
+
+    def _sample_prioritized(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(n,)`` slots drawn with replacement, ``P(i) = p_i / sum p``, and their weights."""
+        assert self._priority is not None
+        priority = self._priority[: self._size]
+        if n == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
+        drawn = torch.multinomial(
+            torch.from_numpy(priority), n, replacement=True, generator=self._generator
+        )
+        index = drawn.numpy()
+        weight = importance_weights(priority[index], priority.sum(), self._size, self.current_beta)
+        return index, weight
+
+    def update_priorities(self, index: Tensor, loss: Tensor) -> None:
+        """Set ``p_i = (|loss_i| + eps) ** alpha`` for the given slots.
+
+        Args:
+            index: ``(k,)`` slot ids, as returned in ``sample()["index"]``. If a slot appears
+                more than once, its last loss wins.
+            loss: ``(k,)`` per-item losses.
+
+        Does nothing for uniform sampling. A slot that was overwritten since it was sampled
+        gets the new loss anyway, as in the reference PER implementations. The running max
+        priority given to new items (start 1.0) grows to the largest priority ever set.
+        """
+        if not self._prioritized:
+            return
+        assert self._priority is not None
+        index_np = index.detach().to("cpu", torch.int64).reshape(-1).numpy()
+        loss_np = loss.detach().to("cpu", torch.float64).reshape(-1).numpy()
+        if index_np.size != loss_np.size:
+            raise ValueError(
+                f"update_priorities: {index_np.size} indices but {loss_np.size} losses"
+            )
+        if index_np.size == 0:
+            return
+        if index_np.min() < 0 or index_np.max() >= self._size:
+            raise IndexError(f"update_priorities: index out of range [0, {self._size})")
+        keep = last_writer_rows(index_np)
+        priority = priority_from_loss(loss_np[keep], self.alpha, self.eps)
+        self._priority[index_np[keep]] = priority
+        self._max_priority = max(self._max_priority, float(priority.max()))
+
+    # -----------------------------------------------------------------------------------------
+    # checkpointing
+    # -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: config, filled contents (CPU), counters, priorities,
+        class tables and generator state.
+
+        Under an initialised ``torch.distributed`` with ``world_size > 1``, every rank must call
+        this. It gathers all shards (``all_gather_object``; with NCCL the current CUDA device
+        must be set) and returns the merged buffer with ``"shards": world_size`` on every rank.
+        """
+        local = self._local_state()
+        world_size, _ = _world_and_rank()
+        if world_size == 1:
+            return local
+        gathered: list[Any] = [None] * world_size
+        dist.all_gather_object(gathered, local)
+        return merge_shards(gathered)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from :meth:`state_dict`. The buffer takes the saved config but keeps its
+        ``device``.
+
+        A merged state, from DDP or :func:`merge_shards`, is split round-robin across the
+        current world and this rank keeps ``split_state(state, world_size)[rank]``. A shard
+        never drops items: if its part holds more items than ``capacity // world_size``, its
+        capacity grows to fit. If the shard count changed, shards get a deterministic reseed in
+        place of the saved generator states.
+        """
+        world_size, rank = _world_and_rank()
+        if world_size > 1 or int(state.get("shards", 1)) > 1:
+            state = split_state(state, world_size)[rank]
+        self._load_local(state)
+
+    def _local_state(self) -> dict[str, Any]:
+        size = self._size
+        data = None
+        if self._data is not None:
+            data = {
+                key: store[:size].detach().to("cpu", copy=True) for key, store in self._data.items()
+            }
+        return {
+            "format": STATE_FORMAT,
+            "config": self.config(),
+            "size": size,
+            "num_seen": self.num_seen,
+            "fifo_ptr": self._fifo_ptr,
+            "sample_calls": self._sample_calls,
+            "max_priority": self._max_priority,
+            "data": data,
+            "priority": None if self._priority is None else torch.tensor(self._priority[:size]),
+            "class_seen": torch.from_numpy(self._class_seen.copy()),
+            "generator_state": self._generator.get_state(),
+            "generator_seed": None,
+            "shards": 1,
+        }
+
+    def _load_local(self, state: Mapping[str, Any]) -> None:
+        if int(state.get("format", STATE_FORMAT)) != STATE_FORMAT:
+            raise ValueError(f"ReplayBuffer: unsupported state format {state.get('format')}")
+        size = int(state["size"])
+        config = dict(state["config"])
+        config["capacity"] = max(int(config["capacity"]), size)
+        self._configure(config)
+        self._reset()
+        self._restore_generator(state)
+        self._size = size
+        self.num_seen = int(state["num_seen"])
+        self._fifo_ptr = int(state["fifo_ptr"])
+        self._sample_calls = int(state["sample_calls"])
+        self._max_priority = float(state["max_priority"])
+        if state["data"] is not None:
+            self._allocate(state["data"])
+            assert self._data is not None
+            for key, value in state["data"].items():
+                self._data[key][:size].copy_(value)
+        if self._priority is not None and state["priority"] is not None:
+            self._priority[:size] = state["priority"].to(torch.float64).numpy()
+        self._restore_class_tables(state)
+
+    def _restore_generator(self, state: Mapping[str, Any]) -> None:
+        saved = state.get("generator_state")
+        if saved is not None:
+            self._generator.set_state(saved.clone())
+            return
+        seed = state.get("generator_seed")
+        if seed is None:
+            seed = self.seed
+            warnings.warn("ReplayBuffer: state has no generator state; reseeding", stacklevel=3)
+        self._generator.manual_seed(int(seed))
+
+    def _restore_class_tables(self, state: Mapping[str, Any]) -> None:
+        seen = state["class_seen"].to(torch.int64).numpy()
+        if self.policy == "class_balanced" and self._data is not None and self._size:
+            labels = self._data[self.label_key][: self._size].to("cpu", torch.int64).numpy()
+            self._stored_labels[: self._size] = labels
+            num_classes = max(int(labels.max()) + 1, seen.size)
+            self._class_count = np.bincount(labels, minlength=num_classes).astype(np.int64)
+        else:
+            num_classes = seen.size
+            self._class_count = np.zeros(num_classes, dtype=np.int64)
+        self._class_seen = np.zeros(num_classes, dtype=np.int64)
+        self._class_seen[: seen.size] = seen
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def _numpy_writable(store: Tensor) -> bool:
+    """Whether ``store.numpy()`` is a view NumPy can index (CPU, not bfloat16/complex/...)."""
+    if store.device.type != "cpu" or store.dtype.is_complex:
+        return False
+    try:
+        store.numpy()
+    except TypeError:
+        return False
+    return True
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    """``cuda`` becomes ``cuda:<current>`` so device comparisons in :meth:`add` are exact."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _world_and_rank() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _chronological(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``state`` whose FIFO contents run oldest first (pointer at ``size``)."""
+    state = dict(state)
+    cfg = state["config"]
+    size, ptr = int(state["size"]), int(state["fifo_ptr"])
+    if cfg["policy"] != "fifo" or ptr == 0 or size < int(cfg["capacity"]):
+        return state
+    order = (ptr + torch.arange(size)) % size
+    if state["data"] is not None:
+        state["data"] = {key: value[order] for key, value in state["data"].items()}
+    if state["priority"] is not None:
+        state["priority"] = state["priority"][order]
+    state["fifo_ptr"] = 0
+    return state
+
+
+def _check_compatible(states: list[Mapping[str, Any]]) -> None:
+    ignore = ("capacity", "seed")
+    ref = {k: v for k, v in states[0]["config"].items() if k not in ignore}
+    for i, state in enumerate(states[1:], start=1):
+        cfg = {k: v for k, v in state["config"].items() if k not in ignore}
+        if cfg != ref:
+            raise ValueError(f"merge_shards: shard {i} config {cfg} differs from shard 0 {ref}")
+    keys = {tuple(s["data"]) for s in states if s["data"] is not None}
+    if len(keys) > 1:
+        raise ValueError(f"merge_shards: shards store different keys {sorted(keys)}")
+
+
+def _sum_padded(arrays: list[Tensor]) -> Tensor:
+    length = max((a.numel() for a in arrays), default=0)
+    total = torch.zeros(length, dtype=torch.int64)
+    for a in arrays:
+        total[: a.numel()] += a.to(torch.int64)
+    return total
+
+
+def merge_shards(states: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Merge per-rank buffer states into one buffer state.
+
+    Contents and priorities are concatenated in shard order, each shard's FIFO contents oldest
+    first. ``capacity``, ``size``, ``num_seen`` and per-class seen counts are summed.
+    ``sample_calls``, the beta-annealing clock that every rank advances together, and
+    ``max_priority`` take the max. Every shard's generator state is kept in
+    ``"generator_states"``. ``"shards"`` records ``len(states)``.
+    """
+    if not states:
+        raise ValueError("merge_shards: need at least one state")
+    _check_compatible(states)
+    parts = [_chronological(s) for s in states]
+    filled = [p for p in parts if p["data"] is not None]
+    data = None
+    if filled:
+        keys = list(filled[0]["data"])
+        data = {k: torch.cat([p["data"][k] for p in filled]) for k in keys}
+    priority = None
+    if parts[0]["priority"] is not None:
+        priority = torch.cat([p["priority"] for p in parts])
+    config = dict(parts[0]["config"])
+    config["capacity"] = sum(int(p["config"]["capacity"]) for p in parts)
+    size = sum(int(p["size"]) for p in parts)
+    return {
+        "format": STATE_FORMAT,
+        "config": config,
+        "size": size,
+        "num_seen": sum(int(p["num_seen"]) for p in parts),
+        "fifo_ptr": size % config["capacity"],
+        "sample_calls": max(int(p["sample_calls"]) for p in parts),
+        "max_priority": max(float(p["max_priority"]) for p in parts),
+        "data": data,
+        "priority": priority,
+        "class_seen": _sum_padded([p["class_seen"] for p in parts]),
+        "generator_state": parts[0]["generator_state"],
+        "generator_states": [p["generator_state"] for p in parts],
+        "generator_seed": None,
+        "shards": len(parts),
+    }
+
+
+def split_state(state: Mapping[str, Any], world_size: int) -> list[dict[str, Any]]:
+    """Split a (merged) buffer state into ``world_size`` shard states.
+
+    Items are dealt round-robin: item ``i`` goes to shard ``i % world_size``, so every item
+    lands in exactly one shard. Each shard gets capacity
+    ``max(capacity // world_size, ceil(size / world_size))``, so no item is ever dropped.
+    ``num_seen`` and per-class seen counts are split so they sum to the original, with the
+    remainder going to the lowest ranks. ``sample_calls`` and ``max_priority`` are copied. A
+    shard gets its old generator state when the shard count is unchanged, otherwise a
+    deterministic fresh seed. A single, unmerged state with ``world_size == 1`` comes back as
+    is (exact resume).
+    """
+    if world_size < 1:
+        raise ValueError(f"split_state: world_size must be >= 1, got {world_size}")
+    if world_size == 1 and int(state.get("shards", 1)) == 1:
+        return [dict(state)]
+    state = _chronological(state)
+    size = int(state["size"])
+    capacity = max(int(state["config"]["capacity"]) // world_size, -(-size // world_size), 1)
+    return [_shard(state, rank, world_size, capacity) for rank in range(world_size)]
+
+
+def _split_count(total: Tensor | int, rank: int, world_size: int) -> Any:
+    """Share of ``total`` (int or int tensor) for ``rank``; shares sum to ``total``."""
+    base, rem = total // world_size, total % world_size
+    return base + (rem > rank) * 1
+
+
+def _shard(state: Mapping[str, Any], rank: int, world_size: int, capacity: int) -> dict[str, Any]:
+    rows = torch.arange(rank, int(state["size"]), world_size)
+    size = rows.numel()
+    config = dict(state["config"], capacity=capacity)
+    data = None
+    if state["data"] is not None:
+        data = {key: value[rows].clone() for key, value in state["data"].items()}
+    priority = None if state["priority"] is None else state["priority"][rows].clone()
+    generator_state, generator_seed = _shard_generator(state, rank, world_size)
+    return {
+        "format": STATE_FORMAT,
+        "config": config,
+        "size": size,
+        "num_seen": int(_split_count(int(state["num_seen"]), rank, world_size)),
+        "fifo_ptr": size % capacity,
+        "sample_calls": int(state["sample_calls"]),
+        "max_priority": float(state["max_priority"]),
+        "data": data,
+        "priority": priority,
+        "class_seen": _split_count(state["class_seen"].to(torch.int64), rank, world_size),
+        "generator_state": generator_state,
+        "generator_seed": generator_seed,
+        "shards": 1,
+    }
+
+
+def _shard_generator(
+    state: Mapping[str, Any], rank: int, world_size: int
+) -> tuple[Tensor | None, int | None]:
+    per_shard = state.get("generator_states")
+    if per_shard is not None and len(per_shard) == world_size:
+        return per_shard[rank], None
+    if world_size == 1:
+        return state["generator_state"], None
+    seed = int(state["config"]["seed"]) * 1_000_003 + rank * 7919 + int(state["num_seen"])
+    return None, seed % (2**63)
