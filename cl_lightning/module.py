@@ -73,15 +73,18 @@ class ContinualLearner(L.LightningModule):
         """Keep only each sample's task classes. logits: (B, C), task: (B,)."""
         return logits.masked_fill(~self.task_mask[task], torch.finfo(logits.dtype).min)
 
-    def train_logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits the training loss sees: the datamodule's augmentation of ``batch["x"]``
-        (the batch keeps the raw inputs, e.g. for a buffer), masked to the task's classes
-        under task-IL."""
+    def train_inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The datamodule's training augmentation of ``batch["x"]`` (the batch keeps the raw
+        inputs, e.g. for a buffer)."""
         dm = self.trainer.datamodule if self._trainer is not None else None
-        x = batch["x"] if dm is None else dm.augment(batch["x"])
-        logits = model(x)
+        return batch["x"] if dm is None else dm.augment(batch["x"])
+
+    def train_logits(self, model: nn.Module, inputs: torch.Tensor,
+                     task: torch.Tensor) -> torch.Tensor:
+        """Logits the training loss sees: masked to the task's classes under task-IL."""
+        logits = model(inputs)
         if self.stream.scenario == "task-il":
-            logits = self.mask_logits(logits, batch["task"])
+            logits = self.mask_logits(logits, task)
         return logits
 
     # ----- plugins -----------------------------------------------------------------------
@@ -101,9 +104,11 @@ class ContinualLearner(L.LightningModule):
         plugins = self.plugins()
         for p in plugins:
             batch = p.extend_batch(self, batch)
-        logits = self.train_logits(self.net, batch)
+        inputs = self.train_inputs(batch)
+        logits = self.train_logits(self.net, inputs, batch["task"])
         losses = F.cross_entropy(logits, batch["y"], reduction="none")
-        step = StepOutput(batch=batch, logits=logits, losses=losses, task=self.current_task)
+        step = StepOutput(batch=batch, inputs=inputs, logits=logits, losses=losses,
+                          task=self.current_task)
         weights = torch.ones_like(losses)
         for p in plugins:
             w = p.sample_weights(self, step)

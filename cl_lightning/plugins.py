@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 class StepOutput:
     """What one training step computed, shared with every plugin.
 
-    batch: the extended batch (dict of (B, ...) tensors)
+    batch: the extended batch (dict of (B, ...) tensors; raw, un-augmented ``"x"``)
+    inputs: (B, ...) the inputs the model saw (``datamodule.augment(batch["x"])``)
     logits: (B, C) working-model logits (after task-IL masking, if any)
     losses: (B,) per-sample cross-entropy of the working model
     weights: (B,) per-sample loss weights after all plugins (ones if none)
@@ -46,6 +47,7 @@ class StepOutput:
     """
 
     batch: dict[str, torch.Tensor]
+    inputs: torch.Tensor
     logits: torch.Tensor
     losses: torch.Tensor
     task: int
@@ -62,6 +64,7 @@ class StepOutput:
         """A copy safe to keep after the step (no graph)."""
         return StepOutput(
             batch={k: v.detach() for k, v in self.batch.items()},
+            inputs=self.inputs.detach(),
             logits=self.logits.detach(),
             losses=self.losses.detach(),
             task=self.task,

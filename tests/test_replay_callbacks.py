@@ -45,7 +45,7 @@ def test_der_pp_loss_terms_match_their_definition():
     assert ext["replay"].sum() == 8  # two minibatches of 4
     logits = torch.randn(len(ext["y"]), 3)
     losses = F.cross_entropy(logits, ext["y"], reduction="none")
-    step = StepOutput(batch=ext, logits=logits, losses=losses, task=0)
+    step = StepOutput(batch=ext, inputs=ext["x"], logits=logits, losses=losses, task=0)
     w = der.sample_weights(LEARNER, step)
     replay = ext["replay"]
     replay_term = (w * losses)[replay].mean()  # what the learner computes
@@ -62,7 +62,8 @@ def test_er_inserts_current_samples_only():
     er.buffer = ReplayBuffer(capacity=100, seed=0)
     er.buffer.add(batch(10, 1000))
     ext = er.extend_batch(LEARNER, batch(6))
-    step = StepOutput(batch=ext, logits=torch.zeros(10, 3), losses=torch.ones(10), task=0)
+    step = StepOutput(batch=ext, inputs=ext["x"], logits=torch.zeros(10, 3),
+                      losses=torch.ones(10), task=0)
     er.after_step(LEARNER, step)
     assert len(er.buffer) == 16  # 10 before + the 6 current samples, not the replayed 4
 
