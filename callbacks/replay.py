@@ -125,11 +125,16 @@ class ExperienceReplay(L.Callback, LearnerPlugin):
         current = ~step.replay_mask
         return {k: step.batch[k][current] for k in STORED_KEYS if k in step.batch}
 
+    def admit(self, learner: ContinualLearner, step: StepOutput) -> torch.Tensor | None:
+        """(B_current,) bool mask of current samples offered to the buffer (None: all)."""
+        return None
+
     def after_step(self, learner: ContinualLearner, step: StepOutput) -> None:
         assert self.buffer is not None
         if self._sampled is not None and self.sampling == "prioritized":
             self.buffer.update_priorities(self._sampled["index"], step.losses[step.replay_mask])
-        self.buffer.add(self.stored_items(step))
+        admit = self.admit(learner, step)
+        self.buffer.add(self.stored_items(step), admit=None if admit is None else admit.cpu())
         self._sampled = None
 
     def on_task_end(self, learner: ContinualLearner, task: int) -> None:

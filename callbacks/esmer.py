@@ -1,0 +1,227 @@
+"""ESMER: Error Sensitivity Modulation based Experience Replay (Sarfraz, Arani & Zonooz,
+ICLR 2023), as a learner plugin stacked on the replay buffer.
+
+Per training step (the reference semantics written down in ``../shared/DESIGN.md``):
+
+- the semantic memory (an EMA copy of the working model) scores the current samples:
+  ``l_s`` per-sample cross-entropy, no gradient;
+- current-task loss ``mean(w * l_w)`` with ``w_i = mu / l_s_i`` if ``l_s_i >= beta * mu``
+  else 1 (only once the loss memory ``mu > 0``);
+- replay: cross-entropy on a buffer minibatch + ``gamma`` x MSE between the working and the
+  semantic memory's logits on it;
+- after the optimizer step: the error-sensitive reservoir admits only samples with
+  ``l_s <= beta * mu`` (all while ``mu == 0``); with probability ``r`` the EMA takes a step
+  with decay ``min(1 - 1/(step + 1), alpha)``; ``mu`` follows the batch's outlier-filtered
+  mean ``l_s`` with decay ``min(1 - 1/(step + 1), loss_alpha)``;
+- warm-up: during the first ``warmup_epochs`` of every task, nothing is admitted and ``mu``
+  is frozen; everything else runs.
+
+Both the working model and the semantic memory are evaluated (variants ``<mode>`` and
+``ema/<mode>``); ``report`` picks the primary one.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from callbacks.replay import ExperienceReplay
+from cl_lightning.esmer_math import (
+    admission_mask,
+    ema_decay,
+    ema_update,
+    modulation_weights,
+    update_loss_memory,
+)
+from cl_lightning.plugins import StepOutput
+
+if TYPE_CHECKING:
+    from cl_lightning.module import ContinualLearner
+
+
+class ESMER(ExperienceReplay):
+    """ESMER on top of a reservoir buffer.
+
+    Args:
+        ema_alpha: cap of the semantic memory's EMA decay (reference 0.999).
+        ema_update_prob: probability ``r`` of an EMA update after a step (reference 0.1).
+        loss_alpha: cap of the loss memory's decay (reference 0.99).
+        std_margin: samples above ``mean + std_margin * std`` of a batch do not update ``mu``.
+        error_threshold: ``beta``; samples with ``l_s >= beta * mu`` are down-weighted and
+            are not admitted to the buffer (reference 1.2).
+        consistency_weight: ``gamma``, weight of the logit MSE on replayed samples (0.15).
+        warmup_epochs: epochs (may be fractional) at the start of every task with no
+            buffer admission and a frozen ``mu`` (reference 1).
+        report: which model is the primary result: the semantic memory (``ema``) or the
+            working model.
+        ema_seed: seed of the EMA-update draws (the same on every DDP rank, so every rank's
+            semantic memory stays identical).
+        mu_bias_correction: divide ``mu`` by ``1 - prod(a)`` (Adam-style) instead of the
+            reference's cold start from 0 (off by default).
+        **kwargs: the buffer options of :class:`~callbacks.replay.ExperienceReplay`.
+    """
+
+    def __init__(
+        self,
+        ema_alpha: float = 0.999,
+        ema_update_prob: float = 0.1,
+        loss_alpha: float = 0.99,
+        std_margin: float = 1.0,
+        error_threshold: float = 1.2,
+        consistency_weight: float = 0.15,
+        warmup_epochs: float = 1.0,
+        report: Literal["ema", "working"] = "ema",
+        ema_seed: int = 0,
+        mu_bias_correction: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        for name, v in [("ema_alpha", ema_alpha), ("ema_update_prob", ema_update_prob),
+                        ("loss_alpha", loss_alpha)]:
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"ESMER {name} must be in [0, 1], got {v}")
+        if warmup_epochs < 0 or error_threshold <= 0 or consistency_weight < 0:
+            raise ValueError("ESMER warmup_epochs and consistency_weight must be >= 0 and "
+                             "error_threshold > 0")
+        self.ema_alpha, self.ema_update_prob = ema_alpha, ema_update_prob
+        self.loss_alpha, self.std_margin = loss_alpha, std_margin
+        self.error_threshold, self.consistency_weight = error_threshold, consistency_weight
+        self.warmup_epochs, self.report = warmup_epochs, report
+        self.ema_seed, self.mu_bias_correction = ema_seed, mu_bias_correction
+        self.ema: nn.Module | None = None
+        self.mu = 0.0
+        self.mu_norm = 0.0  # 1 - prod(a): the bias-correction denominator
+        self.steps = 0  # optimizer steps seen (the reference's global step)
+        self.task_steps = 0  # steps since the current task started
+        self._generator = torch.Generator().manual_seed(ema_seed)
+        self._pending_ema: dict[str, torch.Tensor] | None = None
+        self._ema_logits: torch.Tensor | None = None
+        self._l_s: torch.Tensor | None = None
+        self._admitted: torch.Tensor | None = None
+        self._weights: list[torch.Tensor] = []
+
+    # ----- semantic memory ---------------------------------------------------------------
+    def semantic_memory(self, learner: ContinualLearner) -> nn.Module:
+        """The EMA model, created from the working model on first use."""
+        if self.ema is None:
+            self.ema = copy.deepcopy(learner.net).to(learner.device)
+            for p in self.ema.parameters():
+                p.requires_grad_(False)
+            if self._pending_ema is not None:
+                self.ema.load_state_dict(self._pending_ema)
+                self._pending_ema = None
+        return self.ema
+
+    def setup(self, trainer: Any, pl_module: ContinualLearner, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.report == "ema":
+            pl_module.primary_variant = "ema/" + pl_module.eval_modes()[0]
+
+    def eval_models(self, learner: ContinualLearner) -> dict[str, nn.Module]:
+        return {"ema": self.semantic_memory(learner)}
+
+    @property
+    def loss_memory(self) -> float:
+        """``mu`` as used by the modulation (bias-corrected when that option is on)."""
+        if self.mu_bias_correction and self.mu_norm > 0:
+            return self.mu / self.mu_norm
+        return self.mu
+
+    def in_warmup(self, learner: ContinualLearner) -> bool:
+        batches = learner.trainer.num_training_batches
+        warmup_steps = math.ceil(self.warmup_epochs * batches) if math.isfinite(batches) else 0
+        return self.task_steps < warmup_steps
+
+    # ----- the protocol ------------------------------------------------------------------
+    def on_task_start(self, learner: ContinualLearner, task: int) -> None:
+        if learner.trainer.current_epoch % learner.trainer.datamodule.epochs_per_task == 0:
+            self.task_steps = 0  # (a resume inside a task keeps its counter)
+        self._weights = []
+
+    def sample_weights(self, learner: ContinualLearner, step: StepOutput) -> torch.Tensor | None:
+        ema = self.semantic_memory(learner)
+        ema.train(learner.net.training)  # its own batch-norm statistics, as the reference
+        with torch.no_grad():
+            self._ema_logits = learner.train_logits(ema, step.inputs, step.batch["task"])
+        current = ~step.replay_mask
+        self._l_s = F.cross_entropy(self._ema_logits[current], step.batch["y"][current],
+                                    reduction="none")
+        w = torch.ones_like(step.losses)
+        w[current] = modulation_weights(self._l_s, self.loss_memory, self.error_threshold)
+        self._weights.append(w[current].detach().cpu())
+        per = super().sample_weights(learner, step)  # prioritized replay, if enabled
+        return w if per is None else w * per
+
+    def extra_losses(self, learner: ContinualLearner, step: StepOutput) -> dict[str, torch.Tensor]:
+        replay = step.replay_mask
+        if self.consistency_weight == 0 or not replay.any() or self._ema_logits is None:
+            return {}
+        mse = F.mse_loss(step.logits[replay], self._ema_logits[replay])
+        return {"esmer_consistency": self.consistency_weight * mse}
+
+    def admit(self, learner: ContinualLearner, step: StepOutput) -> torch.Tensor:
+        assert self._l_s is not None
+        if self.in_warmup(learner):
+            self._admitted = torch.zeros_like(self._l_s, dtype=torch.bool)
+        else:
+            self._admitted = admission_mask(self._l_s, self.loss_memory, self.error_threshold)
+        return self._admitted
+
+    def after_step(self, learner: ContinualLearner, step: StepOutput) -> None:
+        assert self._l_s is not None
+        warmup = self.in_warmup(learner)
+        super().after_step(learner, step)  # priorities + insertion filtered by self.admit
+        admitted = self._admitted
+        if torch.rand((), generator=self._generator).item() < self.ema_update_prob:
+            ema_update(self.semantic_memory(learner), learner.net,
+                       ema_decay(self.steps, self.ema_alpha))
+        if not warmup:
+            a = ema_decay(self.steps, self.loss_alpha)
+            self.mu = update_loss_memory(self.mu, self._l_s, self.steps, self.loss_alpha,
+                                         self.std_margin)
+            self.mu_norm = a * self.mu_norm + (1.0 - a)
+        modulated = (self._l_s >= self.error_threshold * self.loss_memory).float().mean()
+        log = dict(on_step=False, on_epoch=True, batch_size=len(self._l_s))
+        learner.log("esmer/mu", self.loss_memory, **log)
+        learner.log("esmer/modulated_fraction", modulated if self.mu > 0 else 0.0, **log)
+        learner.log("esmer/admitted_fraction", admitted.float().mean(), **log)
+        learner.log("esmer/warmup", float(warmup), **log)
+        self.steps += 1
+        self.task_steps += 1
+        self._l_s = self._ema_logits = None
+
+    def on_task_end(self, learner: ContinualLearner, task: int) -> None:
+        super().on_task_end(learner, task)
+        if not self._weights:
+            return
+        weights = torch.cat(self._weights)
+        for logger in learner.trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_histogram"):
+                experiment.add_histogram("esmer/weights", weights, global_step=task)
+
+    # ----- checkpointed state ------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update({
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "mu": self.mu, "mu_norm": self.mu_norm, "steps": self.steps,
+            "task_steps": self.task_steps, "generator": self._generator.get_state(),
+        })
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.mu, self.mu_norm = state_dict["mu"], state_dict["mu_norm"]
+        self.steps, self.task_steps = state_dict["steps"], state_dict["task_steps"]
+        self._generator.set_state(state_dict["generator"])
+        if state_dict.get("ema") is not None:
+            if self.ema is None:
+                self._pending_ema = state_dict["ema"]
+            else:
+                self.ema.load_state_dict(state_dict["ema"])
