@@ -63,6 +63,8 @@ class ESMER(ExperienceReplay):
             semantic memory stays identical).
         mu_bias_correction: divide ``mu`` by ``1 - prod(a)`` (Adam-style) instead of the
             reference's cold start from 0 (off by default).
+        loss_average: as :class:`~callbacks.replay.ExperienceReplay`; ``separate`` (the
+            reference: current-task term + buffer term).
         **kwargs: the buffer options of :class:`~callbacks.replay.ExperienceReplay`.
     """
 
@@ -78,9 +80,10 @@ class ESMER(ExperienceReplay):
         report: Literal["ema", "working"] = "ema",
         ema_seed: int = 0,
         mu_bias_correction: bool = False,
+        loss_average: Literal["union", "separate"] = "separate",
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(loss_average=loss_average, **kwargs)
         for name, v in [("ema_alpha", ema_alpha), ("ema_update_prob", ema_update_prob),
                         ("loss_alpha", loss_alpha)]:
             if not 0.0 <= v <= 1.0:

@@ -38,6 +38,10 @@ class ExperienceReplay(L.Callback, LearnerPlugin):
         anneal_beta: anneal beta linearly to 1 over the fit's optimizer steps.
         buffer_device: ``cpu`` or ``model`` (the training device).
         seed: seed of the buffer's own generator (offset by the rank under DDP).
+        loss_average: ``union``: one cross-entropy mean over current and replayed samples
+            together (ER as in Chaudhry et al. 2019 and mammoth); ``separate``: mean over the
+            current samples + mean over the replayed ones (twice the replay weight for
+            equal batch sizes; the form ESMER's reference uses).
     """
 
     plugin_order = 10
@@ -53,6 +57,7 @@ class ExperienceReplay(L.Callback, LearnerPlugin):
         anneal_beta: bool = True,
         buffer_device: Literal["cpu", "model"] = "cpu",
         seed: int = 0,
+        loss_average: Literal["union", "separate"] = "union",
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
@@ -66,6 +71,9 @@ class ExperienceReplay(L.Callback, LearnerPlugin):
         self.policy, self.sampling = policy, sampling
         self.alpha, self.beta, self.anneal_beta = alpha, beta, anneal_beta
         self.buffer_device, self.seed = buffer_device, seed
+        if loss_average not in ("union", "separate"):
+            raise ValueError(f"loss_average must be 'union' or 'separate', got {loss_average!r}")
+        self.loss_average = loss_average
         self.buffer: ReplayBuffer | None = None
         self._pending_state: dict[str, Any] | None = None
         self._sampled: dict[str, torch.Tensor] | None = None
@@ -114,10 +122,18 @@ class ExperienceReplay(L.Callback, LearnerPlugin):
         return append_replay(batch, self._sampled)
 
     def sample_weights(self, learner: ContinualLearner, step: StepOutput) -> torch.Tensor | None:
-        if self._sampled is None or "weight" not in self._sampled:
+        if self._sampled is None:
             return None
         w = torch.ones_like(step.losses)
-        w[step.replay_mask] = self._sampled["weight"].to(w.dtype)
+        replay = step.replay_mask
+        if "weight" in self._sampled:  # prioritized replay's importance weights
+            w[replay] = self._sampled["weight"].to(w.dtype)
+        if self.loss_average == "union":
+            # the learner adds mean_current + mean_replay; scaling each part by its share
+            # of the batch turns that into one mean over the union
+            n_rep = replay.sum()
+            w[replay] *= n_rep / len(w)
+            w[~replay] *= (len(w) - n_rep) / len(w)
         return w
 
     def stored_items(self, step: StepOutput) -> dict[str, torch.Tensor]:

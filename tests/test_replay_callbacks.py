@@ -103,3 +103,19 @@ def test_resume_with_replay_reproduces_the_matrix(tmp_path):
     resumed = run_cli(tmp_path / "resumed", *ER, "--ckpt_path", ckpt)
     got = read_results(resumed)["accuracy_matrix"]
     assert torch.allclose(torch.tensor(got), torch.tensor(expected), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["union", "separate"])
+def test_loss_average_modes(mode):
+    er = ExperienceReplay(capacity=50, replay_batch_size=4, loss_average=mode)
+    er.buffer = ReplayBuffer(capacity=50, seed=0)
+    er.buffer.add(batch(20, 100))
+    ext = er.extend_batch(LEARNER, batch(6))
+    losses = torch.rand(10)
+    step = StepOutput(batch=ext, inputs=ext["x"], logits=torch.zeros(10, 3), losses=losses,
+                      task=0)
+    w = er.sample_weights(LEARNER, step)
+    r = ext["replay"]
+    total = (w * losses)[~r].mean() + (w * losses)[r].mean()  # the learner's combination
+    expected = losses.mean() if mode == "union" else losses[:6].mean() + losses[6:].mean()
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
