@@ -1,0 +1,123 @@
+"""MemoryMonitor: what the DNC does with its memory, in TensorBoard, at every task end.
+
+A fixed probe batch per task (the first ``probe_size`` test samples of each task) runs
+through the agent with the DNC's trace on. Logged per task end:
+
+- ``memory/slots``: three heatmaps of tasks x slots: total write weight, total read
+  weight and final usage per slot (which slots each task writes to, and reads from);
+- ``memory/task_NN``: read and write weightings over time for the task just trained;
+- scalars ``memory/task_NN/{allocation_gate, write_gate, read_backward, read_content,
+  read_forward}``: batch- and time-averaged gates and read modes, per task.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+import matplotlib.pyplot as plt
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from callbacks import report  # noqa: F401  (selects the Agg backend)
+from cl_lightning.models.agent import MemoryAgent
+from cl_lightning.plugins import LearnerPlugin
+
+if TYPE_CHECKING:
+    from cl_lightning.module import ContinualLearner
+
+
+class MemoryMonitor(L.Callback, LearnerPlugin):
+    """TensorBoard views of the MemoryAgent's DNC on a fixed probe batch per task.
+
+    Args:
+        probe_size: test samples per task in the probe batch.
+        every_n_tasks: log at every n-th task end.
+    """
+
+    plugin_order = 900
+
+    def __init__(self, probe_size: int = 16, every_n_tasks: int = 1) -> None:
+        if probe_size < 1 or every_n_tasks < 1:
+            raise ValueError("probe_size and every_n_tasks must be >= 1")
+        self.probe_size, self.every_n_tasks = probe_size, every_n_tasks
+
+    def traces(self, learner: ContinualLearner) -> list[Any]:
+        """One DNCTrace per task, on that task's probe batch."""
+        agent = learner.net
+        out = []
+        was_training = agent.training
+        agent.eval()
+        with torch.no_grad():
+            for view in learner.trainer.datamodule.test_sets():
+                n = min(self.probe_size, len(view))
+                x = torch.stack([view[i]["x"] for i in range(n)]).to(learner.device)
+                out.append(agent.core(agent.encoder(x), return_trace=True)[2])
+        agent.train(was_training)
+        return out
+
+    def on_task_end(self, learner: ContinualLearner, task: int) -> None:
+        trainer = learner.trainer
+        if (task + 1) % self.every_n_tasks or not trainer.is_global_zero:
+            return
+        if not isinstance(learner.net, MemoryAgent):
+            rank_zero_warn("MemoryMonitor needs model.net to be a MemoryAgent; nothing logged")
+            return
+        traces = self.traces(learner)
+        writes = torch.stack([t.write_weights.sum(dim=(1, 2)).mean(0) for t in traces])
+        reads = torch.stack([t.read_weights.sum(dim=(1, 2)).mean(0) for t in traces])
+        usage = torch.stack([t.usage[:, -1].mean(0) for t in traces])
+        scalars = {}
+        for j, t in enumerate(traces):
+            modes = t.read_modes.mean(dim=(0, 1, 2))  # backward (Wr), forward (Wr), content
+            wr = t.write_gate.shape[-1]
+            scalars.update({
+                f"memory/task_{j:02d}/allocation_gate": t.allocation_gate.mean().item(),
+                f"memory/task_{j:02d}/write_gate": t.write_gate.mean().item(),
+                f"memory/task_{j:02d}/read_backward": modes[:wr].sum().item(),
+                f"memory/task_{j:02d}/read_forward": modes[wr : 2 * wr].sum().item(),
+                f"memory/task_{j:02d}/read_content": modes[-1].item(),
+            })
+        slots = slot_maps(writes, reads, usage)
+        over_time = time_maps(traces[task], task)
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=trainer.global_step)
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_figure"):
+                experiment.add_figure("memory/slots", slots, global_step=task, close=False)
+                experiment.add_figure(f"memory/task_{task:02d}", over_time, global_step=task,
+                                      close=False)
+        plt.close(slots)
+        plt.close(over_time)
+
+
+def slot_maps(writes: torch.Tensor, reads: torch.Tensor, usage: torch.Tensor) -> plt.Figure:
+    """Three (tasks, N) heatmaps: write weight, read weight and usage per slot."""
+    fig, axes = plt.subplots(3, 1, figsize=(8, 2 + 0.45 * len(writes) * 3), sharex=True)
+    for ax, data, title in zip(axes, (writes, reads, usage),
+                               ("write weight per slot (sum over time)",
+                                "read weight per slot (sum over time and heads)",
+                                "usage per slot after the sequence"), strict=True):
+        im = ax.imshow(data.cpu().numpy(), aspect="auto", cmap="magma")
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("task")
+        fig.colorbar(im, ax=ax)
+    axes[-1].set_xlabel("memory slot")
+    fig.tight_layout()
+    return fig
+
+
+def time_maps(trace: Any, task: int) -> plt.Figure:
+    """Read (mean over heads) and write weightings over time for one task's probe batch."""
+    read = trace.read_weights.mean(dim=(0, 2)).cpu().numpy()  # (T, N)
+    write = trace.write_weights.mean(dim=(0, 2)).cpu().numpy()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3))
+    for ax, data, title in zip(axes, (write, read), ("write weighting", "read weighting"),
+                               strict=True):
+        im = ax.imshow(data, aspect="auto", cmap="magma")
+        ax.set_title(f"task {task}: {title}", fontsize=9)
+        ax.set_xlabel("memory slot")
+        ax.set_ylabel("time step")
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,144 @@
+"""MemoryAgent = encoder -> token sequence -> DNC core -> classifier head, and its
+memory-less twin LSTMClassifier (same encoder, an LSTM core).
+
+Memory is fresh for every sample: the core starts from its zero state on each input's
+token sequence. Under task-IL the learner masks the logits to the task's classes, which
+for disjoint class sets is exactly a per-task head (each task reads its own rows of the
+head's weight matrix).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from cl_lightning.models.backbones import Classifier
+from cl_lightning.models.dnc import DNC
+from cl_lightning.models.encoders import EncoderKind, build_encoder
+
+Readout = Literal["last", "mean"]
+
+
+class TokenClassifier(Classifier):
+    """Shared skeleton: encoder -> core(tokens) -> readout over time -> linear head."""
+
+    def __init__(self, input_shape: Sequence[int], encoder: EncoderKind, num_tokens: int,
+                 token_dim: int, cnn_width: int, readout: Readout) -> None:
+        super().__init__()
+        if readout not in ("last", "mean"):
+            raise ValueError(f"model.net.readout must be 'last' or 'mean', got {readout!r}")
+        self.encoder = build_encoder(input_shape, encoder, num_tokens, token_dim, cnn_width)
+        self.readout = readout
+
+    def core_forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (B, T, D) -> outputs (B, T, H)."""
+        raise NotImplementedError
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, *input_shape) -> (B, H) read out from the core's outputs."""
+        out = self.core_forward(self.encoder(x))
+        return out[:, -1] if self.readout == "last" else out.mean(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class MemoryAgent(TokenClassifier):
+    """The product's agent: a Differentiable Neural Computer over the input's tokens.
+
+    Args:
+        input_shape: shape of one input (linked from the stream).
+        num_classes: number of logits (linked from the stream).
+        encoder: ``vector`` (learned projection to ``num_tokens`` tokens), ``rows`` (an
+            image row by row), ``cnn`` (reduced ResNet-18 feature-map positions), or
+            ``auto`` (vector for flat inputs, rows for 1-channel, cnn for colour images).
+        num_tokens: tokens per input for the ``vector`` encoder.
+        token_dim: token width for the ``vector`` encoder.
+        cnn_width: first-stage width of the ``cnn`` encoder's ResNet-18.
+        readout: classify from the ``last`` core output or the ``mean`` over time.
+        core_output: width of the DNC's output (the head's input).
+        hidden_size: LSTM controller units.
+        memory_slots: memory rows N.
+        word_size: memory word width W.
+        read_heads: read heads R.
+        write_heads: write heads.
+        clip_value: clamp of the interface pre-activations.
+        masking: key/memory masking (Csordas & Schmidhuber 2019).
+        dealloc: zero freed slots (Csordas & Schmidhuber 2019).
+        sharpness: link-distribution sharpness (Csordas & Schmidhuber 2019).
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        encoder: EncoderKind = "auto",
+        num_tokens: int = 4,
+        token_dim: int = 64,
+        cnn_width: int = 20,
+        readout: Readout = "last",
+        core_output: int = 128,
+        hidden_size: int = 128,
+        memory_slots: int = 128,
+        word_size: int = 64,
+        read_heads: int = 4,
+        write_heads: int = 1,
+        clip_value: float = 20.0,
+        masking: bool = False,
+        dealloc: bool = False,
+        sharpness: bool = False,
+    ) -> None:
+        super().__init__(input_shape, encoder, num_tokens, token_dim, cnn_width, readout)
+        for name, v in [("core_output", core_output), ("hidden_size", hidden_size),
+                        ("memory_slots", memory_slots), ("word_size", word_size),
+                        ("read_heads", read_heads), ("write_heads", write_heads)]:
+            if v < 1:
+                raise ValueError(f"model.net.{name} must be >= 1, got {v}")
+        self.core = DNC(self.encoder.token_dim, core_output, hidden_size=hidden_size,
+                        memory_slots=memory_slots, word_size=word_size, read_heads=read_heads,
+                        write_heads=write_heads, clip_value=clip_value, masking=masking,
+                        dealloc=dealloc, sharpness=sharpness)
+        self.head = nn.Linear(core_output, num_classes)
+
+    def core_forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.core(tokens)[0]
+
+
+class LSTMClassifier(TokenClassifier):
+    """Baseline without external memory: the MemoryAgent's encoder and head, an LSTM core.
+
+    Args:
+        input_shape: shape of one input (linked from the stream).
+        num_classes: number of logits (linked from the stream).
+        encoder: as :class:`MemoryAgent`.
+        num_tokens: as :class:`MemoryAgent`.
+        token_dim: as :class:`MemoryAgent`.
+        cnn_width: as :class:`MemoryAgent`.
+        readout: as :class:`MemoryAgent`.
+        hidden_size: LSTM units.
+        num_layers: stacked LSTM layers.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        encoder: EncoderKind = "auto",
+        num_tokens: int = 4,
+        token_dim: int = 64,
+        cnn_width: int = 20,
+        readout: Readout = "last",
+        hidden_size: int = 128,
+        num_layers: int = 1,
+    ) -> None:
+        super().__init__(input_shape, encoder, num_tokens, token_dim, cnn_width, readout)
+        if hidden_size < 1 or num_layers < 1:
+            raise ValueError("model.net.hidden_size and model.net.num_layers must be >= 1")
+        self.core = nn.LSTM(self.encoder.token_dim, hidden_size, num_layers, batch_first=True)
+        self.head = nn.Linear(hidden_size, num_classes)
+
+    def core_forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.core(tokens)[0]

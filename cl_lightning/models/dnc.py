@@ -1,0 +1,391 @@
+"""Differentiable Neural Computer (Graves et al., Nature 2016) in PyTorch.
+
+Behaviour follows DeepMind's reference implementation (``google-deepmind/dnc``): an LSTM
+controller reads ``x_t ⊕ r_{t-1}``, one linear layer emits the interface vector, the memory is
+written (usage → allocation → write weighting → erase/add → temporal links) and then read
+(content, forward and backward weightings mixed by the read modes), and the output is
+``y_t = Linear(h_t ⊕ r_t)``. The addressing maths lives in
+:mod:`cl_lightning.models.dnc_addressing`.
+
+Optional extensions from Csordás & Schmidhuber (ICLR 2019), all off by default:
+
+* ``masking``: every read and write head also emits a sigmoid mask over the word; content
+  look-up compares ``key * mask`` with ``word * mask`` (key/value separation).
+* ``dealloc``: memory words are multiplied by the retention vector ``psi`` during the write,
+  so freed slots are zeroed instead of keeping stale content.
+* ``sharpness``: forward/backward weightings are sharpened, ``S(d, s) = d^s / sum(d^s)``;
+  ``True`` makes ``s = oneplus(.)`` a per-(read head, write head, direction) interface output,
+  a float uses that fixed exponent.
+
+Differences from the reference worth knowing: only the interface pre-activations are clipped
+to ``±clip_value`` (the reference also clips the controller state and the output), and the
+input part of the controller's gates is computed for all time steps at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cl_lightning.models import dnc_addressing as addr
+
+
+class DNCState(NamedTuple):
+    """Recurrent state of a :class:`DNC` (all tensors batch-first)."""
+
+    h: Tensor
+    """``(B, H)`` controller hidden state."""
+    c: Tensor
+    """``(B, H)`` controller cell state."""
+    memory: Tensor
+    """``(B, N, W)`` memory matrix."""
+    usage: Tensor
+    """``(B, N)`` slot usage."""
+    link: Tensor
+    """``(B, Wr, N, N)`` temporal link matrices."""
+    precedence: Tensor
+    """``(B, Wr, N)`` precedence weightings."""
+    read_weights: Tensor
+    """``(B, R, N)`` read weightings."""
+    write_weights: Tensor
+    """``(B, Wr, N)`` write weightings."""
+    read_vectors: Tensor
+    """``(B, R, W)`` read vectors."""
+
+    def detach(self) -> DNCState:
+        """Copy of the state cut from the autograd graph (truncated BPTT)."""
+        return DNCState(*(t.detach() for t in self))
+
+
+class DNCTrace(NamedTuple):
+    """Per-step diagnostics for a memory monitor; detached, time is dimension 1."""
+
+    read_weights: Tensor
+    """``(B, T, R, N)``."""
+    write_weights: Tensor
+    """``(B, T, Wr, N)``."""
+    allocation: Tensor
+    """``(B, T, Wr, N)`` allocation weightings."""
+    usage: Tensor
+    """``(B, T, N)``."""
+    allocation_gate: Tensor
+    """``(B, T, Wr)``."""
+    write_gate: Tensor
+    """``(B, T, Wr)``."""
+    free_gates: Tensor
+    """``(B, T, R)``."""
+    read_modes: Tensor
+    """``(B, T, R, 1 + 2 Wr)``: backward (Wr), forward (Wr), content (1)."""
+
+
+class Interface(NamedTuple):
+    """Activated interface vector of one time step (``H`` = heads of the given kind)."""
+
+    read_keys: Tensor  # (B, R, W)
+    read_strengths: Tensor  # (B, R)
+    write_keys: Tensor  # (B, Wr, W)
+    write_strengths: Tensor  # (B, Wr)
+    erase_vectors: Tensor  # (B, Wr, W)
+    write_vectors: Tensor  # (B, Wr, W)
+    free_gates: Tensor  # (B, R)
+    allocation_gates: Tensor  # (B, Wr)
+    write_gates: Tensor  # (B, Wr)
+    read_modes: Tensor  # (B, R, 1 + 2 Wr)
+    read_masks: Tensor | None  # (B, R, W)
+    write_masks: Tensor | None  # (B, Wr, W)
+    forward_sharpness: Tensor | None  # (B, R, Wr)
+    backward_sharpness: Tensor | None  # (B, R, Wr)
+
+
+class InterfaceLayout:
+    """Where each field sits in the raw interface vector, grouped by activation.
+
+    Fields sharing an activation are contiguous, so each activation runs once per step on one
+    slice: ``[keys and write vectors | strengths | sigmoid gates, erase, masks | read modes |
+    sharpness]``. All field tensors are views of the activated blocks.
+    """
+
+    def __init__(
+        self, read_heads: int, write_heads: int, word_size: int, masking: bool, sharpness: bool
+    ) -> None:
+        r, wr, w = read_heads, write_heads, word_size
+        self.read_heads, self.write_heads, self.word_size = r, wr, w
+        self.masking, self.sharpness = masking, sharpness
+        self.linear_sizes = [r * w, wr * w, wr * w]
+        self.strength_sizes = [r, wr]
+        self.sigmoid_sizes = [wr * w, r, wr, wr] + ([r * w, wr * w] if masking else [])
+        self.mode_size = r * (1 + 2 * wr)
+        self.sharpness_size = 2 * r * wr if sharpness else 0
+        self.block_sizes = [
+            sum(self.linear_sizes),
+            sum(self.strength_sizes),
+            sum(self.sigmoid_sizes),
+            self.mode_size,
+            self.sharpness_size,
+        ]
+        self.size = sum(self.block_sizes)
+
+    def parse(self, raw: Tensor, strength_fn: Callable[[Tensor], Tensor]) -> Interface:
+        """Split and activate ``raw: (B, size)`` into an :class:`Interface`."""
+        r, wr, w = self.read_heads, self.write_heads, self.word_size
+        lin, strength, sig, modes, sharp = torch.split(raw, self.block_sizes, dim=-1)
+        read_keys, write_keys, write_vectors = torch.split(lin, self.linear_sizes, dim=-1)
+        read_strengths, write_strengths = torch.split(
+            strength_fn(strength), self.strength_sizes, dim=-1
+        )
+        sig_parts = torch.split(torch.sigmoid(sig), self.sigmoid_sizes, dim=-1)
+        erase, free_gates, alloc_gates, write_gates = sig_parts[:4]
+        read_masks = write_masks = None
+        if self.masking:
+            read_masks = sig_parts[4].unflatten(-1, (r, w))
+            write_masks = sig_parts[5].unflatten(-1, (wr, w))
+        fwd_sharp = bwd_sharp = None
+        if self.sharpness:
+            fwd_sharp, bwd_sharp = addr.oneplus(sharp).unflatten(-1, (2, r, wr)).unbind(1)
+        return Interface(
+            read_keys=read_keys.unflatten(-1, (r, w)),
+            read_strengths=read_strengths,
+            write_keys=write_keys.unflatten(-1, (wr, w)),
+            write_strengths=write_strengths,
+            erase_vectors=erase.unflatten(-1, (wr, w)),
+            write_vectors=write_vectors.unflatten(-1, (wr, w)),
+            free_gates=free_gates,
+            allocation_gates=alloc_gates,
+            write_gates=write_gates,
+            read_modes=torch.softmax(modes.unflatten(-1, (r, 1 + 2 * wr)), dim=-1),
+            read_masks=read_masks,
+            write_masks=write_masks,
+            forward_sharpness=fwd_sharp,
+            backward_sharpness=bwd_sharp,
+        )
+
+
+class DNC(nn.Module):
+    """Differentiable Neural Computer with an LSTM controller.
+
+    Args:
+        input_size: features per time step ``D``.
+        output_size: output features per time step ``O``.
+        hidden_size: LSTM controller width ``H``.
+        memory_slots: number of memory slots ``N``.
+        word_size: memory word size ``W``.
+        read_heads: number of read heads ``R``.
+        write_heads: number of write heads ``Wr``.
+        clip_value: interface pre-activations are clamped to ``±clip_value`` (``None``/0: off).
+        masking: Csordás & Schmidhuber key/memory masking.
+        dealloc: Csordás & Schmidhuber de-allocation (freed slots are zeroed).
+        sharpness: link-distribution sharpening; ``True`` learned, a float a fixed exponent.
+        strength_activation: ``"softplus"`` (DeepMind reference code) or ``"oneplus"``
+            (``1 + softplus``, Nature paper and Csordás & Schmidhuber).
+        fused: use the ``fused_*`` functions of :mod:`~cl_lightning.models.dnc_addressing`
+            (content look-up without mask, one-head erase/add, link update + directional
+            reads): same values and gradients, hand-written first-order backward passes.
+        stop_write_gradient: as the reference, usage treats the previous write weights as
+            constants; ``False`` gives the exact gradient (e.g. for ``gradcheck``).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        hidden_size: int = 128,
+        memory_slots: int = 128,
+        word_size: int = 64,
+        read_heads: int = 4,
+        write_heads: int = 1,
+        clip_value: float | None = 20.0,
+        masking: bool = False,
+        dealloc: bool = False,
+        sharpness: bool | float = False,
+        strength_activation: str = "softplus",
+        fused: bool = True,
+        stop_write_gradient: bool = True,
+    ) -> None:
+        super().__init__()
+        if strength_activation not in ("softplus", "oneplus"):
+            raise ValueError(f"unknown strength_activation {strength_activation!r}")
+        learned_sharpness = sharpness is True
+        fixed = None if isinstance(sharpness, bool) else float(sharpness)
+        if fixed is not None and fixed <= 0:
+            raise ValueError("a fixed sharpness exponent must be positive")
+        self.input_size, self.output_size, self.hidden_size = input_size, output_size, hidden_size
+        self.memory_slots, self.word_size = memory_slots, word_size
+        self.read_heads, self.write_heads = read_heads, write_heads
+        self.clip_value = clip_value or None
+        self.masking, self.dealloc, self.fused = masking, dealloc, fused
+        self.stop_write_gradient = stop_write_gradient
+        self.learned_sharpness, self.fixed_sharpness = learned_sharpness, fixed
+        self._strength_fn = F.softplus if strength_activation == "softplus" else addr.oneplus
+        self.layout = InterfaceLayout(
+            read_heads, write_heads, word_size, masking, learned_sharpness
+        )
+
+        read_size = read_heads * word_size
+        # LSTM gates in the order (input, forget, output, cell) so one sigmoid covers three.
+        self.input_gates = nn.Linear(input_size, 4 * hidden_size)
+        self.recurrent_gates = nn.Linear(read_size + hidden_size, 4 * hidden_size, bias=False)
+        self.interface = nn.Linear(hidden_size, self.layout.size)
+        self.output = nn.Linear(hidden_size + read_size, output_size)
+        with torch.no_grad():
+            self.input_gates.bias[hidden_size : 2 * hidden_size].fill_(1.0)
+
+    def initial_state(
+        self,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> DNCState:
+        """All-zero state (defaults: the parameters' device and dtype)."""
+        ref = self.interface.weight
+        kw = {"device": device or ref.device, "dtype": dtype or ref.dtype}
+        b, n, w = batch_size, self.memory_slots, self.word_size
+        r, wr, h = self.read_heads, self.write_heads, self.hidden_size
+        return DNCState(
+            h=torch.zeros(b, h, **kw),
+            c=torch.zeros(b, h, **kw),
+            memory=torch.zeros(b, n, w, **kw),
+            usage=torch.zeros(b, n, **kw),
+            link=torch.zeros(b, wr, n, n, **kw),
+            precedence=torch.zeros(b, wr, n, **kw),
+            read_weights=torch.zeros(b, r, n, **kw),
+            write_weights=torch.zeros(b, wr, n, **kw),
+            read_vectors=torch.zeros(b, r, w, **kw),
+        )
+
+    def forward(
+        self, x: Tensor, state: DNCState | None = None, return_trace: bool = False
+    ) -> tuple[Tensor, DNCState] | tuple[Tensor, DNCState, DNCTrace]:
+        """Run the DNC over a sequence.
+
+        Args:
+            x: ``(B, T, D)`` inputs.
+            state: previous :class:`DNCState`, or ``None`` for :meth:`initial_state`.
+            return_trace: also return a :class:`DNCTrace` of per-step diagnostics.
+
+        Returns:
+            ``(y, state)`` or ``(y, state, trace)``; ``y`` is ``(B, T, O)``.
+        """
+        batch, steps, _ = x.shape
+        if state is None:
+            state = self.initial_state(batch, x.device, x.dtype)
+        x_gates = self.input_gates(x).unbind(1)
+        hidden, reads, diags = [], [], []
+        for t in range(steps):
+            state, diag = self.step(x_gates[t], state)
+            hidden.append(state.h)
+            reads.append(state.read_vectors.flatten(1))
+            if return_trace:
+                diags.append(tuple(d.detach() for d in diag))
+        features = torch.cat([torch.stack(hidden, 1), torch.stack(reads, 1)], dim=-1)
+        y = self.output(features)
+        if not return_trace:
+            return y, state
+        return y, state, DNCTrace(*(torch.stack(ds, 1) for ds in zip(*diags, strict=True)))
+
+    def step(self, x_gates: Tensor, state: DNCState) -> tuple[DNCState, tuple[Tensor, ...]]:
+        """One time step.
+
+        Args:
+            x_gates: ``(B, 4H)`` input contribution to the controller gates
+                (``self.input_gates(x_t)``).
+            state: previous :class:`DNCState`.
+
+        Returns:
+            ``(state, diagnostics)``; ``diagnostics`` holds the fields of :class:`DNCTrace`
+            for this step (without the time dimension).
+        """
+        h, c = self._controller(x_gates, state)
+        raw = self.interface(h)
+        if self.clip_value is not None:
+            raw = raw.clamp(-self.clip_value, self.clip_value)
+        iface = self.layout.parse(raw, self._strength_fn)
+
+        usage, psi = addr.update_usage(
+            state.usage,
+            state.write_weights,
+            iface.free_gates,
+            state.read_weights,
+            self.stop_write_gradient,
+        )
+        write_content = self._content(
+            state.memory, iface.write_keys, iface.write_strengths, iface.write_masks
+        )
+        allocation = addr.write_allocation_weightings(
+            usage, iface.allocation_gates * iface.write_gates
+        )
+        write_weights = addr.write_weighting(
+            write_content, allocation, iface.allocation_gates, iface.write_gates
+        )
+        erase_and_write = addr.fused_erase_and_write if self.fused else addr.erase_and_write
+        memory = erase_and_write(
+            state.memory,
+            write_weights,
+            iface.erase_vectors,
+            iface.write_vectors,
+            psi if self.dealloc else None,
+        )
+        if self.fused:
+            link, forward, backward = addr.fused_link_read(
+                state.link, state.precedence, write_weights, state.read_weights
+            )
+        else:
+            link = addr.update_link(state.link, state.precedence, write_weights)
+            forward, backward = addr.directional_weightings(link, state.read_weights)
+        precedence = addr.update_precedence(state.precedence, write_weights)
+
+        read_content = self._content(
+            memory, iface.read_keys, iface.read_strengths, iface.read_masks
+        )
+        if self.learned_sharpness:
+            forward = addr.sharpen(forward, iface.forward_sharpness)
+            backward = addr.sharpen(backward, iface.backward_sharpness)
+        elif self.fixed_sharpness is not None:
+            forward = addr.sharpen(forward, self.fixed_sharpness)
+            backward = addr.sharpen(backward, self.fixed_sharpness)
+        read_weights = addr.read_weighting(read_content, forward, backward, iface.read_modes)
+        read_vectors = addr.read_vectors(read_weights, memory)
+
+        new_state = DNCState(
+            h, c, memory, usage, link, precedence, read_weights, write_weights, read_vectors
+        )
+        diagnostics = (
+            read_weights,
+            write_weights,
+            allocation,
+            usage,
+            iface.allocation_gates,
+            iface.write_gates,
+            iface.free_gates,
+            iface.read_modes,
+        )
+        return new_state, diagnostics
+
+    def _content(
+        self, memory: Tensor, keys: Tensor, strengths: Tensor, mask: Tensor | None
+    ) -> Tensor:
+        """Content weighting ``(B, H, N)``, fused when possible."""
+        if self.fused and mask is None:
+            return addr.fused_content_weighting(memory, keys, strengths)
+        return addr.content_weighting(memory, keys, strengths, mask)
+
+    def _controller(self, x_gates: Tensor, state: DNCState) -> tuple[Tensor, Tensor]:
+        """LSTM cell on ``x_t ⊕ r_{t-1}``; returns ``(h, c)``, each ``(B, H)``."""
+        recurrent_in = torch.cat([state.read_vectors.flatten(1), state.h], dim=-1)
+        gates = torch.addmm(x_gates, recurrent_in, self.recurrent_gates.weight.t())
+        hs = self.hidden_size
+        sig = torch.sigmoid(gates[:, : 3 * hs])
+        in_gate, forget_gate, out_gate = sig.chunk(3, dim=-1)
+        c = torch.addcmul(forget_gate * state.c, in_gate, torch.tanh(gates[:, 3 * hs :]))
+        h = out_gate * torch.tanh(c)
+        return h, c
+
+    def extra_repr(self) -> str:
+        return (
+            f"N={self.memory_slots}, W={self.word_size}, R={self.read_heads}, "
+            f"Wr={self.write_heads}, H={self.hidden_size}, masking={self.masking}, "
+            f"dealloc={self.dealloc}, sharpness={self.learned_sharpness or self.fixed_sharpness}"
+        )

@@ -1,0 +1,583 @@
+"""Pure tensor functions for the memory addressing of a Differentiable Neural Computer.
+
+The maths follows Graves et al. (Nature 2016) as realised in DeepMind's reference code
+(``dnc/addressing.py`` and ``dnc/access.py``), with the optional extensions of Csordás &
+Schmidhuber (ICLR 2019): key/memory masking, de-allocation and link-distribution sharpening.
+
+Shape letters used throughout:
+
+* ``B``  batch size
+* ``N``  number of memory slots
+* ``W``  word size
+* ``R``  number of read heads
+* ``Wr`` number of write heads (``H`` in some docstrings where it means "any number of heads")
+
+Every function is stateless and batched over all heads; none of them loops over the batch.
+The only loop is over write heads inside :func:`write_allocation_weightings`, which is
+sequential by definition (each head allocates after the previous one has claimed its slots).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+EPSILON = 1e-6
+"""Small constant keeping norms, usages and link distributions away from zero."""
+
+
+def oneplus(x: Tensor) -> Tensor:
+    """``1 + softplus(x)``: maps reals to ``[1, inf)`` (strengths in the Nature paper)."""
+    return 1.0 + F.softplus(x)
+
+
+def content_weighting(
+    memory: Tensor,
+    keys: Tensor,
+    strengths: Tensor,
+    mask: Tensor | None = None,
+    eps: float = EPSILON,
+) -> Tensor:
+    """Content-based address: softmax over slots of strength-scaled cosine similarity.
+
+    ``sim[b, h, n] = <k, M_n> / (sqrt(|k|^2 + eps) * sqrt(|M_n|^2 + eps) + eps)``, so all-zero
+    keys or memory give similarity 0 (a uniform weighting) with finite gradients.
+
+    With ``mask`` (Csordás & Schmidhuber 2019, "memory masking") both the key and every memory
+    word are multiplied element-wise by the head's mask before the cosine is taken, so that
+    only the "key part" of a word takes part in the look-up. The masked memory is never
+    materialised: ``<k*m, M_n*m> = <k*m*m, M_n>`` and ``|M_n*m|^2 = <m*m, M_n*M_n>``.
+
+    Args:
+        memory: ``(B, N, W)`` memory matrix.
+        keys: ``(B, H, W)`` look-up keys, one per head.
+        strengths: ``(B, H)`` positive (already activated) key strengths.
+        mask: optional ``(B, H, W)`` mask with entries in ``[0, 1]``.
+        eps: numerical epsilon.
+
+    Returns:
+        ``(B, H, N)`` weightings, each row a distribution over slots.
+    """
+    if mask is None:
+        dot = torch.bmm(keys, memory.transpose(1, 2))
+        mem_norm = torch.sqrt(memory.pow(2).sum(-1) + eps).unsqueeze(1)
+        key_norm = torch.sqrt(keys.pow(2).sum(-1) + eps).unsqueeze(-1)
+    else:
+        mask_sq = mask * mask
+        dot = torch.bmm(keys * mask_sq, memory.transpose(1, 2))
+        mem_norm = torch.sqrt(torch.bmm(mask_sq, memory.pow(2).transpose(1, 2)) + eps)
+        key_norm = torch.sqrt((keys * mask).pow(2).sum(-1) + eps).unsqueeze(-1)
+    similarity = dot / (key_norm * mem_norm + eps)
+    return torch.softmax(similarity * strengths.unsqueeze(-1), dim=-1)
+
+
+def retention(free_gates: Tensor, prev_read_weights: Tensor) -> Tensor:
+    """Memory retention ``psi = prod_r (1 - f_r * w^r_{t-1})``.
+
+    Args:
+        free_gates: ``(B, R)`` free gates in ``[0, 1]``.
+        prev_read_weights: ``(B, R, N)`` read weightings of the previous step.
+
+    Returns:
+        ``(B, N)`` retention vector in ``[0, 1]``.
+    """
+    return torch.prod(1.0 - free_gates.unsqueeze(-1) * prev_read_weights, dim=1)
+
+
+def update_usage(
+    prev_usage: Tensor,
+    prev_write_weights: Tensor,
+    free_gates: Tensor,
+    prev_read_weights: Tensor,
+    stop_write_gradient: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Usage after last step's writes and this step's frees.
+
+    ``u_t = (u + w - u * w) * psi`` where ``w`` aggregates the write heads as
+    ``1 - prod_i (1 - w^w_i)``. As in the reference implementation the previous write weights
+    are treated as constants (stop-gradient) unless ``stop_write_gradient`` is False; gradients
+    always flow through ``u`` and ``psi``.
+
+    Args:
+        prev_usage: ``(B, N)`` usage ``u_{t-1}`` in ``[0, 1]``.
+        prev_write_weights: ``(B, Wr, N)`` write weightings of the previous step.
+        free_gates: ``(B, R)`` free gates.
+        prev_read_weights: ``(B, R, N)`` read weightings of the previous step.
+        stop_write_gradient: detach ``prev_write_weights`` (reference behaviour).
+
+    Returns:
+        ``(usage, psi)``: ``(B, N)`` new usage and ``(B, N)`` retention vector.
+    """
+    written = prev_write_weights.detach() if stop_write_gradient else prev_write_weights
+    if written.shape[1] == 1:
+        written = written[:, 0]
+    else:
+        written = 1.0 - torch.prod(1.0 - written, dim=1)
+    psi = retention(free_gates, prev_read_weights)
+    usage = (prev_usage + written - prev_usage * written) * psi
+    return usage, psi
+
+
+def allocation_weighting(usage: Tensor, eps: float = EPSILON) -> Tensor:
+    """Allocation weighting from usage (the "free list" of the Nature paper).
+
+    Usage is mapped to ``[eps, 1]`` by ``eps + (1 - eps) * u`` (as the reference does, so the
+    map stays differentiable), sorted ascending (stable, lower index first on ties), and
+    ``a[phi_j] = (1 - u[phi_j]) * prod_{i<j} u[phi_i]`` is scattered back to slot order.
+
+    Args:
+        usage: ``(..., N)`` usage in ``[0, 1]``.
+        eps: lower bound of the usage before the cumulative product.
+
+    Returns:
+        ``(..., N)`` allocation weighting (sum <= 1), peaked at the least-used slot.
+    """
+    usage = eps + (1.0 - eps) * usage
+    sorted_usage, order = torch.sort(usage, dim=-1, stable=True)
+    prod = torch.cumprod(sorted_usage, dim=-1)
+    exclusive = torch.cat([torch.ones_like(prod[..., :1]), prod[..., :-1]], dim=-1)
+    sorted_alloc = (1.0 - sorted_usage) * exclusive
+    return torch.zeros_like(sorted_alloc).scatter(-1, order, sorted_alloc)
+
+
+def write_allocation_weightings(usage: Tensor, write_gates: Tensor) -> Tensor:
+    """Allocation weightings for several write heads, allocated one after the other.
+
+    After head ``i`` allocates ``a_i``, usage is bumped to ``u + (1 - u) * g_i * a_i`` so that
+    head ``i + 1`` prefers other slots (the reference's "simulated new usage").
+
+    Args:
+        usage: ``(B, N)`` current usage.
+        write_gates: ``(B, Wr)`` amount each head writes through allocation
+            (``allocation_gate * write_gate`` in the reference).
+
+    Returns:
+        ``(B, Wr, N)`` allocation weightings (not yet scaled by any gate).
+    """
+    num_writes = write_gates.shape[1]
+    if num_writes == 1:
+        return allocation_weighting(usage).unsqueeze(1)
+    allocations = []
+    for i in range(num_writes):
+        alloc = allocation_weighting(usage)
+        allocations.append(alloc)
+        usage = usage + (1.0 - usage) * write_gates[:, i : i + 1] * alloc
+    return torch.stack(allocations, dim=1)
+
+
+def write_weighting(
+    content: Tensor, allocation: Tensor, allocation_gate: Tensor, write_gate: Tensor
+) -> Tensor:
+    """``w^w = g^w * (g^a * a + (1 - g^a) * c)`` per write head.
+
+    Args:
+        content: ``(B, Wr, N)`` content weightings of the write keys.
+        allocation: ``(B, Wr, N)`` allocation weightings.
+        allocation_gate: ``(B, Wr)`` allocation gates in ``[0, 1]``.
+        write_gate: ``(B, Wr)`` write gates in ``[0, 1]``.
+
+    Returns:
+        ``(B, Wr, N)`` write weightings (sum <= 1).
+    """
+    mixed = torch.lerp(content, allocation, allocation_gate.unsqueeze(-1))
+    return write_gate.unsqueeze(-1) * mixed
+
+
+def erase_and_write(
+    memory: Tensor,
+    write_weights: Tensor,
+    erase_vectors: Tensor,
+    write_vectors: Tensor,
+    psi: Tensor | None = None,
+) -> Tensor:
+    """Memory update ``M' = M * prod_i (1 - w_i e_i^T) [* psi 1^T] + sum_i w_i v_i^T``.
+
+    With ``psi`` given (Csordás & Schmidhuber 2019, "de-allocation"), every word is also
+    scaled by its retention ``psi``, so slots freed by the free gates are really zeroed instead
+    of keeping stale content that content look-up could still find.
+
+    Args:
+        memory: ``(B, N, W)`` previous memory.
+        write_weights: ``(B, Wr, N)`` write weightings.
+        erase_vectors: ``(B, Wr, W)`` erase vectors in ``[0, 1]``.
+        write_vectors: ``(B, Wr, W)`` vectors to add.
+        psi: optional ``(B, N)`` retention vector (see :func:`retention`).
+
+    Returns:
+        ``(B, N, W)`` new memory.
+    """
+    if write_weights.shape[1] == 1:
+        # Outer products by broadcasting; the (B, N, 1) factor is expanded explicitly because
+        # CPU kernels are much slower with a trailing broadcast dimension.
+        weights = write_weights.transpose(1, 2).expand_as(memory)
+        keep = 1.0 - weights * erase_vectors
+        if psi is not None:
+            keep = keep * psi.unsqueeze(-1).expand_as(memory)
+        return torch.addcmul(memory * keep, weights, write_vectors)
+    keep = torch.prod(1.0 - write_weights.unsqueeze(-1) * erase_vectors.unsqueeze(2), dim=1)
+    if psi is not None:
+        keep = keep * psi.unsqueeze(-1)
+    return torch.baddbmm(memory * keep, write_weights.transpose(1, 2), write_vectors)
+
+
+def update_link(link: Tensor, prev_precedence: Tensor, write_weights: Tensor) -> Tensor:
+    """Temporal link update, one ``N x N`` graph per write head, diagonal kept at zero.
+
+    ``L[i, j] <- (1 - w_i - w_j) * L[i, j] + w_i * p_j`` where ``L[i, j]`` is the degree to
+    which slot ``i`` was written right after slot ``j``.
+
+    Args:
+        link: ``(B, Wr, N, N)`` previous link matrices (zero diagonal).
+        prev_precedence: ``(B, Wr, N)`` previous precedence weightings.
+        write_weights: ``(B, Wr, N)`` current write weightings.
+
+    Returns:
+        ``(B, Wr, N, N)`` new link matrices; rows and columns sum to at most 1.
+    """
+    w_i = write_weights.unsqueeze(-1)
+    scale = (1.0 - w_i) - write_weights.unsqueeze(-2)
+    new_link = torch.addcmul(link * scale, w_i, prev_precedence.unsqueeze(-2))
+    # In-place on a fresh tensor: autograd only records a cheap diagonal copy.
+    new_link.diagonal(dim1=-2, dim2=-1).zero_()
+    return new_link
+
+
+def update_precedence(prev_precedence: Tensor, write_weights: Tensor) -> Tensor:
+    """``p <- (1 - sum_i w_i) * p + w`` per write head.
+
+    Args:
+        prev_precedence: ``(B, Wr, N)``.
+        write_weights: ``(B, Wr, N)``.
+
+    Returns:
+        ``(B, Wr, N)`` new precedence weightings (sum <= 1).
+    """
+    return (1.0 - write_weights.sum(-1, keepdim=True)) * prev_precedence + write_weights
+
+
+def directional_weightings(link: Tensor, prev_read_weights: Tensor) -> tuple[Tensor, Tensor]:
+    """Forward ``f = L w`` and backward ``b = L^T w`` weightings for every (read, write) head pair.
+
+    Computed with two batched matrix products; no ``(B, R, N, N)`` tensor is built.
+
+    Args:
+        link: ``(B, Wr, N, N)`` link matrices.
+        prev_read_weights: ``(B, R, N)`` read weightings of the previous step.
+
+    Returns:
+        ``(forward, backward)``, each ``(B, R, Wr, N)``.
+    """
+    reads = prev_read_weights.unsqueeze(1)
+    forward = torch.matmul(reads, link.transpose(-1, -2))
+    backward = torch.matmul(reads, link)
+    return forward.transpose(1, 2), backward.transpose(1, 2)
+
+
+def sharpen(weights: Tensor, exponent: Tensor | float, eps: float = EPSILON) -> Tensor:
+    """Link-distribution sharpness control (Csordás & Schmidhuber 2019).
+
+    ``S(d, s)_i = d_i^s / sum_j d_j^s``. Like the authors' code, ``d`` is first offset by
+    ``eps`` and divided by its maximum, which keeps ``d^s`` in ``[0, 1]`` and the gradient of
+    ``s`` finite. Note that the result is renormalised to sum to 1.
+
+    Args:
+        weights: ``(..., N)`` directional weightings.
+        exponent: sharpness ``s >= 1``; a float or a tensor broadcastable to ``weights[..., 0]``.
+        eps: offset keeping every entry positive.
+
+    Returns:
+        ``(..., N)`` sharpened distribution.
+    """
+    shifted = weights + eps
+    shifted = shifted / shifted.amax(dim=-1, keepdim=True)
+    if isinstance(exponent, Tensor):
+        exponent = exponent.unsqueeze(-1)
+    powered = shifted.pow(exponent)
+    return powered / powered.sum(dim=-1, keepdim=True)
+
+
+def read_weighting(
+    content: Tensor, forward: Tensor, backward: Tensor, read_modes: Tensor
+) -> Tensor:
+    """Read weighting as the read-mode mixture of backward, forward and content weightings.
+
+    Mode order is the reference's: ``read_modes[..., :Wr]`` backward (one per write head),
+    ``read_modes[..., Wr:2Wr]`` forward, ``read_modes[..., 2Wr]`` content.
+
+    Args:
+        content: ``(B, R, N)`` content weightings of the read keys.
+        forward: ``(B, R, Wr, N)`` forward weightings.
+        backward: ``(B, R, Wr, N)`` backward weightings.
+        read_modes: ``(B, R, 1 + 2 Wr)`` mode distributions.
+
+    Returns:
+        ``(B, R, N)`` read weightings (sum <= 1).
+    """
+    stacked = torch.cat([backward, forward, content.unsqueeze(2)], dim=2)
+    return (read_modes.unsqueeze(-1) * stacked).sum(2)
+
+
+def read_vectors(read_weights: Tensor, memory: Tensor) -> Tensor:
+    """``r_i = M^T w^r_i``.
+
+    Args:
+        read_weights: ``(B, R, N)``.
+        memory: ``(B, N, W)``.
+
+    Returns:
+        ``(B, R, W)`` read vectors.
+    """
+    return torch.bmm(read_weights, memory)
+
+
+# ----------------------------------------------------------------------------------------
+# Fused versions with hand-written backward passes. They compute exactly the same values and
+# gradients as the readable functions above (tests check both), but make far fewer passes
+# over the large (B, N, W) and (B, Wr, N, N) tensors, which dominates CPU time in eager mode.
+# When a backward pass is itself differentiated (``create_graph=True``, e.g. second-order
+# MAML), they fall back to autograd through the readable function, so higher-order gradients
+# stay exact.
+# ----------------------------------------------------------------------------------------
+
+
+def _reference_grads(reference, inputs: tuple, grads: tuple) -> tuple:
+    """Differentiable gradients of ``reference(*inputs)`` for ``grads`` (one per output).
+
+    The inputs are first aliased by a view: gradients are then captured right at this
+    function's inputs, even when one input depends on another through the outer graph (e.g.
+    keys computed from earlier reads of the same memory), while the returned gradients stay
+    connected to the real inputs for the next order of differentiation.
+    """
+    wanted = [i for i, t in enumerate(inputs) if isinstance(t, Tensor) and t.requires_grad]
+    with torch.enable_grad():
+        inputs = tuple(t.view_as(t) if i in wanted else t for i, t in enumerate(inputs))
+        outputs = reference(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    found = torch.autograd.grad(
+        outputs, [inputs[i] for i in wanted], grads, create_graph=True, allow_unused=True
+    )
+    result = [None] * len(inputs)
+    for i, g in zip(wanted, found, strict=True):
+        result[i] = g
+    return tuple(result)
+
+
+class _CosineSoftmax(torch.autograd.Function):
+    """:func:`content_weighting` without a mask."""
+
+    @staticmethod
+    def forward(ctx, memory, keys, strengths, eps):
+        dot = torch.bmm(keys, memory.transpose(1, 2))
+        mem_norm = torch.linalg.vector_norm(memory, dim=-1).square_().add_(eps).sqrt_()
+        key_norm = torch.sqrt(keys.pow(2).sum(-1) + eps)
+        denom = key_norm.unsqueeze(-1) * mem_norm.unsqueeze(1) + eps
+        similarity = dot / denom
+        weights = torch.softmax(similarity * strengths.unsqueeze(-1), dim=-1)
+        ctx.eps = eps
+        ctx.save_for_backward(
+            memory, keys, strengths, mem_norm, key_norm, denom, similarity, weights
+        )
+        return weights
+
+    @staticmethod
+    def backward(ctx, g_weights):
+        memory, keys, strengths, mem_norm, key_norm, denom, similarity, weights = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _reference_grads(
+                content_weighting, (memory, keys, strengths, None, ctx.eps), (g_weights,)
+            )[:3] + (None,)
+        g_logits = weights * (g_weights - (g_weights * weights).sum(-1, keepdim=True))
+        g_strengths = (g_logits * similarity).sum(-1)
+        g_dot = g_logits * strengths.unsqueeze(-1) / denom
+        g_denom = -g_dot * similarity
+        g_mem_norm = (g_denom * key_norm.unsqueeze(-1)).sum(1)
+        g_key_norm = (g_denom * mem_norm.unsqueeze(1)).sum(-1)
+        if keys.shape[1] == 1:  # an outer product: CPU bmm is slow with an inner size of 1
+            g_memory = g_dot.transpose(1, 2).expand_as(memory) * keys
+        else:
+            g_memory = torch.bmm(g_dot.transpose(1, 2), keys)
+        g_memory.addcmul_(memory, (g_mem_norm / mem_norm).unsqueeze(-1).expand_as(memory))
+        g_keys = torch.bmm(g_dot, memory).addcmul_(keys, (g_key_norm / key_norm).unsqueeze(-1))
+        return g_memory, g_keys, g_strengths, None
+
+
+def fused_content_weighting(
+    memory: Tensor, keys: Tensor, strengths: Tensor, eps: float = EPSILON
+) -> Tensor:
+    """Same as :func:`content_weighting` without a mask; ``(B, N, W), (B, H, W), (B, H)``
+    in, ``(B, H, N)`` out."""
+    return _CosineSoftmax.apply(memory, keys, strengths, eps)
+
+
+def _erase_write_one_head(memory, weights, erase, values, psi):
+    """:func:`erase_and_write` with the write-head axis squeezed (reference for the fused op)."""
+    return erase_and_write(
+        memory, weights.unsqueeze(1), erase.unsqueeze(1), values.unsqueeze(1), psi
+    )
+
+
+class _EraseWrite(torch.autograd.Function):
+    """:func:`erase_and_write` for a single write head (squeezed head axis)."""
+
+    @staticmethod
+    def forward(ctx, memory, weights, erase, values, psi):
+        weights_col = weights.unsqueeze(-1).expand_as(memory)
+        out = torch.mul(weights_col, erase.unsqueeze(1)).neg_().add_(1.0)
+        if psi is not None:
+            out.mul_(psi.unsqueeze(-1).expand_as(memory))
+        out.mul_(memory).addcmul_(weights_col, values.unsqueeze(1))
+        ctx.save_for_backward(memory, weights, erase, values, psi)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        memory, weights, erase, values, psi = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _reference_grads(_erase_write_one_head, ctx.saved_tensors, (grad,))
+        grad_mem = grad * memory
+        # Row-vector products: PyTorch's CPU bmm is slow for a (B, N, W) @ (B, W, 1) shape.
+        grad_mem_e = torch.bmm(erase.unsqueeze(1), grad_mem.transpose(1, 2)).squeeze(1)
+        g_values = torch.bmm(weights.unsqueeze(1), grad).squeeze(1)
+        g_weights = torch.bmm(values.unsqueeze(1), grad.transpose(1, 2)).squeeze(1)
+        g_psi = None
+        erase_scale = weights
+        if psi is not None:
+            g_psi = grad_mem.sum(-1) - weights * grad_mem_e
+            grad_mem_e = grad_mem_e * psi
+            erase_scale = weights * psi
+        g_weights = g_weights - grad_mem_e
+        g_erase = torch.bmm(erase_scale.unsqueeze(1), grad_mem).squeeze(1).neg_()
+        # grad_mem is no longer needed: reuse its buffer.
+        weights_col = weights.unsqueeze(-1).expand_as(memory)
+        g_memory = torch.mul(weights_col, erase.unsqueeze(1), out=grad_mem).neg_().add_(1.0)
+        if psi is not None:
+            g_memory.mul_(psi.unsqueeze(-1).expand_as(memory))
+        return g_memory.mul_(grad), g_weights, g_erase, g_values, g_psi
+
+
+def fused_erase_and_write(
+    memory: Tensor,
+    write_weights: Tensor,
+    erase_vectors: Tensor,
+    write_vectors: Tensor,
+    psi: Tensor | None = None,
+) -> Tensor:
+    """Same as :func:`erase_and_write`; fused for one write head, plain otherwise."""
+    if write_weights.shape[1] != 1:
+        return erase_and_write(memory, write_weights, erase_vectors, write_vectors, psi)
+    return _EraseWrite.apply(
+        memory, write_weights[:, 0], erase_vectors[:, 0], write_vectors[:, 0], psi
+    )
+
+
+def _link_read_reference(link, prev_precedence, write_weights, prev_read_weights):
+    """:func:`update_link` + :func:`directional_weightings`, outputs in the fused op's layout."""
+    new_link = update_link(link, prev_precedence, write_weights)
+    forward, backward = directional_weightings(new_link, prev_read_weights)
+    return new_link, forward.transpose(1, 2), backward.transpose(1, 2)
+
+
+class _FusedLinkRead(torch.autograd.Function):
+    """:func:`update_link` followed by :func:`directional_weightings`, with a hand-written
+    backward that touches each ``N x N`` matrix as few times as possible.
+
+    Autograd on the composite needs about twice as many passes over the ``(B, Wr, N, N)``
+    tensors (broadcast reductions, a copy for the zeroed diagonal, one gradient accumulation
+    per use of the link). Only tensors that exist anyway (old and new link) are saved. Work is
+    done on ``(B * Wr, N, N)`` views; row-broadcast operands are expanded explicitly because
+    PyTorch's CPU kernels are several times slower on a trailing broadcast dimension.
+    """
+
+    @staticmethod
+    def forward(ctx, link, prev_precedence, write_weights, prev_read_weights):
+        batch, num_writes, n, _ = link.shape
+        num_reads = prev_read_weights.shape[1]
+        flat_link = link.reshape(-1, n, n)
+        w = write_weights.reshape(-1, n)
+        new_link = _link_scale(w, flat_link.shape).mul_(flat_link)
+        new_link.addcmul_(w.unsqueeze(-1).expand_as(new_link), prev_precedence.reshape(-1, 1, n))
+        new_link.diagonal(dim1=-2, dim2=-1).zero_()
+        reads = _per_write_head(prev_read_weights, num_writes)
+        forward = torch.bmm(reads, new_link.transpose(1, 2))
+        backward = torch.bmm(reads, new_link)
+        out_shape = (batch, num_writes, num_reads, n)
+        new_link = new_link.view_as(link)
+        ctx.save_for_backward(link, prev_precedence, write_weights, prev_read_weights, new_link)
+        return new_link, forward.view(out_shape), backward.view(out_shape)
+
+    @staticmethod
+    def backward(ctx, g_link, g_forward, g_backward):
+        if torch.is_grad_enabled():
+            return _reference_grads(
+                _link_read_reference, ctx.saved_tensors[:4], (g_link, g_forward, g_backward)
+            )
+        link, prec, w, prev_reads, new_link = ctx.saved_tensors
+        batch, num_writes, num_reads, n = g_forward.shape
+        link, new_link = link.reshape(-1, n, n), new_link.reshape(-1, n, n)
+        prec, w = prec.reshape(-1, n), w.reshape(-1, n)
+        reads = _per_write_head(prev_reads, num_writes)
+        # Incoming gradients may be strided views; CPU bmm falls back to a per-sample loop then.
+        g_forward = g_forward.reshape(-1, num_reads, n).contiguous()
+        g_backward = g_backward.reshape(-1, num_reads, n).contiguous()
+        g_reads = None
+        if ctx.needs_input_grad[3]:
+            g_reads = torch.bmm(g_forward, new_link) + torch.bmm(
+                g_backward, new_link.transpose(1, 2)
+            )
+            g_reads = g_reads.view(batch, num_writes, num_reads, n).sum(1)
+        # Total gradient of the new link: from later steps and from both directional reads.
+        left = torch.cat([g_forward, reads], dim=1).transpose(1, 2)
+        right = torch.cat([reads, g_backward], dim=1)
+        grad = torch.baddbmm(g_link.reshape(-1, n, n), left, right)
+        # The new link's diagonal is constant zero: drop its gradient with O(N) corrections.
+        g_diag = grad.diagonal(dim1=-2, dim2=-1)
+        g_link_prev = g_prec = g_write = buffer = None
+        if ctx.needs_input_grad[2]:
+            buffer = grad * link
+            g_write = torch.bmm(prec.unsqueeze(1), grad.transpose(1, 2)).squeeze(1)
+            g_write = g_write - g_diag * prec - buffer.sum(-1) - buffer.sum(-2)
+            g_write = g_write.view(batch, num_writes, n)
+        if ctx.needs_input_grad[1]:
+            g_prec = torch.bmm(w.unsqueeze(1), grad).squeeze(1) - g_diag * w
+            g_prec = g_prec.view(batch, num_writes, n)
+        if ctx.needs_input_grad[0]:
+            # Reuse the (cache-hot) product buffer for the scale instead of a fresh one.
+            g_link_prev = _link_scale(w, grad.shape, out=buffer).mul_(grad)
+            g_link_prev.diagonal(dim1=-2, dim2=-1).zero_()
+            g_link_prev = g_link_prev.view(batch, num_writes, n, n)
+        return g_link_prev, g_prec, g_write, g_reads
+
+
+def _link_scale(w: Tensor, shape: torch.Size, out: Tensor | None = None) -> Tensor:
+    """``(1 - w_i - w_j)`` as a ``(B', N, N)`` tensor from ``w: (B', N)`` (into ``out``)."""
+    return torch.sub((1.0 - w).unsqueeze(-1).expand(shape), w.unsqueeze(-2), out=out)
+
+
+def _per_write_head(read_weights: Tensor, num_writes: int) -> Tensor:
+    """``(B, R, N)`` read weights repeated for each write head as ``(B * Wr, R, N)``."""
+    if num_writes == 1:
+        return read_weights
+    batch, num_reads, n = read_weights.shape
+    expanded = read_weights.unsqueeze(1).expand(batch, num_writes, num_reads, n)
+    return expanded.reshape(-1, num_reads, n)
+
+
+def fused_link_read(
+    link: Tensor, prev_precedence: Tensor, write_weights: Tensor, prev_read_weights: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Same values and gradients as :func:`update_link` + :func:`directional_weightings`, faster.
+
+    Args:
+        link: ``(B, Wr, N, N)`` previous link matrices (zero diagonal).
+        prev_precedence: ``(B, Wr, N)`` previous precedence weightings.
+        write_weights: ``(B, Wr, N)`` current write weightings.
+        prev_read_weights: ``(B, R, N)`` read weightings of the previous step.
+
+    Returns:
+        ``(new_link, forward, backward)``: ``(B, Wr, N, N)``, ``(B, R, Wr, N)``, ``(B, R, Wr, N)``.
+    """
+    new_link, forward, backward = _FusedLinkRead.apply(
+        link, prev_precedence, write_weights, prev_read_weights
+    )
+    return new_link, forward.transpose(1, 2), backward.transpose(1, 2)

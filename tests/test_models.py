@@ -1,0 +1,94 @@
+"""Model zoo: the MemoryAgent, its encoders and the baselines."""
+
+import pytest
+import torch
+
+from cl_lightning.models.agent import LSTMClassifier, MemoryAgent
+from cl_lightning.models.encoders import RowTokens, build_encoder
+from cl_lightning.models.resnet import ResNet18
+from tests.conftest import read_results, run_cli
+
+SMALL_DNC = dict(core_output=16, hidden_size=16, memory_slots=8, word_size=6, read_heads=2)
+
+
+def test_row_tokens_are_the_image_rows():
+    x = torch.randn(2, 1, 5, 7)
+    tokens = RowTokens((1, 5, 7))(x)
+    assert tokens.shape == (2, 5, 7)
+    assert torch.equal(tokens[1, 3], x[1, 0, 3])
+
+
+@pytest.mark.parametrize("shape, kind, tokens", [((12,), "vector", 3), ((1, 6, 6), "rows", 6),
+                                                 ((3, 16, 16), "cnn", 4)])
+def test_auto_encoder_choice_and_agent_output_shape(shape, kind, tokens):
+    enc = build_encoder(shape, "auto", num_tokens=3, token_dim=5, cnn_width=4)
+    assert type(enc).__name__.lower().startswith(kind[:3]) and enc.num_tokens == tokens
+    agent = MemoryAgent(shape, 7, num_tokens=3, token_dim=5, cnn_width=4, **SMALL_DNC)
+    assert agent(torch.randn(3, *shape)).shape == (3, 7)
+
+
+def test_image_encoder_on_vectors_fails_naming_the_option():
+    with pytest.raises(ValueError, match="model.net.encoder"):
+        MemoryAgent((12,), 3, encoder="rows")
+
+
+def test_memory_is_fresh_for_every_sample():
+    torch.manual_seed(0)
+    agent = MemoryAgent((10,), 4, num_tokens=3, token_dim=5, **SMALL_DNC).eval()
+    x = torch.randn(5, 10)
+    batched = agent(x)
+    single = torch.cat([agent(x[i : i + 1]) for i in range(5)])
+    assert torch.allclose(batched, single, atol=1e-5)
+    # a different neighbour in the batch changes nothing
+    x2 = x.clone()
+    x2[1:] = torch.randn(4, 10)
+    assert torch.allclose(agent(x2)[0], batched[0], atol=1e-5)
+
+
+def test_lstm_baseline_has_the_same_interface():
+    m = LSTMClassifier((1, 6, 6), 5, hidden_size=8)
+    assert m(torch.randn(2, 1, 6, 6)).shape == (2, 5)
+    assert not any("memory" in n for n, _ in m.named_parameters())
+
+
+def test_resnet18_parameter_count_matches_the_standard_network():
+    # ResNet-18 (CIFAR variant, 10 classes) has 11,173,962 parameters.
+    assert sum(p.numel() for p in ResNet18((3, 32, 32), 10).parameters()) == 11_173_962
+    reduced = ResNet18((3, 32, 32), 10, width=20)
+    assert reduced(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert sum(p.numel() for p in reduced.parameters()) < 1_200_000
+
+
+@pytest.mark.slow
+def test_memory_agent_learns_the_stream_through_the_cli(tmp_path):
+    res = read_results(run_cli(
+        tmp_path, "--model.net", "cl_lightning.models.agent.MemoryAgent",
+        "--model.net.num_tokens", "2", "--model.net.token_dim", "16",
+        "--model.net.core_output", "32", "--model.net.hidden_size", "32",
+        "--model.net.memory_slots", "16", "--model.net.word_size", "8",
+        "--model.net.read_heads", "2"))
+    m, init = res["accuracy_matrix"], res["initial_accuracy"]
+    assert all(m[t][t] > init[t] + 20 for t in range(3))
+
+
+@pytest.mark.slow
+def test_memory_monitor_logs_slot_maps_and_read_modes(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cli = run_cli(
+        tmp_path, "--model.net", "cl_lightning.models.agent.MemoryAgent",
+        "--model.net.num_tokens", "3", "--model.net.token_dim", "8",
+        "--model.net.core_output", "16", "--model.net.hidden_size", "16",
+        "--model.net.memory_slots", "8", "--model.net.word_size", "4",
+        "--model.net.read_heads", "2",
+        "--trainer.callbacks+=callbacks.memory_monitor.MemoryMonitor",
+        "--trainer.callbacks.probe_size", "4")
+    acc = EventAccumulator(cli.trainer.log_dir, size_guidance={"images": 0})
+    acc.Reload()
+    assert "memory/slots" in acc.Tags()["images"]
+    assert {"memory/task_00", "memory/task_02"} <= set(acc.Tags()["images"])
+    modes = [acc.Scalars(f"memory/task_01/read_{m}")[-1].value
+             for m in ("backward", "forward", "content")]
+    assert sum(modes) == pytest.approx(1.0, abs=1e-4)  # read modes are a distribution
+    gate = acc.Scalars("memory/task_00/allocation_gate")[-1].value
+    assert 0.0 <= gate <= 1.0
