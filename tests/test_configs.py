@@ -1,0 +1,39 @@
+"""Every shipped config parses, alone or composed with its stream config."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cl_lightning.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+STREAMS = sorted(p for p in CONFIGS.glob("*.yaml"))
+METHODS = [(CONFIGS / "synthetic.yaml", p) for p in sorted((CONFIGS / "methods").glob("*.yaml"))]
+METHODS += [(CONFIGS / "split_mnist.yaml", p)
+            for p in sorted((CONFIGS / "split_mnist").glob("*.yaml"))]
+
+
+def print_config(capsys, *files):
+    args = ["fit"]
+    for f in files:
+        args += ["-c", str(f)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("config", STREAMS, ids=lambda p: p.name)
+def test_stream_config_parses(capsys, config):
+    cfg = print_config(capsys, config)
+    assert cfg["data"]["class_path"].startswith("datamodules.")
+    assert "stream" not in cfg["model"]  # linked from the data, not user-set
+
+
+@pytest.mark.parametrize("stream, method", METHODS, ids=lambda p: p.name)
+def test_method_config_composes(capsys, stream, method):
+    cfg = print_config(capsys, stream, method)
+    wanted = yaml.safe_load(method.read_text())["trainer"]["callbacks"][0]
+    got = [cb for cb in cfg["trainer"]["callbacks"] if cb["class_path"] == wanted["class_path"]]
+    assert got and all(got[0]["init_args"][k] == v for k, v in wanted["init_args"].items())
