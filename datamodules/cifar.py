@@ -19,7 +19,6 @@ from datamodules.vision import (
     CropFlipAugmentation,
     ImageSource,
     SplitImageStream,
-    SplitScenario,
     missing_files,
     open_dataset,
 )
@@ -32,24 +31,18 @@ class _SplitCIFAR(CropFlipAugmentation, SplitImageStream):
     """The torchvision class that reads (and downloads) the files."""
     image_shape = (3, 32, 32)
 
-    def __init__(
-        self,
-        classes_per_task: int,
-        root: str = "data",
-        download: bool = True,
-        train_per_task: int | None = None,
-        test_per_task: int | None = None,
-        subsample_seed: int = 0,
-        augmentation: bool = True,
-        crop_padding: int = 4,
-        scenario: SplitScenario = "class-il",
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, augmentation: bool = True, crop_padding: int = 4,
+                 **kwargs: Any) -> None:
+        """
+        Args:
+            augmentation: random crop + horizontal flip of every training batch.
+            crop_padding: padding of the random crop, pixels.
+            **kwargs: the options of :class:`SplitImageStream` (root, download,
+                classes_per_task, train_per_task, ...) and of :class:`ContinualDataModule`.
+        """
         if crop_padding < 0:
             raise ValueError(f"data.crop_padding must be >= 0, got {crop_padding}")
-        super().__init__(classes_per_task=classes_per_task, root=root, download=download,
-                         train_per_task=train_per_task, test_per_task=test_per_task,
-                         subsample_seed=subsample_seed, scenario=scenario, **kwargs)
+        super().__init__(**kwargs)
         self.augmentation, self.crop_padding = augmentation, crop_padding
 
     @property
@@ -82,17 +75,9 @@ class SplitCIFAR10(_SplitCIFAR):
     """Split CIFAR-10: 5 tasks of 2 classes, (0, 1), (2, 3), ... in CIFAR's label order.
 
     Args:
-        root: folder that holds ``cifar-10-batches-py/`` (torchvision's layout).
-        download: download CIFAR-10 into ``root`` if it is missing.
         classes_per_task: classes per task; must divide 10 (default 2 -> 5 tasks).
-        train_per_task: keep at most this many training samples per task, drawn at random
-            with ``subsample_seed`` (null: all, 10000).
-        test_per_task: the same for the test samples of each task (null: all, 2000).
-        subsample_seed: seed of the subsampling draws.
-        augmentation: random crop + horizontal flip of every training batch.
-        crop_padding: padding of the random crop, pixels.
-        scenario: ``class-il`` or ``task-il``.
-        **kwargs: the options of :class:`ContinualDataModule` (batch_size, ...).
+        **kwargs: root (holds ``cifar-10-batches-py/``), download, augmentation,
+            crop_padding, train_per_task (null: all 10,000 per task), test_per_task, ...
     """
 
     dataset_cls = CIFAR10
@@ -101,23 +86,8 @@ class SplitCIFAR10(_SplitCIFAR):
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
 
-    def __init__(
-        self,
-        root: str = "data",
-        download: bool = True,
-        classes_per_task: int = 2,
-        train_per_task: int | None = None,
-        test_per_task: int | None = None,
-        subsample_seed: int = 0,
-        augmentation: bool = True,
-        crop_padding: int = 4,
-        scenario: SplitScenario = "class-il",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(classes_per_task=classes_per_task, root=root, download=download,
-                         train_per_task=train_per_task, test_per_task=test_per_task,
-                         subsample_seed=subsample_seed, augmentation=augmentation,
-                         crop_padding=crop_padding, scenario=scenario, **kwargs)
+    def __init__(self, classes_per_task: int = 2, **kwargs: Any) -> None:
+        super().__init__(classes_per_task=classes_per_task, **kwargs)
 
 
 class SplitCIFAR100(_SplitCIFAR):
@@ -125,17 +95,9 @@ class SplitCIFAR100(_SplitCIFAR):
     tasks, 20 -> 5 tasks).
 
     Args:
-        root: folder that holds ``cifar-100-python/`` (torchvision's layout).
-        download: download CIFAR-100 into ``root`` if it is missing.
         classes_per_task: classes per task; must divide 100 (10 -> 10 tasks, 20 -> 5).
-        train_per_task: keep at most this many training samples per task, drawn at random
-            with ``subsample_seed`` (null: all, 500 per class).
-        test_per_task: the same for the test samples of each task (null: all, 100 per class).
-        subsample_seed: seed of the subsampling draws.
-        augmentation: random crop + horizontal flip of every training batch.
-        crop_padding: padding of the random crop, pixels.
-        scenario: ``class-il`` or ``task-il``.
-        **kwargs: the options of :class:`ContinualDataModule` (batch_size, ...).
+        **kwargs: root (holds ``cifar-100-python/``), download, augmentation,
+            crop_padding, train_per_task (null: all, 500 per class), test_per_task, ...
     """
 
     dataset_cls = CIFAR100
@@ -144,20 +106,5 @@ class SplitCIFAR100(_SplitCIFAR):
     mean = (0.5071, 0.4865, 0.4409)
     std = (0.2673, 0.2564, 0.2762)
 
-    def __init__(
-        self,
-        root: str = "data",
-        download: bool = True,
-        classes_per_task: int = 10,
-        train_per_task: int | None = None,
-        test_per_task: int | None = None,
-        subsample_seed: int = 0,
-        augmentation: bool = True,
-        crop_padding: int = 4,
-        scenario: SplitScenario = "class-il",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(classes_per_task=classes_per_task, root=root, download=download,
-                         train_per_task=train_per_task, test_per_task=test_per_task,
-                         subsample_seed=subsample_seed, augmentation=augmentation,
-                         crop_padding=crop_padding, scenario=scenario, **kwargs)
+    def __init__(self, classes_per_task: int = 10, **kwargs: Any) -> None:
+        super().__init__(classes_per_task=classes_per_task, **kwargs)

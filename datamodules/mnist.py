@@ -95,7 +95,19 @@ class SplitMNIST(SplitImageStream):
 
 class _MNISTDomainStream(ContinualDataModule):
     """Base of the domain-IL MNIST streams: every task is all ten digits, seen through a
-    task-specific input transformation (:meth:`task_dataset`)."""
+    task-specific input transformation (:meth:`task_dataset`).
+
+    Args:
+        num_tasks: number of tasks.
+        root: folder that holds ``MNIST/raw/`` (torchvision's layout).
+        download: download MNIST into ``root`` if it is missing.
+        train_per_task: training samples per task, a random subset of MNIST's 60000 drawn
+            per task with ``subsample_seed`` (null: all).
+        test_per_task: the same for the 10000 test samples (null: all).
+        subsample_seed: seed of the subsampling draws.
+        scenario: ``domain-il`` (the only one: every task has the ten digits).
+        **kwargs: the options of :class:`ContinualDataModule` (batch_size, ...).
+    """
 
     supported_scenarios = ("domain-il",)
 
@@ -175,35 +187,15 @@ class PermutedMNIST(_MNISTDomainStream):
     the normalised image, so every task shares one copy of the images.
 
     Args:
-        num_tasks: number of tasks (permutations).
-        root: folder that holds ``MNIST/raw/`` (torchvision's layout).
-        download: download MNIST into ``root`` if it is missing.
-        train_per_task: training samples per task, a random subset of MNIST's 60000 drawn
-            per task with ``subsample_seed`` (null: all).
-        test_per_task: the same for the 10000 test samples (null: all).
-        subsample_seed: seed of the subsampling draws.
         perm_seed: seed of the pixel permutations.
         first_identity: task 0 is unpermuted MNIST.
-        scenario: ``domain-il`` (the only one: every task has the ten digits).
-        **kwargs: the options of :class:`ContinualDataModule` (batch_size, ...).
+        **kwargs: num_tasks, root, download, train_per_task, test_per_task,
+            subsample_seed (see the base class) and the ContinualDataModule options.
     """
 
-    def __init__(
-        self,
-        num_tasks: int = 20,
-        root: str = "data",
-        download: bool = True,
-        train_per_task: int | None = None,
-        test_per_task: int | None = None,
-        subsample_seed: int = 0,
-        perm_seed: int = 0,
-        first_identity: bool = False,
-        scenario: DomainScenario = "domain-il",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(num_tasks=num_tasks, root=root, download=download,
-                         train_per_task=train_per_task, test_per_task=test_per_task,
-                         subsample_seed=subsample_seed, scenario=scenario, **kwargs)
+    def __init__(self, perm_seed: int = 0, first_identity: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.perm_seed, self.first_identity = perm_seed, first_identity
 
     def permutation(self, task: int) -> torch.Tensor:
@@ -233,40 +225,19 @@ class RotatedMNIST(_MNISTDomainStream):
     kept as ``uint8``: one copy of the images per task (full MNIST: 55 MB per task).
 
     Args:
-        num_tasks: number of tasks (angles).
-        root: folder that holds ``MNIST/raw/`` (torchvision's layout).
-        download: download MNIST into ``root`` if it is missing.
-        train_per_task: training samples per task, a random subset of MNIST's 60000 drawn
-            per task with ``subsample_seed`` (null: all).
-        test_per_task: the same for the 10000 test samples (null: all).
-        subsample_seed: seed of the subsampling draws.
         rotation_seed: seed of the angles.
         min_angle: smallest angle, degrees.
         max_angle: largest angle (excluded), degrees.
-        scenario: ``domain-il`` (the only one: every task has the ten digits).
-        **kwargs: the options of :class:`ContinualDataModule` (batch_size, ...).
+        **kwargs: num_tasks, root, download, train_per_task, test_per_task,
+            subsample_seed (see the base class) and the ContinualDataModule options.
     """
 
-    def __init__(
-        self,
-        num_tasks: int = 20,
-        root: str = "data",
-        download: bool = True,
-        train_per_task: int | None = None,
-        test_per_task: int | None = None,
-        subsample_seed: int = 0,
-        rotation_seed: int = 0,
-        min_angle: float = 0.0,
-        max_angle: float = 180.0,
-        scenario: DomainScenario = "domain-il",
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, rotation_seed: int = 0, min_angle: float = 0.0,
+                 max_angle: float = 180.0, **kwargs: Any) -> None:
         if not min_angle <= max_angle:
             raise ValueError(f"data.min_angle ({min_angle}) must be <= data.max_angle "
                              f"({max_angle})")
-        super().__init__(num_tasks=num_tasks, root=root, download=download,
-                         train_per_task=train_per_task, test_per_task=test_per_task,
-                         subsample_seed=subsample_seed, scenario=scenario, **kwargs)
+        super().__init__(**kwargs)
         self.rotation_seed = rotation_seed
         self.min_angle, self.max_angle = float(min_angle), float(max_angle)
 
