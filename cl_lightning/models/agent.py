@@ -10,7 +10,7 @@ head's weight matrix).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -23,10 +23,22 @@ Readout = Literal["last", "mean"]
 
 
 class TokenClassifier(Classifier):
-    """Shared skeleton: encoder -> core(tokens) -> readout over time -> linear head."""
+    """Shared skeleton: encoder -> core(tokens) -> readout over time -> linear head.
 
-    def __init__(self, input_shape: Sequence[int], encoder: EncoderKind, num_tokens: int,
-                 token_dim: int, cnn_width: int, readout: Readout) -> None:
+    Args:
+        input_shape: shape of one input (linked from the stream).
+        encoder: ``vector`` (learned projection to ``num_tokens`` tokens), ``rows`` (an
+            image row by row), ``cnn`` (reduced ResNet-18 feature-map positions), or
+            ``auto`` (vector for flat inputs, rows for 1-channel, cnn for colour images).
+        num_tokens: tokens per input for the ``vector`` encoder.
+        token_dim: token width for the ``vector`` encoder.
+        cnn_width: first-stage width of the ``cnn`` encoder's ResNet-18.
+        readout: classify from the ``last`` core output or the ``mean`` over time.
+    """
+
+    def __init__(self, input_shape: Sequence[int], encoder: EncoderKind = "auto",
+                 num_tokens: int = 4, token_dim: int = 64, cnn_width: int = 20,
+                 readout: Readout = "last") -> None:
         super().__init__()
         if readout not in ("last", "mean"):
             raise ValueError(f"model.net.readout must be 'last' or 'mean', got {readout!r}")
@@ -52,13 +64,6 @@ class MemoryAgent(TokenClassifier):
     Args:
         input_shape: shape of one input (linked from the stream).
         num_classes: number of logits (linked from the stream).
-        encoder: ``vector`` (learned projection to ``num_tokens`` tokens), ``rows`` (an
-            image row by row), ``cnn`` (reduced ResNet-18 feature-map positions), or
-            ``auto`` (vector for flat inputs, rows for 1-channel, cnn for colour images).
-        num_tokens: tokens per input for the ``vector`` encoder.
-        token_dim: token width for the ``vector`` encoder.
-        cnn_width: first-stage width of the ``cnn`` encoder's ResNet-18.
-        readout: classify from the ``last`` core output or the ``mean`` over time.
         core_output: width of the DNC's output (the head's input).
         hidden_size: LSTM controller units.
         memory_slots: memory rows N.
@@ -69,17 +74,14 @@ class MemoryAgent(TokenClassifier):
         masking: key/memory masking (Csordas & Schmidhuber 2019).
         dealloc: zero freed slots (Csordas & Schmidhuber 2019).
         sharpness: link-distribution sharpness (Csordas & Schmidhuber 2019).
+        **kwargs: the encoder options of :class:`TokenClassifier` (encoder, num_tokens,
+            token_dim, cnn_width, readout).
     """
 
     def __init__(
         self,
         input_shape: Sequence[int],
         num_classes: int,
-        encoder: EncoderKind = "auto",
-        num_tokens: int = 4,
-        token_dim: int = 64,
-        cnn_width: int = 20,
-        readout: Readout = "last",
         core_output: int = 128,
         hidden_size: int = 128,
         memory_slots: int = 128,
@@ -90,8 +92,9 @@ class MemoryAgent(TokenClassifier):
         masking: bool = False,
         dealloc: bool = False,
         sharpness: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(input_shape, encoder, num_tokens, token_dim, cnn_width, readout)
+        super().__init__(input_shape, **kwargs)
         for name, v in [("core_output", core_output), ("hidden_size", hidden_size),
                         ("memory_slots", memory_slots), ("word_size", word_size),
                         ("read_heads", read_heads), ("write_heads", write_heads)]:
@@ -113,28 +116,14 @@ class LSTMClassifier(TokenClassifier):
     Args:
         input_shape: shape of one input (linked from the stream).
         num_classes: number of logits (linked from the stream).
-        encoder: as :class:`MemoryAgent`.
-        num_tokens: as :class:`MemoryAgent`.
-        token_dim: as :class:`MemoryAgent`.
-        cnn_width: as :class:`MemoryAgent`.
-        readout: as :class:`MemoryAgent`.
         hidden_size: LSTM units.
         num_layers: stacked LSTM layers.
+        **kwargs: the encoder options of :class:`TokenClassifier`.
     """
 
-    def __init__(
-        self,
-        input_shape: Sequence[int],
-        num_classes: int,
-        encoder: EncoderKind = "auto",
-        num_tokens: int = 4,
-        token_dim: int = 64,
-        cnn_width: int = 20,
-        readout: Readout = "last",
-        hidden_size: int = 128,
-        num_layers: int = 1,
-    ) -> None:
-        super().__init__(input_shape, encoder, num_tokens, token_dim, cnn_width, readout)
+    def __init__(self, input_shape: Sequence[int], num_classes: int, hidden_size: int = 128,
+                 num_layers: int = 1, **kwargs: Any) -> None:
+        super().__init__(input_shape, **kwargs)
         if hidden_size < 1 or num_layers < 1:
             raise ValueError("model.net.hidden_size and model.net.num_layers must be >= 1")
         self.core = nn.LSTM(self.encoder.token_dim, hidden_size, num_layers, batch_first=True)
