@@ -77,7 +77,9 @@ class ContinualCLI(LightningCLI):
             return {"error": f"config could not be dumped: {err}"}
 
     def before_fit(self) -> None:
-        cfg = self.config[self.subcommand]
+        # LightningCLI calls fit with the instantiated config (config_init), so the
+        # resolved path goes there
+        cfg = self.config_init[self.subcommand]
         if cfg.get("ckpt_path") == "last":
             cfg["ckpt_path"] = self._resolve_last()
 

@@ -54,6 +54,7 @@ def test_ckpt_path_last_continues_the_same_run_directory(tmp_path):
     os.remove(os.path.join(log_dir, "checkpoints", "task02.ckpt"))
     second = run_cli(tmp_path, "--ckpt_path", "last")
     assert second.trainer.log_dir == log_dir
+    assert second.trainer.ckpt_path == os.path.join(log_dir, "checkpoints", "last.ckpt")
     # last.ckpt was at the end of the stream: nothing left to train, the matrix is intact
     assert len(read_results(second)["accuracy_matrix"]) == 3
     assert not glob.glob(os.path.join(str(tmp_path), "tiny", "version_1"))
