@@ -79,13 +79,14 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
         accs = self.evaluate(trainer, learner)
         for name, row in accs.items():
             self.rows.setdefault(name, []).append(row)
-        self._log(trainer, learner)
-        self._write_results(trainer, learner)
+        out_dir = log_dir(trainer)  # a collective under DDP: every rank asks
+        self._log(trainer, learner, out_dir)
+        self._write_results(out_dir, learner)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: ContinualLearner) -> None:
         if not self.rows:
             return
-        self._write_results(trainer, pl_module, final=True)
+        self._write_results(log_dir(trainer), pl_module, final=True)
         if self.print_table and trainer.is_global_zero:
             primary = pl_module.primary_variant
             print_matrix(self.rows[primary], self.summary(pl_module, primary), primary,
@@ -115,7 +116,7 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
         s = summarize(rows, initial, seen).as_dict()
         return {"accuracy_matrix": rows, **s, "initial_accuracy": initial}
 
-    def _log(self, trainer: L.Trainer, learner: ContinualLearner) -> None:
+    def _log(self, trainer: L.Trainer, learner: ContinualLearner, out_dir: str) -> None:
         for name in self.rows:
             s = self.summary(learner, name)
             metrics = {f"eval/{name}/{k}": v for k, v in s.items()
@@ -132,7 +133,7 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
                 if hasattr(experiment, "add_figure"):
                     experiment.add_figure("eval/accuracy_matrix", fig,
                                           global_step=len(self.rows[primary]), close=False)
-            fig.savefig(os.path.join(log_dir(trainer), "accuracy_matrix.png"), dpi=100)
+            fig.savefig(os.path.join(out_dir, "accuracy_matrix.png"), dpi=100)
             import matplotlib.pyplot as plt
 
             plt.close(fig)
@@ -153,11 +154,11 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
         }
 
     @rank_zero_only
-    def _write_results(self, trainer: L.Trainer, learner: ContinualLearner,
+    def _write_results(self, out_dir: str, learner: ContinualLearner,
                        final: bool = False) -> None:
         doc = self.results(learner)
         doc["complete"] = final
-        path = os.path.join(log_dir(trainer), self.results_file)
+        path = os.path.join(out_dir, self.results_file)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(doc, f, indent=2, default=_jsonable)
@@ -177,6 +178,7 @@ def trainer_joint(learner: ContinualLearner) -> bool:
 
 
 def log_dir(trainer: L.Trainer) -> str:
+    """The run's log directory. ``trainer.log_dir`` broadcasts under DDP: call on every rank."""
     path = trainer.log_dir or trainer.default_root_dir
     os.makedirs(path, exist_ok=True)
     return path
