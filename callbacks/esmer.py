@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from callbacks.replay import ExperienceReplay
+from cl_lightning.checks import require_in_range
 from cl_lightning.esmer_math import (
     admission_mask,
     ema_decay,
@@ -84,10 +85,8 @@ class ESMER(ExperienceReplay):
         **kwargs: Any,
     ) -> None:
         super().__init__(loss_average=loss_average, **kwargs)
-        for name, v in [("ema_alpha", ema_alpha), ("ema_update_prob", ema_update_prob),
-                        ("loss_alpha", loss_alpha)]:
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"ESMER {name} must be in [0, 1], got {v}")
+        require_in_range(0.0, 1.0, "ESMER ", ema_alpha=ema_alpha,
+                         ema_update_prob=ema_update_prob, loss_alpha=loss_alpha)
         if warmup_epochs < 0 or error_threshold <= 0 or consistency_weight < 0:
             raise ValueError("ESMER warmup_epochs and consistency_weight must be >= 0 and "
                              "error_threshold > 0")

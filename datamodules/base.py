@@ -22,6 +22,8 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
+from cl_lightning.checks import require_at_least
+
 Scenario = Literal["class-il", "task-il", "domain-il"]
 SCENARIOS: tuple[str, ...] = ("class-il", "task-il", "domain-il")
 
@@ -116,9 +118,8 @@ class ContinualDataModule(L.LightningDataModule):
         joint: bool = False,
     ) -> None:
         super().__init__()
-        _positive("data.epochs_per_task", epochs_per_task)
-        _positive("data.batch_size", batch_size)
-        _positive("data.eval_batch_size", eval_batch_size)
+        require_at_least(1, "data.", epochs_per_task=epochs_per_task, batch_size=batch_size,
+                         eval_batch_size=eval_batch_size)
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
         if not 0.0 <= label_noise < 1.0:
@@ -316,7 +317,3 @@ class ContinualDataModule(L.LightningDataModule):
                 "or start a new run without --ckpt_path."
             )
 
-
-def _positive(name: str, value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")

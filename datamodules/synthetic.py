@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
+from cl_lightning.checks import require_at_least
 from datamodules.base import ContinualDataModule, Scenario, TaskData
 
 
@@ -50,12 +51,9 @@ class LinearShiftStream(ContinualDataModule):
         scenario: Scenario = "domain-il",
         **kwargs: Any,
     ) -> None:
-        for name, value in [("num_tasks", num_tasks), ("train_per_task", train_per_task),
-                            ("test_per_task", test_per_task), ("input_dim", input_dim)]:
-            if value < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {value}")
-        if num_classes < 2:
-            raise ValueError(f"data.num_classes must be >= 2, got {num_classes}")
+        require_at_least(1, "data.", num_tasks=num_tasks, train_per_task=train_per_task,
+                         test_per_task=test_per_task, input_dim=input_dim)
+        require_at_least(2, "data.", num_classes=num_classes)
         if noise < 0 or shift < 0:
             raise ValueError("data.noise and data.shift must be >= 0")
         super().__init__(scenario=scenario, **kwargs)

@@ -76,3 +76,13 @@ def test_task_accuracy_counts_per_task():
     assert acc[0].item() == pytest.approx(50.0)
     assert math.isnan(acc[1].item())
     assert acc[2].item() == pytest.approx(200 / 3)
+
+
+def test_option_checks_name_the_option():
+    from cl_lightning.checks import require_at_least, require_in_range
+
+    with pytest.raises(ValueError, match=r"data\.batch_size must be >= 1, got 0"):
+        require_at_least(1, "data.", epochs_per_task=2, batch_size=0)
+    with pytest.raises(ValueError, match=r"ESMER r must be in \[0.0, 1.0\], got 1.5"):
+        require_in_range(0.0, 1.0, "ESMER ", r=1.5)
+    require_at_least(1, "x.", a=1)  # boundary accepted

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from cl_lightning.checks import require_at_least
 from cl_lightning.models.backbones import Classifier
 from cl_lightning.models.dnc import DNC
 from cl_lightning.models.encoders import EncoderKind, build_encoder
@@ -95,11 +96,9 @@ class MemoryAgent(TokenClassifier):
         **kwargs: Any,
     ) -> None:
         super().__init__(input_shape, **kwargs)
-        for name, v in [("core_output", core_output), ("hidden_size", hidden_size),
-                        ("memory_slots", memory_slots), ("word_size", word_size),
-                        ("read_heads", read_heads), ("write_heads", write_heads)]:
-            if v < 1:
-                raise ValueError(f"model.net.{name} must be >= 1, got {v}")
+        require_at_least(1, "model.net.", core_output=core_output, hidden_size=hidden_size,
+                         memory_slots=memory_slots, word_size=word_size, read_heads=read_heads,
+                         write_heads=write_heads)
         self.core = DNC(self.encoder.token_dim, core_output, hidden_size=hidden_size,
                         memory_slots=memory_slots, word_size=word_size, read_heads=read_heads,
                         write_heads=write_heads, clip_value=clip_value, masking=masking,
@@ -124,8 +123,7 @@ class LSTMClassifier(TokenClassifier):
     def __init__(self, input_shape: Sequence[int], num_classes: int, hidden_size: int = 128,
                  num_layers: int = 1, **kwargs: Any) -> None:
         super().__init__(input_shape, **kwargs)
-        if hidden_size < 1 or num_layers < 1:
-            raise ValueError("model.net.hidden_size and model.net.num_layers must be >= 1")
+        require_at_least(1, "model.net.", hidden_size=hidden_size, num_layers=num_layers)
         self.core = nn.LSTM(self.encoder.token_dim, hidden_size, num_layers, batch_first=True)
         self.head = nn.Linear(hidden_size, num_classes)
 

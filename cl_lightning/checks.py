@@ -1,0 +1,17 @@
+"""Early checks of option values, with messages that name the option."""
+
+from __future__ import annotations
+
+
+def require_at_least(minimum: float, prefix: str = "", **values: float) -> None:
+    """Raise ``ValueError`` naming ``prefix + name`` for any value below ``minimum``."""
+    for name, value in values.items():
+        if value < minimum:
+            raise ValueError(f"{prefix}{name} must be >= {minimum}, got {value}")
+
+
+def require_in_range(low: float, high: float, prefix: str = "", **values: float) -> None:
+    """Raise ``ValueError`` naming ``prefix + name`` for any value outside [low, high]."""
+    for name, value in values.items():
+        if not low <= value <= high:
+            raise ValueError(f"{prefix}{name} must be in [{low}, {high}], got {value}")
