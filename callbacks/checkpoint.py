@@ -7,6 +7,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from cl_lightning.checks import require_at_least
+
 
 class TaskCheckpoint(ModelCheckpoint):
     """Saves ``task{NN}.ckpt`` at the end of every ``every_n_tasks``-th task and
@@ -23,8 +25,7 @@ class TaskCheckpoint(ModelCheckpoint):
     def __init__(self, dirpath: str | None = None, filename: str = "task{task:02.0f}",
                  every_n_tasks: int = 1, save_last: bool = True,
                  auto_insert_metric_name: bool = False, **kwargs: Any) -> None:
-        if every_n_tasks < 0:
-            raise ValueError(f"checkpoint.every_n_tasks must be >= 0, got {every_n_tasks}")
+        require_at_least(0, "checkpoint.", every_n_tasks=every_n_tasks)
         super().__init__(dirpath=dirpath, filename=filename, save_last=save_last, save_top_k=-1,
                          auto_insert_metric_name=auto_insert_metric_name,
                          save_on_train_epoch_end=True, **kwargs)

@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks import report  # noqa: F401  (selects the Agg backend)
+from cl_lightning.checks import require_at_least
 from cl_lightning.models.agent import MemoryAgent
 from cl_lightning.plugins import LearnerPlugin
 
@@ -38,8 +39,7 @@ class MemoryMonitor(L.Callback, LearnerPlugin):
     plugin_order = 900
 
     def __init__(self, probe_size: int = 16, every_n_tasks: int = 1) -> None:
-        if probe_size < 1 or every_n_tasks < 1:
-            raise ValueError("probe_size and every_n_tasks must be >= 1")
+        require_at_least(1, "", probe_size=probe_size, every_n_tasks=every_n_tasks)
         self.probe_size, self.every_n_tasks = probe_size, every_n_tasks
 
     def traces(self, learner: ContinualLearner) -> list[Any]:

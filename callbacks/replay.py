@@ -16,6 +16,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from cl_lightning.checks import require_at_least
 from cl_lightning.plugins import LearnerPlugin, StepOutput
 from cl_lightning.replay import ReplayBuffer
 
@@ -59,10 +60,8 @@ class ExperienceReplay(L.Callback, LearnerPlugin):
         seed: int = 0,
         loss_average: Literal["union", "separate"] = "union",
     ) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
-        if replay_batch_size < 1:
-            raise ValueError(f"replay_batch_size must be >= 1, got {replay_batch_size}")
+        require_at_least(1, "", capacity=capacity)
+        require_at_least(1, "", replay_batch_size=replay_batch_size)
         if replay_batch_size > capacity:
             raise ValueError(f"the buffer (capacity={capacity}) is smaller than one replay batch "
                              f"(replay_batch_size={replay_batch_size}); raise capacity or lower "
@@ -188,8 +187,7 @@ class DarkExperienceReplay(ExperienceReplay):
 
     def __init__(self, der_alpha: float = 0.1, der_beta: float = 0.5, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if der_alpha < 0 or der_beta < 0:
-            raise ValueError("der_alpha and der_beta must be >= 0")
+        require_at_least(0, "", der_alpha=der_alpha, der_beta=der_beta)
         self.der_alpha, self.der_beta = der_alpha, der_beta
         self._n_logit = 0
 

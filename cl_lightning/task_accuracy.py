@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
+from cl_lightning.checks import require_at_least
+
 
 class TaskAccuracy(Metric):
     """Counts correct predictions per task; ``compute()`` returns percent per task.
@@ -17,8 +19,7 @@ class TaskAccuracy(Metric):
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__()
-        if num_tasks < 1:
-            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+        require_at_least(1, "", num_tasks=num_tasks)
         self.num_tasks = num_tasks
         self.add_state("correct", torch.zeros(num_tasks, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", torch.zeros(num_tasks, dtype=torch.long), dist_reduce_fx="sum")

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from cl_lightning.checks import require_at_least
+
 
 def random_crop_flip(
     x: torch.Tensor,
@@ -35,8 +37,7 @@ def random_crop_flip(
     """
     if x.dim() != 4:
         raise ValueError(f"random_crop_flip expects (B, C, H, W), got {tuple(x.shape)}")
-    if padding < 0:
-        raise ValueError(f"padding must be >= 0, got {padding}")
+    require_at_least(0, "", padding=padding)
     if not 0.0 <= flip_prob <= 1.0:
         raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
     b, c, h, w = x.shape

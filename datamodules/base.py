@@ -120,8 +120,7 @@ class ContinualDataModule(L.LightningDataModule):
         super().__init__()
         require_at_least(1, "data.", epochs_per_task=epochs_per_task, batch_size=batch_size,
                          eval_batch_size=eval_batch_size)
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        require_at_least(0, "data.", num_workers=num_workers)
         if not 0.0 <= label_noise < 1.0:
             raise ValueError(f"data.label_noise must be in [0, 1), got {label_noise}")
         if scenario not in self.supported_scenarios:

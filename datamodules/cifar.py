@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torchvision.datasets import CIFAR10, CIFAR100
 
+from cl_lightning.checks import require_at_least
 from datamodules.vision import (
     CropFlipAugmentation,
     ImageSource,
@@ -40,8 +41,7 @@ class _SplitCIFAR(CropFlipAugmentation, SplitImageStream):
             **kwargs: the options of :class:`SplitImageStream` (root, download,
                 classes_per_task, train_per_task, ...) and of :class:`ContinualDataModule`.
         """
-        if crop_padding < 0:
-            raise ValueError(f"data.crop_padding must be >= 0, got {crop_padding}")
+        require_at_least(0, "data.", crop_padding=crop_padding)
         super().__init__(**kwargs)
         self.augmentation, self.crop_padding = augmentation, crop_padding
 

@@ -15,6 +15,7 @@ from torchvision.datasets import MNIST
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from cl_lightning.checks import require_at_least
 from datamodules.base import ContinualDataModule, TaskData
 from datamodules.vision import (
     DomainScenario,
@@ -122,8 +123,7 @@ class _MNISTDomainStream(ContinualDataModule):
         scenario: DomainScenario = "domain-il",
         **kwargs: Any,
     ) -> None:
-        if num_tasks < 1:
-            raise ValueError(f"data.num_tasks must be >= 1, got {num_tasks}")
+        require_at_least(1, "data.", num_tasks=num_tasks)
         check_subsample_options(train_per_task, test_per_task)
         super().__init__(scenario=scenario, **kwargs)
         self._num_tasks = num_tasks

@@ -54,8 +54,7 @@ class LinearShiftStream(ContinualDataModule):
         require_at_least(1, "data.", num_tasks=num_tasks, train_per_task=train_per_task,
                          test_per_task=test_per_task, input_dim=input_dim)
         require_at_least(2, "data.", num_classes=num_classes)
-        if noise < 0 or shift < 0:
-            raise ValueError("data.noise and data.shift must be >= 0")
+        require_at_least(0, "data.", noise=noise, shift=shift)
         super().__init__(scenario=scenario, **kwargs)
         self._num_tasks, self._num_classes, self.input_dim = num_tasks, num_classes, input_dim
         self.train_per_task, self.test_per_task = train_per_task, test_per_task

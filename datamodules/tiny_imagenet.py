@@ -31,6 +31,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.utils import download_and_extract_archive
 
+from cl_lightning.checks import require_at_least
 from datamodules.vision import (
     CropFlipAugmentation,
     ImageSource,
@@ -90,10 +91,8 @@ class SplitTinyImageNet(CropFlipAugmentation, SplitImageStream):
         scenario: SplitScenario = "class-il",
         **kwargs: Any,
     ) -> None:
-        if crop_padding < 0:
-            raise ValueError(f"data.crop_padding must be >= 0, got {crop_padding}")
-        if decode_threads < 1:
-            raise ValueError(f"data.decode_threads must be >= 1, got {decode_threads}")
+        require_at_least(0, "data.", crop_padding=crop_padding)
+        require_at_least(1, "data.", decode_threads=decode_threads)
         super().__init__(classes_per_task=classes_per_task, root=root, download=download,
                          train_per_task=train_per_task, test_per_task=test_per_task,
                          subsample_seed=subsample_seed, scenario=scenario, **kwargs)

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from cl_lightning.checks import require_at_least
 from cl_lightning.models.resnet import ResNet18Features
 
 EncoderKind = Literal["auto", "vector", "rows", "cnn"]
@@ -64,8 +65,7 @@ def build_encoder(input_shape: Sequence[int], kind: EncoderKind, num_tokens: int
     if kind == "auto":
         kind = "vector" if len(input_shape) == 1 else ("rows" if input_shape[0] == 1 else "cnn")
     if kind == "vector":
-        if num_tokens < 1 or token_dim < 1:
-            raise ValueError("model.net.num_tokens and model.net.token_dim must be >= 1")
+        require_at_least(1, "model.net.", num_tokens=num_tokens, token_dim=token_dim)
         return VectorTokens(input_shape, num_tokens, token_dim)
     if len(input_shape) != 3:
         raise ValueError(f"model.net.encoder={kind!r} needs image inputs (C, H, W), got "

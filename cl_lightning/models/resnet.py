@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cl_lightning.checks import require_at_least
 from cl_lightning.models.backbones import Classifier
 
 
@@ -37,8 +38,7 @@ class ResNet18Features(nn.Module):
 
     def __init__(self, in_channels: int, width: int = 64) -> None:
         super().__init__()
-        if width < 1:
-            raise ValueError(f"ResNet width must be >= 1, got {width}")
+        require_at_least(1, "ResNet ", width=width)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
                                   nn.BatchNorm2d(width), nn.ReLU())
         layers, cin = [], width
