@@ -260,21 +260,15 @@ class ContinualDataModule(L.LightningDataModule):
             for view in self._test_views
         ]
 
-    def _loaders(self) -> list[DataLoader]:
-        return [
-            DataLoader(v, batch_size=self.eval_batch_size, num_workers=self.num_workers)
-            for v in self._test_views
-        ]
-
     def val_dataloader(self) -> list[DataLoader]:
         # During fit the evaluation callback evaluates at task ends itself; Lightning's
         # validation loop only serves `validate`.
         if self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             return []
-        return self._loaders()
+        return self.eval_loaders()  # Lightning shards these itself under DDP
 
     def test_dataloader(self) -> list[DataLoader]:
-        return self._loaders()
+        return self.eval_loaders()
 
     # ----- checkpointed stream definition -------------------------------------------------
     def stream_definition(self) -> dict[str, Any]:
