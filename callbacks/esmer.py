@@ -106,6 +106,7 @@ class ESMER(ExperienceReplay):
         self._ema_logits: torch.Tensor | None = None
         self._l_s: torch.Tensor | None = None
         self._admitted: torch.Tensor | None = None
+        self._modulated: torch.Tensor | float = 0.0
         self._weights: list[torch.Tensor] = []
 
     # ----- semantic memory ---------------------------------------------------------------
@@ -155,7 +156,10 @@ class ESMER(ExperienceReplay):
         self._l_s = F.cross_entropy(self._ema_logits[current], step.batch["y"][current],
                                     reduction="none")
         w = torch.ones_like(step.losses)
-        w[current] = modulation_weights(self._l_s, self.loss_memory, self.error_threshold)
+        mu = self.loss_memory
+        w[current] = modulation_weights(self._l_s, mu, self.error_threshold)
+        # the share of current samples this step's weights down-weighted (none while mu == 0)
+        self._modulated = (self._l_s >= self.error_threshold * mu).float().mean() if mu > 0 else 0.0
         self._weights.append(w[current].detach().cpu())
         per = super().sample_weights(learner, step)  # prioritized replay, if enabled
         return w if per is None else w * per
@@ -188,10 +192,9 @@ class ESMER(ExperienceReplay):
             self.mu = update_loss_memory(self.mu, self._l_s, self.steps, self.loss_alpha,
                                          self.std_margin)
             self.mu_norm = a * self.mu_norm + (1.0 - a)
-        modulated = (self._l_s >= self.error_threshold * self.loss_memory).float().mean()
         log = dict(on_step=False, on_epoch=True, batch_size=len(self._l_s))
         learner.log("esmer/mu", self.loss_memory, **log)
-        learner.log("esmer/modulated_fraction", modulated if self.mu > 0 else 0.0, **log)
+        learner.log("esmer/modulated_fraction", self._modulated, **log)
         learner.log("esmer/admitted_fraction", admitted.float().mean(), **log)
         learner.log("esmer/warmup", float(warmup), **log)
         self.steps += 1
