@@ -148,8 +148,7 @@ class ExperienceReplay(L.Callback, LearnerPlugin):
         assert self.buffer is not None
         if self._sampled is not None and self.sampling == "prioritized":
             self.buffer.update_priorities(self._sampled["index"], step.losses[step.replay_mask])
-        admit = self.admit(learner, step)
-        self.buffer.add(self.stored_items(step), admit=None if admit is None else admit.cpu())
+        self.buffer.add(self.stored_items(step), admit=self.admit(learner, step))
         self._sampled = None
 
     def on_task_end(self, learner: ContinualLearner, task: int) -> None:
