@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from callbacks.report import accuracy_heatmap, print_matrix, print_row
+from callbacks.report import accuracy_heatmap, plt, print_matrix, print_row
 from cl_lightning.metrics import summarize
 from cl_lightning.plugins import LearnerPlugin
 
@@ -134,8 +134,6 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
                     experiment.add_figure("eval/accuracy_matrix", fig,
                                           global_step=len(self.rows[primary]), close=False)
             fig.savefig(os.path.join(out_dir, "accuracy_matrix.png"), dpi=100)
-            import matplotlib.pyplot as plt
-
             plt.close(fig)
 
     def results(self, learner: ContinualLearner) -> dict[str, Any]:
