@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import DataLoader, Subset
 
 from callbacks.report import accuracy_heatmap, plt, print_matrix, print_row
+from cl_lightning.few_shot import evaluate_task, pick_shots
 from cl_lightning.metrics import summarize
 from cl_lightning.plugins import LearnerPlugin
 
@@ -35,6 +37,11 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
             it as ``accuracy_matrix.png`` next to the results at the end.
         print_table: print the matrix and the summary at the end of fit (and the row of a
             validate/test run).
+        few_shot_shots: labeled examples per class for the few-shot adaptation metric
+            (accuracy after adapting by inner loop / context / both; README "Rapid
+            adaptation"); empty disables it.
+        few_shot_every_task: measure it at every task end (default: after the last task).
+        few_shot_seed: seed of the draws of the examples.
     """
 
     plugin_order = 1000  # after every strategy's own task-end work
@@ -45,7 +52,16 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
         results_file: str = "results.json",
         heatmap: bool = True,
         print_table: bool = True,
+        few_shot_shots: list[int] | None = None,
+        few_shot_every_task: bool = False,
+        few_shot_seed: int = 0,
     ) -> None:
+        shots = [5, 20] if few_shot_shots is None else list(few_shot_shots)
+        if any(n < 1 for n in shots):
+            raise ValueError(f"evaluation.few_shot_shots must be >= 1 each, got {shots}")
+        self.few_shot_shots, self.few_shot_every_task = shots, few_shot_every_task
+        self.few_shot_seed = few_shot_seed
+        self.few_shot: dict[str, Any] | None = None
         self.eval_initial = eval_initial
         self.results_file = results_file
         self.heatmap = heatmap
@@ -79,9 +95,43 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
         accs = self.evaluate(trainer, learner)
         for name, row in accs.items():
             self.rows.setdefault(name, []).append(row)
+        last = task == trainer.datamodule.num_phases - 1
+        if self.few_shot_shots and (last or self.few_shot_every_task):
+            self.few_shot = self.measure_few_shot(trainer, learner, task)
         out_dir = log_dir(trainer)  # a collective under DDP: every rank asks
         self._log(trainer, learner, out_dir)
         self._write_results(out_dir, learner)
+
+    def measure_few_shot(self, trainer: L.Trainer, learner: ContinualLearner,
+                         after_task: int) -> dict[str, Any]:
+        """Few-shot results on every task (examples from the kept samples) and on the
+        stream's held-out task (examples from its training set), after ``after_task``."""
+        g = torch.Generator().manual_seed(self.few_shot_seed)
+        dm = trainer.datamodule
+        kept = next((k for p in learner.plugins()
+                     if (k := p.kept_samples(learner)) is not None), None)
+        loaders = dm.eval_loaders(trainer.global_rank, trainer.world_size)
+        per_task = []
+        for t, loader in enumerate(loaders):
+            pool = None if kept is None else {k: v[kept["task"] == t] for k, v in kept.items()}
+            per_task.append(evaluate_task(learner, pool, loader, self.few_shot_shots, g))
+        tasks = {mode: {key: [r[mode][key] for r in per_task] for key in per_task[0][mode]}
+                 for mode in per_task[0]}
+        heldout = None
+        task = dm.heldout_task() if learner.stream.scenario == "domain-il" else None
+        if task is not None:
+            idx = pick_shots(task.train_targets, max(self.few_shot_shots), g)
+            items = [task.train[int(i)] for i in idx]
+            pool = {"x": torch.stack([torch.as_tensor(x) for x, _ in items]),
+                    "y": torch.as_tensor([int(y) for _, y in items]),
+                    "task": torch.zeros(len(items), dtype=torch.long)}
+            test = [{"x": x, "y": y, "task": torch.zeros_like(y)} for x, y in DataLoader(
+                Subset(task.test, range(trainer.global_rank, len(task.test), trainer.world_size)),
+                batch_size=dm.eval_batch_size)]
+            heldout = evaluate_task(learner, pool, test, self.few_shot_shots, g)
+        return {"after_task": after_task, "shots": self.few_shot_shots,
+                "examples_from": "replay buffer" if kept is not None else None,
+                "tasks": tasks, "heldout": heldout}
 
     def on_train_end(self, trainer: L.Trainer, pl_module: ContinualLearner) -> None:
         if not self.rows:
@@ -125,6 +175,18 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
             metrics.update({f"eval/{name}/acc_task{j:02d}": a for j, a in enumerate(last)})
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
+        if self.few_shot is not None:
+            metrics = {}
+            for mode, res in self.few_shot["tasks"].items():
+                for key, accs in res.items():
+                    known = [a for a in accs if a is not None]
+                    if known:
+                        metrics[f"few_shot/{mode}/{key}"] = sum(known) / len(known)
+            for mode, res in (self.few_shot["heldout"] or {}).items():
+                metrics.update({f"few_shot_heldout/{mode}/{k}": a for k, a in res.items()
+                                if a is not None})
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
         if self.heatmap and trainer.is_global_zero:
             primary = learner.primary_variant
             fig = accuracy_heatmap(self.rows[primary], f"accuracy matrix ({primary})")
@@ -147,6 +209,7 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
             **self.summary(learner, primary),
             "tasks_trained": len(self.rows[primary]),
             "variants": {k: self.summary(learner, k) for k in self.rows if k != primary},
+            "few_shot": self.few_shot,
             "stream": dm.stream_definition(),
             "config": self.run_config,
         }
@@ -164,11 +227,12 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
 
     # ----- checkpointed state ------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "initial": self.initial}
+        return {"rows": self.rows, "initial": self.initial, "few_shot": self.few_shot}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = state_dict.get("rows", {})
         self.initial = state_dict.get("initial")
+        self.few_shot = state_dict.get("few_shot")
 
 
 def trainer_joint(learner: ContinualLearner) -> bool:

@@ -130,9 +130,10 @@ class ExperienceReplay(L.Callback, LearnerPlugin):
         if self.loss_average == "union":
             # the learner adds mean_current + mean_replay; scaling each part by its share
             # of the batch turns that into one mean over the union
-            n_rep = replay.sum()
-            w[replay] *= n_rep / len(w)
-            w[~replay] *= (len(w) - n_rep) / len(w)
+            query = ~replay & ~step.support_mask  # MAML/context support is not in the loss
+            n_rep, n_query = replay.sum(), query.sum()
+            w[replay] *= n_rep / (n_rep + n_query)
+            w[query] *= n_query / (n_rep + n_query)
         return w
 
     def stored_items(self, step: StepOutput) -> dict[str, torch.Tensor]:
@@ -150,6 +151,11 @@ class ExperienceReplay(L.Callback, LearnerPlugin):
             self.buffer.update_priorities(self._sampled["index"], step.losses[step.replay_mask])
         self.buffer.add(self.stored_items(step), admit=self.admit(learner, step))
         self._sampled = None
+
+    def kept_samples(self, learner: ContinualLearner) -> dict[str, torch.Tensor] | None:
+        if self.buffer is None or len(self.buffer) == 0:
+            return None
+        return {k: v for k, v in self.buffer.contents().items() if k in ("x", "y", "task")}
 
     def on_task_end(self, learner: ContinualLearner, task: int) -> None:
         if self.buffer is None or len(self.buffer) == 0:

@@ -6,6 +6,7 @@ through :mod:`cl_lightning.plugins` (the protocol is written down there, once).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,7 +15,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
+from torch.func import functional_call
 
+from cl_lightning.checks import require_in_range
+from cl_lightning.meta import MetaLearning, Params
 from cl_lightning.models.backbones import MLP, Classifier
 from cl_lightning.plugins import LearnerPlugin, StepOutput
 from cl_lightning.rng import collect_rng_states, restore_rng_states
@@ -24,6 +28,9 @@ from datamodules.base import StreamInfo
 NetFactory = Callable[[Sequence[int], int], Classifier]
 """Builds the classifier from ``(input_shape, num_classes)``; in a config, a ``class_path``
 whose other ``init_args`` are the model's options."""
+ModelFn = Callable[[torch.Tensor], torch.Tensor]
+Support = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""A support set ``(inputs, labels, task ids)``."""
 
 
 class ContinualLearner(L.LightningModule):
@@ -36,6 +43,14 @@ class ContinualLearner(L.LightningModule):
         stream: the stream's sizes and scenario (linked from the datamodule by the CLI).
         primary_variant: which evaluation is "the" result in ``results.json``; default the
             scenario's own (``class_il``, ``task_il`` or ``domain_il``).
+        meta: MAML inner loop (:class:`~cl_lightning.meta.MetaLearning`); None trains
+            without one. It also sets the inner loop of the few-shot evaluation.
+        context: memory as context: the query part of each batch starts from the memory
+            state after the model read the support part (labeled); needs a model with
+            ``supports_context`` (MemoryAgent, LSTMClassifier).
+        support_fraction: with ``meta`` or ``context``, the fraction of each batch's
+            current-task samples used as the support set; the rest plus the replayed
+            samples form the query, which alone makes the outer loss.
     """
 
     def __init__(
@@ -45,6 +60,9 @@ class ContinualLearner(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         stream: StreamInfo | None = None,
         primary_variant: str | None = None,
+        meta: MetaLearning | None = None,
+        context: bool = False,
+        support_fraction: float = 0.5,
     ) -> None:
         super().__init__()
         if stream is None:
@@ -61,6 +79,16 @@ class ContinualLearner(L.LightningModule):
             mask[t, list(classes)] = True
         self.register_buffer("task_mask", mask, persistent=False)
         self.primary_variant = primary_variant or self.eval_modes()[0]
+        require_in_range(0.05, 0.95, "model.", support_fraction=support_fraction)
+        if context and not getattr(self.net, "supports_context", False):
+            raise ValueError(
+                f"model.context=true needs a model that reads a context "
+                f"(MemoryAgent or LSTMClassifier), got {type(self.net).__name__}; "
+                "set model.context false or change model.net")
+        self.meta, self.context, self.support_fraction = meta, context, support_fraction
+        if meta is not None:
+            meta.bind(self.net)
+        self._default_meta: list[MetaLearning] = []  # few-shot inner loop when meta is None
         self._eval_metrics: dict[str, TaskAccuracy] = {}
         self._task_started: int | None = None
 
@@ -99,13 +127,76 @@ class ContinualLearner(L.LightningModule):
         """The phase being trained (the task index in a sequential stream)."""
         return self.trainer.datamodule.phase_of_epoch(self.trainer.current_epoch)
 
+    # ----- adaptation (MAML inner loop, memory as context) --------------------------------
+    @property
+    def adapting(self) -> bool:
+        return self.meta is not None or self.context
+
+    def inner_learner(self) -> MetaLearning:
+        """The inner loop: ``meta`` if set, else default MAML settings (few-shot eval)."""
+        if self.meta is not None:
+            return self.meta
+        if not self._default_meta:
+            self._default_meta.append(MetaLearning())
+            self._default_meta[0].bind(self.net)
+        return self._default_meta[0]
+
+    def support_mask(self, replay: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: the first ``support_fraction`` of the current-task samples (the batch
+        is shuffled), at least one, leaving at least one query; none if not adapting."""
+        current = (~replay).nonzero().squeeze(1)
+        mask = torch.zeros_like(replay)
+        if self.adapting and len(current) >= 2:
+            n = min(max(round(self.support_fraction * len(current)), 1), len(current) - 1)
+            mask[current[:n]] = True
+        return mask
+
+    def adapted_models(self, support: Support, inner: bool, context: bool,
+                       context_mask: torch.Tensor | None = None,
+                       detached: bool = False) -> list[ModelFn]:
+        """The model after adapting on ``support``, as ``x -> logits`` (unmasked), once per
+        inner step (one entry without an inner loop).
+
+        inner: run the MAML inner loop on the support loss (weight space).
+        context: queries start from the memory state after reading the support (token
+            space), where ``context_mask`` (None: every query).
+        detached: evaluation: nothing flows back to the model's parameters.
+        """
+        xs, ys, ts = support
+        kwargs = {"context": (xs, ys), "context_mask": context_mask} if context else {}
+
+        def model_at(params: Params, **kw: Any) -> ModelFn:
+            return lambda x: functional_call(self.net, params, (x,), kw, strict=False)
+
+        if not inner:
+            return [model_at({}, **kwargs)]
+        meta = self.inner_learner()
+        second_order = not (meta.first_order or detached)
+        no_cudnn = second_order and xs.is_cuda  # cuDNN RNNs have no double backward
+
+        def support_loss(params: Params) -> torch.Tensor:
+            off = torch.backends.cudnn.flags(enabled=False) if no_cudnn else None
+            with off or contextlib.nullcontext():
+                return F.cross_entropy(self.train_logits(model_at(params), xs, ts), ys)
+
+        return [model_at(p, **kwargs) for p in meta.adapt(self.net, support_loss, detached)]
+
     # ----- training ----------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         plugins = self.plugins()
         for p in plugins:
             batch = p.extend_batch(self, batch)
         inputs = self.train_inputs(batch)
-        logits = self.train_logits(self.net, inputs, batch["task"])
+        replay = batch.get("replay", torch.zeros_like(batch["y"], dtype=torch.bool))
+        support = self.support_mask(replay)
+        models: list[ModelFn] = [self.net]
+        if support.any():
+            batch = {**batch, "support": support}
+            models = self.adapted_models(
+                (inputs[support], batch["y"][support], batch["task"][support]),
+                inner=self.meta is not None, context=self.context,
+                context_mask=~support & ~replay)
+        logits = self.train_logits(models[-1], inputs, batch["task"])
         losses = F.cross_entropy(logits, batch["y"], reduction="none")
         step = StepOutput(batch=batch, inputs=inputs, logits=logits, losses=losses,
                           task=self.current_task)
@@ -115,20 +206,39 @@ class ContinualLearner(L.LightningModule):
             if w is not None:
                 weights = weights * w
         step.weights = weights
-        replay = step.replay_mask
-        terms = {"loss_current": (weights * losses)[~replay].mean()}
+        query = ~replay & ~support
+        terms = {"loss_current": (weights * losses)[query].mean()}
         if replay.any():
             terms["loss_replay"] = (weights * losses)[replay].mean()
+        if len(models) > 1 and self.meta is not None and self.meta.multi_step_loss:
+            terms.update(self._multi_step_terms(models, inputs, batch, terms, query | replay))
         for p in plugins:
             step.extras.update(p.extra_losses(self, step))
         terms.update(step.extras)
         total = torch.stack(list(terms.values())).sum()
         self._check_finite(total, terms)
-        bs = int((~replay).sum())
+        bs = int(query.sum())
         self.log("train/loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
         for name, value in terms.items():
             self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=bs)
         return {"loss": total, "step": step.detached()}
+
+    def _multi_step_terms(self, models: list[ModelFn], inputs: torch.Tensor,
+                          batch: dict[str, torch.Tensor], terms: dict[str, torch.Tensor],
+                          outer: torch.Tensor) -> dict[str, torch.Tensor]:
+        """MAML++ multi-step loss: the last step's terms scaled by its weight, plus the
+        weighted outer losses of the earlier inner steps (``loss_msl``)."""
+        assert self.meta is not None
+        w = self.meta.outer_weights(self.current_epoch).to(inputs.dtype)
+        scaled = {k: v * w[-1] for k, v in terms.items()}
+        early = [  # full batch: a context mask is per sample of the whole batch
+            w[k] * F.cross_entropy(self.train_logits(models[k], inputs, batch["task"])[outer],
+                                   batch["y"][outer])
+            for k in range(len(models) - 1) if w[k] > 0
+        ]
+        if early:
+            scaled["loss_msl"] = torch.stack(early).sum()
+        return scaled
 
     def _check_finite(self, total: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
         if torch.isfinite(total):

@@ -12,6 +12,8 @@ One training step, as the learner runs it::
     logits = learner(batch["x"]); loss_i = CE(logits, y)       # per sample
     w_i = prod_p p.sample_weights(learner, step)               # e.g. ESMER, PER weights
     loss = mean_current(w * loss) + mean_replay(w * loss) + sum_p sum(p.extra_losses(...))
+    # with model.meta / model.context, batch["support"] marks current samples the model
+    # adapted on first; logits come from the adapted model and mean_current skips them
     -- backward, optimizer step --
     for p in plugins: p.after_step(learner, step)             # buffer insertion, EMA, ...
 
@@ -60,6 +62,13 @@ class StepOutput:
         mask = self.batch.get("replay")
         return torch.zeros_like(self.losses, dtype=torch.bool) if mask is None else mask
 
+    @property
+    def support_mask(self) -> torch.Tensor:
+        """(B,) bool, True for the current-task samples the learner adapted on (MAML
+        support / context); they are not part of the outer loss."""
+        mask = self.batch.get("support")
+        return torch.zeros_like(self.losses, dtype=torch.bool) if mask is None else mask
+
     def detached(self) -> StepOutput:
         """A copy safe to keep after the step (no graph)."""
         return StepOutput(
@@ -104,3 +113,8 @@ class LearnerPlugin:
     def eval_models(self, learner: ContinualLearner) -> dict[str, nn.Module]:
         """Extra models to evaluate next to the working model, by variant name prefix."""
         return {}
+
+    def kept_samples(self, learner: ContinualLearner) -> dict[str, torch.Tensor] | None:
+        """Samples the learner keeps (a replay buffer's ``x``, ``y``, ``task``), which the
+        few-shot evaluation may adapt on; None if the plugin keeps none."""
+        return None

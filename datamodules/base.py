@@ -166,6 +166,11 @@ class ContinualDataModule(L.LightningDataModule):
         """The subclass's parameters that define the data (saved in checkpoints)."""
         return {}
 
+    def heldout_task(self) -> TaskData | None:
+        """A task of the same family the stream never trains on (for the few-shot
+        adaptation metric), or None if the stream cannot make one (default)."""
+        return None
+
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         """Training augmentation of a whole batch on its device, x: (B, *input_shape).
 

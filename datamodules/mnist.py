@@ -8,6 +8,7 @@ in memory as ``uint8`` tensors and normalised per item with MNIST's mean/std
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -160,11 +161,18 @@ class _MNISTDomainStream(ContinualDataModule):
         raise NotImplementedError
 
     def build_tasks(self) -> list[TaskData]:
+        return self._make_tasks(range(self.num_tasks))
+
+    def heldout_task(self) -> TaskData:
+        """Task ``num_tasks``: one more transformation of the same family."""
+        return self._make_tasks([self.num_tasks])[0]
+
+    def _make_tasks(self, tasks: Sequence[int]) -> list[TaskData]:
         splits = []
         for train, keep in [(True, self.train_per_task), (False, self.test_per_task)]:
             images, targets = load_mnist(self.root, train, self.download)
             per_task = []
-            for t in range(self.num_tasks):
+            for t in tasks:
                 g = torch.Generator().manual_seed(self.subsample_seed * 1_000_003
                                                   + 2 * t + int(train))
                 if keep is None or keep >= len(targets):
@@ -244,8 +252,12 @@ class RotatedMNIST(_MNISTDomainStream):
     @property
     def angles(self) -> list[float]:
         """Rotation of each natural task, degrees."""
+        return self._angles(self.num_tasks)
+
+    def _angles(self, count: int) -> list[float]:
+        """The first ``count`` angles (a longer list extends a shorter one)."""
         g = torch.Generator().manual_seed(self.rotation_seed)
-        u = torch.rand(self.num_tasks, generator=g, dtype=torch.float64)
+        u = torch.rand(count, generator=g, dtype=torch.float64)
         return (self.min_angle + u * (self.max_angle - self.min_angle)).tolist()
 
     def stream_params(self) -> dict[str, Any]:
@@ -255,7 +267,7 @@ class RotatedMNIST(_MNISTDomainStream):
 
     def task_dataset(self, task: int, images: torch.Tensor,
                      targets: torch.Tensor) -> ImageTensorDataset:
-        rotated = rotate_uint8(images, self.angles[task])
+        rotated = rotate_uint8(images, self._angles(task + 1)[task])
         return ImageTensorDataset(rotated, targets, MNIST_MEAN, MNIST_STD)
 
 

@@ -81,11 +81,20 @@ class LinearShiftStream(ContinualDataModule):
                 "stream_seed": self.stream_seed}
 
     def build_tasks(self) -> list[TaskData]:
+        return self._make_tasks(self.num_tasks)
+
+    def heldout_task(self) -> TaskData:
+        """The task after the last one: another random map and shift of the same classes."""
+        return self._make_tasks(self.num_tasks + 1)[-1]
+
+    def _make_tasks(self, count: int) -> list[TaskData]:
+        """The first ``count`` tasks of the stream's random sequence (each task's draws
+        follow the previous task's, so a longer sequence extends a shorter one)."""
         g = torch.Generator().manual_seed(self.stream_seed)
         d, c = self.input_dim, self.num_classes
         prototypes = torch.randn(c, d, generator=g)
         tasks = []
-        for _ in range(self.num_tasks):
+        for _ in range(count):
             q, r = torch.linalg.qr(torch.randn(d, d, generator=g))
             q = q * torch.sign(torch.diagonal(r))  # Haar-distributed orthogonal map
             b = self.shift * torch.randn(d, generator=g)

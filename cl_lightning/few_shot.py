@@ -1,0 +1,97 @@
+"""Few-shot adaptation metric: accuracy on a task before and after adapting on n labeled
+examples per class, by the MAML inner loop (``inner``), by memory as context
+(``context``), or both (``both``).
+
+For a task the learner has trained on, the examples come only from what the learner may
+keep (its replay buffer's samples of that task); for a held-out task the stream never
+trained on, from that task's training set. The adaptation itself is the learner's
+:meth:`~cl_lightning.module.ContinualLearner.adapted_models`, the code meta-training uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from cl_lightning.module import ContinualLearner, ModelFn
+
+MODES: dict[str, tuple[bool, bool]] = {
+    "inner": (True, False),
+    "context": (False, True),
+    "both": (True, True),
+}
+"""Adaptation mode -> (inner loop, context)."""
+
+
+def pick_shots(y: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices (ascending) of ``min(n, count)`` randomly chosen items of every class in ``y``."""
+    perm = torch.randperm(len(y), generator=generator)
+    shuffled = y[perm].cpu()
+    order = torch.argsort(shuffled, stable=True)
+    grouped = shuffled[order]
+    rank = torch.arange(len(y)) - torch.searchsorted(grouped, grouped, side="left")
+    return perm[order[rank < n]].sort().values
+
+
+def available_modes(learner: ContinualLearner) -> list[str]:
+    """``inner`` always; ``context`` and ``both`` for models that read a context."""
+    if getattr(learner.net, "supports_context", False):
+        return list(MODES)
+    return ["inner"]
+
+
+@torch.no_grad()
+def accuracy(learner: ContinualLearner, model: ModelFn,
+             batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Accuracy (percent) of ``model`` per evaluation mode of the learner, summed over
+    ranks (every rank must call it)."""
+    modes = learner.eval_modes()
+    counts = torch.zeros(len(modes) + 1, dtype=torch.float64, device=learner.device)
+    for batch in batches:
+        batch = learner.transfer_batch_to_device(batch, learner.device, 0)
+        logits = model(batch["x"])
+        for i, mode in enumerate(modes):
+            shown = learner.mask_logits(logits, batch["task"]) if mode == "task_il" else logits
+            counts[i] += (shown.argmax(1) == batch["y"]).sum()
+        counts[-1] += len(batch["y"])
+    if learner._trainer is not None:
+        counts = learner.trainer.strategy.reduce(counts, reduce_op="sum")
+    total = max(float(counts[-1]), 1.0)
+    return {mode: 100.0 * float(counts[i]) / total for i, mode in enumerate(modes)}
+
+
+def evaluate_task(learner: ContinualLearner, pool: dict[str, torch.Tensor] | None,
+                  loader: Iterable[dict[str, torch.Tensor]], shots: list[int],
+                  generator: torch.Generator) -> dict[str, dict[str, float | None]]:
+    """One task's few-shot results: ``{eval mode: {"before": acc, "<mode>/<n>": acc}}``.
+
+    ``pool``: items (``x``, ``y``, ``task``) to draw the n-per-class support from; with
+    no pool (nothing kept for the task) only ``before`` is measured, the rest is None.
+    """
+    was_training = learner.net.training
+    learner.net.eval()
+    batches = list(loader)
+    results: dict[str, dict[str, float | None]] = {m: {} for m in learner.eval_modes()}
+    for mode, acc in accuracy(learner, learner.net, batches).items():
+        results[mode]["before"] = acc
+    for n in shots:
+        support = None
+        if pool is not None and len(pool["y"]) > 0:
+            idx = pick_shots(pool["y"], n, generator).to(pool["y"].device)
+            support = tuple(pool[k][idx].to(learner.device) for k in ("x", "y", "task"))
+        for name, (inner, context) in MODES.items():
+            if name not in available_modes(learner):
+                continue
+            key = f"{name}/{n}"
+            if support is None:
+                for mode in results:
+                    results[mode][key] = None
+                continue
+            model = learner.adapted_models(support, inner, context, detached=True)[-1]
+            for mode, acc in accuracy(learner, model, batches).items():
+                results[mode][key] = acc
+    learner.net.train(was_training)
+    return results
