@@ -10,8 +10,9 @@ from cl_lightning.cli import main
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STREAMS = sorted(p for p in CONFIGS.glob("*.yaml"))
 METHODS = [(CONFIGS / "synthetic.yaml", p) for p in sorted((CONFIGS / "methods").glob("*.yaml"))]
-METHODS += [(CONFIGS / "split_mnist.yaml", p)
-            for p in sorted((CONFIGS / "split_mnist").glob("*.yaml"))]
+# every stream config configs/NAME.yaml with a folder configs/NAME/ of method configs
+METHODS += [(stream, p) for stream in STREAMS if stream.with_suffix("").is_dir()
+            for p in sorted(stream.with_suffix("").glob("*.yaml"))]
 
 
 def print_config(capsys, *files):
