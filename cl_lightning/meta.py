@@ -167,7 +167,7 @@ class MetaLearning(nn.Module):
         lr: StepLR = self.step_lr
         if detached:
             def lr(k: int, name: str) -> float:
-                return float(self.step_lr(k, name))
+                return float(torch.as_tensor(self.step_lr(k, name)).detach())
         with torch.enable_grad():
             return inner_loop(start, loss_fn, steps or self.steps, lr, second_order)
 

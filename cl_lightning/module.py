@@ -160,7 +160,8 @@ class ContinualLearner(L.LightningModule):
         inner: run the MAML inner loop on the support loss (weight space).
         context: queries start from the memory state after reading the support (token
             space), where ``context_mask`` (None: every query).
-        detached: evaluation: nothing flows back to the model's parameters.
+        detached: evaluation: the adapted parameters start from detached copies (first
+            order; no gradient reaches them).
         """
         xs, ys, ts = support
         kwargs = {"context": (xs, ys), "context_mask": context_mask} if context else {}
