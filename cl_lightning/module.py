@@ -172,6 +172,25 @@ class ContinualLearner(L.LightningModule):
         if not inner:
             return [model_at({}, **kwargs)]
         meta = self.inner_learner()
+        if not meta.names:
+            meta.bind(self.net)
+        if self.head_fast_path and all(n.startswith("head.") for n in meta.names):
+            # forward == head(features(x)): the support features are computed once and
+            # only the head runs in the inner loop (same values and gradients)
+            feats = self.net.features(xs)
+
+            def head_at(params: Params, **kw: Any) -> ModelFn:
+                own = {n.removeprefix("head."): v for n, v in params.items()}
+                return lambda x: functional_call(self.net.head, own,
+                                                 (self.net.features(x, **kw),))
+
+            def support_loss(params: Params) -> torch.Tensor:
+                own = {n.removeprefix("head."): v for n, v in params.items()}
+                logits = functional_call(self.net.head, own, (feats,))
+                return F.cross_entropy(self.train_logits(lambda _: logits, xs, ts), ys)
+
+            return [head_at(p, **kwargs) for p in meta.adapt(self.net, support_loss, detached)]
+
         second_order = not (meta.first_order or detached)
         no_cudnn = second_order and xs.is_cuda  # cuDNN RNNs have no double backward
 
@@ -181,6 +200,13 @@ class ContinualLearner(L.LightningModule):
                 return F.cross_entropy(self.train_logits(model_at(params), xs, ts), ys)
 
         return [model_at(p, **kwargs) for p in meta.adapt(self.net, support_loss, detached)]
+
+    @property
+    def head_fast_path(self) -> bool:
+        """Whether the net declares ``forward(x, **kw) == head(features(x, **kw))``."""
+        return getattr(self.net, "head_on_features", False) and self._head_fast_path
+
+    _head_fast_path = True  # tests switch it off to compare with the generic path
 
     # ----- training ----------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:

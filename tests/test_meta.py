@@ -218,3 +218,27 @@ def test_learner_support_split_and_detached_adaptation():
     assert all(p.grad is not None and p.grad.abs().sum() > 0
                for p in learner.meta.step_lrs.values())
     assert learner.net.label_embedding.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("context", [False, True])
+def test_head_fast_path_equals_the_generic_inner_loop(context):
+    info = StreamInfo("domain-il", 2, 3, (6,), ((0, 1, 2), (0, 1, 2)))
+    g = torch.Generator().manual_seed(3)
+    xs, ys = torch.randn(4, 6, generator=g), torch.tensor([0, 1, 2, 0])
+    xq, yq = torch.randn(5, 6, generator=g), torch.tensor([2, 1, 0, 0, 1])
+    out = []
+    for fast in (True, False):
+        learner = ContinualLearner(net=lambda s, c: _tiny_agent(torch.float32), stream=info,
+                                   meta=MetaLearning(steps=3, lr=0.5), context=context)
+        learner._head_fast_path = fast
+        assert learner.head_fast_path is fast
+        models = learner.adapted_models((xs, ys, torch.zeros(4, dtype=torch.long)), True,
+                                        context)
+        logits = models[-1](xq)
+        F.cross_entropy(logits, yq).backward()
+        out.append((logits.detach(), {k: p.grad.clone() for k, p in
+                                      learner.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(out[0][0], out[1][0])
+    assert out[0][1].keys() == out[1][1].keys()
+    for k in out[0][1]:
+        torch.testing.assert_close(out[0][1][k], out[1][1][k], msg=k)

@@ -44,6 +44,7 @@ class TokenClassifier(Classifier):
     """
 
     supports_context = True
+    head_on_features = True  # forward(x, **kw) == head(features(x, **kw))
 
     def __init__(self, input_shape: Sequence[int], num_classes: int,
                  encoder: EncoderKind = "auto", num_tokens: int = 4, token_dim: int = 64,

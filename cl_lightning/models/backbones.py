@@ -28,6 +28,8 @@ class MLP(Classifier):
         dropout: dropout after every hidden layer (0 = none).
     """
 
+    head_on_features = True  # forward(x) == head(features(x)): MAML may adapt only the head
+
     def __init__(
         self,
         input_shape: Sequence[int],
