@@ -35,6 +35,15 @@ def test_stream_config_parses(capsys, config):
 @pytest.mark.parametrize("stream, method", METHODS, ids=lambda p: p.name)
 def test_method_config_composes(capsys, stream, method):
     cfg = print_config(capsys, stream, method)
-    wanted = yaml.safe_load(method.read_text())["trainer"]["callbacks"][0]
-    got = [cb for cb in cfg["trainer"]["callbacks"] if cb["class_path"] == wanted["class_path"]]
-    assert got and all(got[0]["init_args"][k] == v for k, v in wanted["init_args"].items())
+    method_cfg = yaml.safe_load(method.read_text())
+    for wanted in method_cfg.get("trainer", {}).get("callbacks", []):
+        got = [cb for cb in cfg["trainer"]["callbacks"]
+               if cb["class_path"] == wanted["class_path"]]
+        assert got and all(got[0]["init_args"][k] == v for k, v in wanted["init_args"].items())
+    for key, value in method_cfg.get("model", {}).items():  # e.g. model.meta, model.context
+        if isinstance(value, dict) and "init_args" in value:
+            assert cfg["model"][key]["class_path"] == value["class_path"]
+            assert all(cfg["model"][key]["init_args"][k] == v
+                       for k, v in value["init_args"].items())
+        else:
+            assert cfg["model"][key] == value
