@@ -6,13 +6,16 @@
 - always adds the evaluation (``--evaluation.*``) and task checkpoint (``--checkpoint.*``)
   callbacks;
 - ``fit --ckpt_path last`` finds the newest ``last.ckpt`` of the experiment and keeps
-  logging into the same version directory.
+  logging into the same version directory; ``--ckpt_path auto`` does the same, or starts a
+  new run when there is none (for jobs that are requeued with the same command line).
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import signal
+import sys
 from typing import Any
 
 import yaml
@@ -20,9 +23,12 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.checkpoint import TaskCheckpoint
 from callbacks.evaluation import ContinualEvaluation
+from cl_lightning.checkpoint_io import UnreadableCheckpointError, unreadable_message
 from cl_lightning.module import ContinualLearner
 from datamodules.base import ContinualDataModule
 
@@ -76,36 +82,71 @@ class ContinualCLI(LightningCLI):
         except Exception as err:  # the config is a report, never a reason to fail a run
             return {"error": f"config could not be dumped: {err}"}
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads an explicit --ckpt_path file here already (for hyperparameters)
+        try:
+            super()._parse_ckpt_path()
+        except Exception as err:
+            path = (self.config.get(str(self.config.get("subcommand")), {}) or {}).get("ckpt_path")
+            if not path or not os.path.isfile(path):
+                raise
+            raise UnreadableCheckpointError(unreadable_message(path, err)) from err
+
     def before_fit(self) -> None:
         # LightningCLI calls fit with the instantiated config (config_init), so the
         # resolved path goes there
         cfg = self.config_init[self.subcommand]
-        if cfg.get("ckpt_path") == "last":
-            cfg["ckpt_path"] = self._resolve_last()
+        if cfg.get("ckpt_path") in ("last", "auto"):
+            cfg["ckpt_path"] = self._resolve_last(required=cfg["ckpt_path"] == "last")
 
-    def _resolve_last(self) -> str:
-        """Newest last.ckpt of this experiment; the logger continues in its version."""
+    def _resolve_last(self, required: bool = True) -> str | None:
+        """Newest last.ckpt of this experiment; the logger continues in its version.
+
+        Looked for in ``checkpoint.dirpath`` if set, else in the logger's version folder
+        (``trainer.logger.version`` if set, else every ``version_*`` of ``save_dir/name``).
+        Not found: an error for ``last``; ``None`` (a new run) for ``auto``.
+        """
         logger = self.trainer.logger
-        if isinstance(logger, TensorBoardLogger):
-            pattern = os.path.join(logger.root_dir, "version_*", "checkpoints", "last.ckpt")
+        task_ckpt = next((cb for cb in self.trainer.callbacks if isinstance(cb, TaskCheckpoint)),
+                         None)
+        if task_ckpt is not None and task_ckpt.dirpath is not None:
+            pattern = os.path.join(task_ckpt.dirpath, "last.ckpt")
+        elif isinstance(logger, TensorBoardLogger):
+            version = logger._version  # None unless trainer.logger.version was given
+            folder = ("version_*" if version is None
+                      else version if isinstance(version, str) else f"version_{version}")
+            pattern = os.path.join(logger.root_dir, folder, "checkpoints", "last.ckpt")
         else:
             pattern = os.path.join(self.trainer.default_root_dir, "**", "last.ckpt")
         found = sorted(glob.glob(pattern, recursive=True), key=os.path.getmtime)
         if not found:
+            if not required:
+                rank_zero_info(f"--ckpt_path auto: no last.ckpt matches {pattern}; "
+                               "starting a new run")
+                return None
             raise FileNotFoundError(
                 f"--ckpt_path last: no last.ckpt matches {pattern}; give the checkpoint's "
-                "path, or check trainer.logger's save_dir/name against the run to resume."
+                "path, use --ckpt_path auto to start a new run when there is none, or check "
+                "trainer.logger's save_dir/name/version against the run to resume."
             )
         path = found[-1]
-        if isinstance(logger, TensorBoardLogger):
+        if (isinstance(logger, TensorBoardLogger) and logger._version is None
+                and (task_ckpt is None or task_ckpt.dirpath is None)):
             version = os.path.basename(os.path.dirname(os.path.dirname(path)))
             logger._version = version  # keep logging into the resumed run's directory
         return path
 
 
 def main(args: list[str] | None = None) -> ContinualCLI:
-    """Entry point of ``train.py`` and the ``cl-train`` console script."""
-    return ContinualCLI(args=args)
+    """Entry point of ``train.py`` and the ``cl-train`` console script.
+
+    A run stopped by SIGTERM or Ctrl+C (after :class:`~callbacks.checkpoint.TaskCheckpoint`
+    saved ``last.ckpt``) exits with status 128 + the signal number: 143 or 130.
+    """
+    try:
+        return ContinualCLI(args=args)
+    except SIGTERMException as stop:
+        sys.exit(getattr(stop, "exit_code", 128 + signal.SIGTERM))
 
 
 if __name__ == "__main__":
