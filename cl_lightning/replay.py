@@ -21,8 +21,10 @@ Cost per call:
 Under ``torch.distributed`` each rank holds one shard: its own :class:`ReplayBuffer`, built by
 the caller with ``capacity = total_capacity // world_size`` and, ideally, ``seed = base + rank``.
 ``state_dict()`` then gathers all shards and returns the **merged** buffer, the same on every
-rank. ``load_state_dict()`` takes back this rank's part. :func:`merge_shards` and
-:func:`split_state` do the conversion as pure functions on state dicts.
+rank. ``load_state_dict()`` takes back this rank's part: with the same number of ranks, exactly
+the shard it saved (contents, counters and generator: an exact resume); with another number,
+a round-robin share. :func:`merge_shards` and :func:`split_state` do the conversion as pure
+functions on state dicts.
 """
 
 from __future__ import annotations
@@ -709,14 +711,33 @@ def merge_shards(states: list[Mapping[str, Any]]) -> dict[str, Any]:
         "generator_states": [p["generator_state"] for p in parts],
         "generator_seed": None,
         "shards": len(parts),
+        # what split_state needs to give every rank back exactly its shard
+        "shard_meta": [_shard_meta(s) for s in states],
+    }
+
+
+def _shard_meta(state: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "capacity": int(state["config"]["capacity"]),
+        "seed": int(state["config"]["seed"]),
+        "size": int(state["size"]),
+        "num_seen": int(state["num_seen"]),
+        "fifo_ptr": int(state["fifo_ptr"]),
+        "sample_calls": int(state["sample_calls"]),
+        "max_priority": float(state["max_priority"]),
+        "class_seen": state["class_seen"].clone(),
     }
 
 
 def split_state(state: Mapping[str, Any], world_size: int) -> list[dict[str, Any]]:
     """Split a (merged) buffer state into ``world_size`` shard states.
 
-    Items are dealt round-robin: item ``i`` goes to shard ``i % world_size``, so every item
-    lands in exactly one shard. Each shard gets capacity
+    A state merged from ``world_size`` shards (the same number of ranks as when it was saved)
+    splits back into exactly those shards: contents in their slots, counters, FIFO pointer,
+    priorities and generator states, so a DDP resume continues as if never stopped.
+
+    Otherwise items are dealt round-robin: item ``i`` goes to shard ``i % world_size``, so
+    every item lands in exactly one shard. Each shard gets capacity
     ``max(capacity // world_size, ceil(size / world_size))``, so no item is ever dropped.
     ``num_seen`` and per-class seen counts are split so they sum to the original, with the
     remainder going to the lowest ranks. ``sample_calls`` and ``max_priority`` are copied. A
@@ -728,10 +749,47 @@ def split_state(state: Mapping[str, Any], world_size: int) -> list[dict[str, Any
         raise ValueError(f"split_state: world_size must be >= 1, got {world_size}")
     if world_size == 1 and int(state.get("shards", 1)) == 1:
         return [dict(state)]
+    meta = state.get("shard_meta")
+    if meta is not None and len(meta) == world_size == int(state.get("shards", 1)):
+        return _original_shards(state, meta)
     state = _chronological(state)
     size = int(state["size"])
     capacity = max(int(state["config"]["capacity"]) // world_size, -(-size // world_size), 1)
     return [_shard(state, rank, world_size, capacity) for rank in range(world_size)]
+
+
+def _original_shards(state: Mapping[str, Any], meta: list[dict[str, Any]]
+                     ) -> list[dict[str, Any]]:
+    """Undo :func:`merge_shards` exactly (the shards were concatenated in order, each FIFO
+    shard rotated oldest-first)."""
+    out, start = [], 0
+    for rank, m in enumerate(meta):
+        size, ptr = m["size"], m["fifo_ptr"]
+        rows = torch.arange(start, start + size)
+        start += size
+        config = dict(state["config"], capacity=m["capacity"], seed=m["seed"])
+        if config["policy"] == "fifo" and ptr != 0 and size >= m["capacity"]:
+            rows = rows[(torch.arange(size) - ptr) % size]  # back to the saved slot order
+        data = None
+        if state["data"] is not None and size:
+            data = {key: value[rows].clone() for key, value in state["data"].items()}
+        priority = None if state["priority"] is None else state["priority"][rows].clone()
+        out.append({
+            "format": STATE_FORMAT,
+            "config": config,
+            "size": size,
+            "num_seen": m["num_seen"],
+            "fifo_ptr": ptr,
+            "sample_calls": m["sample_calls"],
+            "max_priority": m["max_priority"],
+            "data": data,
+            "priority": priority,
+            "class_seen": m["class_seen"].clone(),
+            "generator_state": state["generator_states"][rank],
+            "generator_seed": None,
+            "shards": 1,
+        })
+    return out
 
 
 def _split_count(total: Tensor | int, rank: int, world_size: int) -> Any:

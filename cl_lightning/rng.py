@@ -1,4 +1,10 @@
-"""Capture and restore every random generator a run draws from (for exact resume)."""
+"""Capture and restore every random generator a run draws from (for exact resume).
+
+Under ``torch.distributed`` every rank has its own generator states (dropout masks and
+batch augmentation differ per rank). :func:`collect_rng_states` then gathers all ranks'
+states into the checkpoint (every rank calls it while a checkpoint is assembled, so the
+gather is a matched collective) and :func:`restore_rng_states` gives each rank its own.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
-def collect_rng_states() -> dict[str, Any]:
-    """States of Python's, NumPy's, torch's CPU and (if present) CUDA generators.
+def local_rng_states() -> dict[str, Any]:
+    """This process's Python, NumPy, torch CPU and (if initialised) CUDA generator states.
 
     Only tensors, ints, floats, strings and tuples, so ``torch.load(weights_only=True)``
     can read a checkpoint that holds them.
@@ -27,8 +34,34 @@ def collect_rng_states() -> dict[str, Any]:
     return states
 
 
+def collect_rng_states() -> dict[str, Any]:
+    """This rank's generator states; under DDP also ``"per_rank"``: every rank's, in order.
+
+    Under an initialised process group with more than one rank this is a collective
+    (``all_gather_object``): every rank must call it, as Lightning does with the
+    ``on_save_checkpoint`` hooks.
+    """
+    states = local_rng_states()
+    world, _ = _world_and_rank()
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, states)
+        states["per_rank"] = gathered
+    return states
+
+
 def restore_rng_states(states: dict[str, Any]) -> None:
-    """Inverse of :func:`collect_rng_states`; missing entries are left as they are."""
+    """Inverse of :func:`collect_rng_states`; missing entries are left as they are.
+
+    A rank takes its own entry of ``"per_rank"`` when the checkpoint has one for it (same
+    or larger world size at save time); otherwise (older checkpoints, or more ranks now
+    than then) the saving rank's top-level states, which keeps a single-process resume
+    exact and makes a changed world size deterministic.
+    """
+    _, rank = _world_and_rank()
+    per_rank = states.get("per_rank")
+    if per_rank and rank < len(per_rank):
+        states = per_rank[rank]
     if "python" in states:
         random.setstate(states["python"])
     if "numpy" in states:
@@ -37,4 +70,11 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     if "torch" in states:
         torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        saved = states["cuda"]
+        torch.cuda.set_rng_state_all(saved[: torch.cuda.device_count()])
+
+
+def _world_and_rank() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0

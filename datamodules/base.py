@@ -20,9 +20,11 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 
 from cl_lightning.checks import require_at_least
+from datamodules.resumable import ResumableLoader
 
 Scenario = Literal["class-il", "task-il", "domain-il"]
 SCENARIOS: tuple[str, ...] = ("class-il", "task-il", "domain-il")
@@ -101,6 +103,10 @@ class ContinualDataModule(L.LightningDataModule):
         label_noise: symmetric label-noise rate on training labels, in [0, 1).
         noise_seed: seed of the label-noise draws.
         joint: train on all tasks at once in a single phase (upper bound).
+        shuffle_seed: seed of the training-set shuffles (epoch ``e`` uses ``shuffle_seed + e``,
+            under DDP split across ranks); None: drawn once from torch's global generator
+            (so ``seed_everything`` decides it). Kept in checkpoints, so a resumed run
+            shuffles as the interrupted one would have.
     """
 
     supported_scenarios: tuple[str, ...] = SCENARIOS
@@ -116,6 +122,7 @@ class ContinualDataModule(L.LightningDataModule):
         label_noise: float = 0.0,
         noise_seed: int = 0,
         joint: bool = False,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
         require_at_least(1, "data.", epochs_per_task=epochs_per_task, batch_size=batch_size,
@@ -137,6 +144,8 @@ class ContinualDataModule(L.LightningDataModule):
         self.label_noise = label_noise
         self.noise_seed = noise_seed
         self.joint = joint
+        self.shuffle_seed = shuffle_seed
+        self._shuffle_seed = shuffle_seed  # resolved on first use / from a checkpoint
         self.tasks: list[TaskData] | None = None
         self._train_views: list[TaskView] = []
         self._test_views: list[TaskView] = []
@@ -243,13 +252,42 @@ class ContinualDataModule(L.LightningDataModule):
         return ConcatDataset(self._train_views) if self.joint else self._train_views[phase]
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_dataset(self.current_phase),
+        """The current phase's loader for this epoch (rebuilt every epoch).
+
+        Its order depends only on ``(shuffle_seed, epoch)`` and the rank, and its position
+        is checkpointed (:class:`~datamodules.resumable.ResumableLoader`), so a run resumed
+        from any checkpoint, mid-epoch included, sees the batches the original run would
+        have seen. Under DDP the sampler gives each rank its part of the epoch (Lightning
+        keeps a ``DistributedSampler`` it is given).
+        """
+        trainer = self.trainer
+        epoch = trainer.current_epoch if trainer is not None else 0
+        world, rank = _world_and_rank(trainer)
+        dataset = self.train_dataset(self.current_phase)
+        seed = self.resolved_shuffle_seed()
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                     seed=seed)
+        sampler.set_epoch(epoch)  # Lightning sets it too, but only after workers may prefetch
+        return ResumableLoader(
+            dataset,
+            epoch=epoch,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=False,
+            generator=torch.Generator().manual_seed(seed + epoch),  # worker seeds
         )
+
+    def resolved_shuffle_seed(self) -> int:
+        """``shuffle_seed``, or one drawn from torch's global generator on first use (the
+        same on every rank)."""
+        if self._shuffle_seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+            trainer = self.trainer
+            if _world_and_rank(trainer)[0] > 1:
+                seed = int(trainer.strategy.broadcast(seed, src=0))
+            self._shuffle_seed = seed
+        return self._shuffle_seed
 
     def test_sets(self) -> list[TaskView]:
         return list(self._test_views)
@@ -300,9 +338,21 @@ class ContinualDataModule(L.LightningDataModule):
         return definition
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stream_definition": self.stream_definition()}
+        return {"stream_definition": self.stream_definition(), "shuffle_seed": self._shuffle_seed,
+                "global_batch": self.batch_size * _world_and_rank(self.trainer)[0]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.shuffle_seed is None and state_dict.get("shuffle_seed") is not None:
+            self._shuffle_seed = int(state_dict["shuffle_seed"])  # an explicit option wins
+        world = _world_and_rank(self.trainer)[0]
+        saved_batch = state_dict.get("global_batch")
+        if saved_batch is not None and saved_batch != self.batch_size * world:
+            rank_zero_warn(
+                f"the checkpoint was trained with a global batch of {saved_batch} "
+                f"(data.batch_size x processes); this run has {self.batch_size} x {world} = "
+                f"{self.batch_size * world}. To continue with the same global batch, set "
+                f"--data.batch_size {max(saved_batch // world, 1)} (and scale the replay "
+                "batch the same way).")
         saved = state_dict.get("stream_definition", {})
         current = self.stream_definition()
         diff = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
@@ -315,3 +365,7 @@ class ContinualDataModule(L.LightningDataModule):
                 "or start a new run without --ckpt_path."
             )
 
+
+def _world_and_rank(trainer: Any) -> tuple[int, int]:
+    """(world size, global rank) of a trainer; (1, 0) without one."""
+    return getattr(trainer, "world_size", 1), getattr(trainer, "global_rank", 0)

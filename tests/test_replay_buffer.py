@@ -427,6 +427,37 @@ def test_merge_then_split_keeps_every_item_exactly_once(policy: str) -> None:
     assert sorted(stored_ids(whole).tolist()) == all_ids
 
 
+@pytest.mark.parametrize("policy", ["reservoir", "fifo", "class_balanced"])
+@pytest.mark.parametrize("sampling", ["uniform", "prioritized"])
+def test_split_into_the_saved_number_of_shards_restores_each_shard_exactly(
+        policy: str, sampling: str) -> None:
+    shards = []
+    for rank in range(2):  # unequal streams: different counters and FIFO pointers per shard
+        buf = ReplayBuffer(20, policy=policy, sampling=sampling, seed=rank)
+        stream(buf, 37 + 9 * rank, batch=8, start=1000 * rank)
+        if sampling == "prioritized":
+            drawn = buf.sample(5)
+            buf.update_priorities(drawn["index"], torch.rand(5, dtype=torch.float64) + rank)
+        shards.append(buf)
+    states = [s.state_dict() for s in shards]
+    for rank, part in enumerate(split_state(merge_shards(states), 2)):
+        restored = ReplayBuffer(1)
+        restored.load_state_dict(part)
+        again = restored.state_dict()
+        for key, value in states[rank].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(again[key], value), key
+            elif isinstance(value, dict) and key == "data":
+                for k in value:
+                    assert torch.equal(again[key][k], value[k]), k
+            else:
+                assert again[key] == value, key
+        # and it continues identically
+        for buf in (restored, shards[rank]):
+            stream(buf, 12, batch=4, start=70_000)
+        assert torch.equal(restored.sample(6)["x"], shards[rank].sample(6)["x"])
+
+
 def test_merge_keeps_priorities_with_their_items() -> None:
     shards = [ReplayBuffer(6, sampling="prioritized", seed=r) for r in range(2)]
     for rank, buf in enumerate(shards):
@@ -480,8 +511,8 @@ def test_ddp_state_dict_gathers_all_ranks() -> None:
     assert torch.equal(results[1]["merged"]["data"]["x"], merged["data"]["x"])
     local_ids = [r["local"]["data"]["x"][:, 0].long() for r in results]
     assert sorted(torch.cat(local_ids).tolist()) == sorted(ids.tolist())
-    assert torch.equal(local_ids[0], ids[0::2]) and torch.equal(local_ids[1], ids[1::2])
-    # same shard count on reload: each rank gets its own generator state back
+    # same shard count on reload: each rank gets exactly its own shard and generator back
+    assert torch.equal(local_ids[0], ids[:8]) and torch.equal(local_ids[1], ids[8:])
     for rank, result in enumerate(results):
         own = merged["generator_states"][rank]
         assert torch.equal(result["local"]["generator_state"], own)
