@@ -187,19 +187,40 @@ class ESMER(ExperienceReplay):
         if torch.rand((), generator=self._generator).item() < self.ema_update_prob:
             ema_update(self.semantic_memory(learner), learner.net,
                        ema_decay(self.steps, self.ema_alpha))
+        if _world_size(learner) > 1:
+            self._sync_semantic_memory_buffers(learner)
         if not warmup:
             a = ema_decay(self.steps, self.loss_alpha)
-            self.mu = update_loss_memory(self.mu, self._l_s, self.steps, self.loss_alpha,
-                                         self.std_margin)
+            self.mu = update_loss_memory(self.mu, self._global_batch(learner, self._l_s),
+                                         self.steps, self.loss_alpha, self.std_margin)
             self.mu_norm = a * self.mu_norm + (1.0 - a)
         log = dict(on_step=False, on_epoch=True, batch_size=len(self._l_s))
+        # mu and warm-up are the same on every rank; the fractions are per-rank shares
         learner.log("esmer/mu", self.loss_memory, **log)
-        learner.log("esmer/modulated_fraction", self._modulated, **log)
-        learner.log("esmer/admitted_fraction", admitted.float().mean(), **log)
+        learner.log("esmer/modulated_fraction", self._modulated, sync_dist=True, **log)
+        learner.log("esmer/admitted_fraction", admitted.float().mean(), sync_dist=True, **log)
         learner.log("esmer/warmup", float(warmup), **log)
         self.steps += 1
         self.task_steps += 1
         self._l_s = self._ema_logits = None
+
+    @staticmethod
+    def _global_batch(learner: ContinualLearner, l_s: torch.Tensor) -> torch.Tensor:
+        """The semantic-memory losses of the whole (all-rank) batch, so the loss memory
+        ``mu`` is the same on every DDP rank and equals a one-process run's on that batch.
+        l_s: (B,) -> (world * B,)."""
+        if _world_size(learner) == 1:
+            return l_s
+        return learner.all_gather(l_s.detach()).reshape(-1)
+
+    def _sync_semantic_memory_buffers(self, learner: ContinualLearner) -> None:
+        """Give every rank rank 0's EMA buffers (batch-norm statistics), as DDP does for
+        the working model; the EMA parameters are identical on every rank already (same
+        update draws, all-reduced working model)."""
+        ema = self.semantic_memory(learner)
+        for buf in ema.buffers():
+            if buf.is_floating_point():
+                torch.distributed.broadcast(buf, src=0)
 
     def on_task_end(self, learner: ContinualLearner, task: int) -> None:
         super().on_task_end(learner, task)
@@ -231,3 +252,7 @@ class ESMER(ExperienceReplay):
                 self._pending_ema = state_dict["ema"]
             else:
                 self.ema.load_state_dict(state_dict["ema"])
+
+
+def _world_size(learner: ContinualLearner) -> int:
+    return getattr(learner.trainer, "world_size", 1)
