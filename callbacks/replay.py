@@ -60,12 +60,16 @@ class ExperienceReplay(L.Callback, LearnerPlugin):
         seed: int = 0,
         loss_average: Literal["union", "separate"] = "union",
     ) -> None:
-        require_at_least(1, "", capacity=capacity)
-        require_at_least(1, "", replay_batch_size=replay_batch_size)
+        where = f"{type(self).__name__} (trainer.callbacks): "
+        require_at_least(1, where, capacity=capacity,
+                         hint="a rehearsal method needs a buffer: set capacity >= "
+                              "replay_batch_size, or remove the callback to fine-tune without one")
+        require_at_least(1, where, replay_batch_size=replay_batch_size,
+                         hint="set replay_batch_size to the number of samples replayed per step")
         if replay_batch_size > capacity:
-            raise ValueError(f"the buffer (capacity={capacity}) is smaller than one replay batch "
-                             f"(replay_batch_size={replay_batch_size}); raise capacity or lower "
-                             "replay_batch_size")
+            raise ValueError(f"{where}the buffer (capacity={capacity}) is smaller than one "
+                             f"replay batch (replay_batch_size={replay_batch_size}); raise "
+                             "capacity or lower replay_batch_size")
         self.capacity, self.replay_batch_size = capacity, replay_batch_size
         self.policy, self.sampling = policy, sampling
         self.alpha, self.beta, self.anneal_beta = alpha, beta, anneal_beta
