@@ -96,6 +96,16 @@ def multi_step_weights(steps: int, progress: float, min_weight: float = 0.03) ->
     return w
 
 
+def shuffle_labels(y: Tensor, where: Tensor, classes: Sequence[int], num_classes: int,
+                   generator: torch.Generator | None = None) -> Tensor:
+    """A shuffled-label episode: ``y`` with ``classes`` mapped through one random
+    permutation of themselves where ``where`` is True (other labels unchanged)."""
+    cls = torch.as_tensor(list(classes), device=y.device)
+    mapping = torch.arange(num_classes, device=y.device)
+    mapping[cls] = cls[torch.randperm(len(cls), generator=generator).to(y.device)]
+    return torch.where(where, mapping[y], y)
+
+
 def _key(name: str) -> str:
     return name.replace(".", "__")
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 from cl_lightning.checks import require_in_range
-from cl_lightning.meta import MetaLearning, Params
+from cl_lightning.meta import MetaLearning, Params, shuffle_labels
 from cl_lightning.models.backbones import MLP, Classifier
 from cl_lightning.plugins import LearnerPlugin, StepOutput
 from cl_lightning.rng import collect_rng_states, restore_rng_states
@@ -51,6 +51,10 @@ class ContinualLearner(L.LightningModule):
         support_fraction: with ``meta`` or ``context``, the fraction of each batch's
             current-task samples used as the support set; the rest plus the replayed
             samples form the query, which alone makes the outer loss.
+        label_shuffle: probability that a training step is a shuffled-label episode
+            (Santoro et al. 2016): the current task's classes are permuted for that step's
+            support and query, so only the support (context / inner loop) tells the
+            query's label. Replayed samples and the buffer keep the true labels.
     """
 
     def __init__(
@@ -63,6 +67,7 @@ class ContinualLearner(L.LightningModule):
         meta: MetaLearning | None = None,
         context: bool = False,
         support_fraction: float = 0.5,
+        label_shuffle: float = 0.0,
     ) -> None:
         super().__init__()
         if stream is None:
@@ -80,6 +85,11 @@ class ContinualLearner(L.LightningModule):
         self.register_buffer("task_mask", mask, persistent=False)
         self.primary_variant = primary_variant or self.eval_modes()[0]
         require_in_range(0.05, 0.95, "model.", support_fraction=support_fraction)
+        require_in_range(0.0, 1.0, "model.", label_shuffle=label_shuffle)
+        if label_shuffle > 0 and meta is None and not context:
+            raise ValueError("model.label_shuffle > 0 needs model.meta or model.context "
+                             "(nothing could tell the shuffled labels); set it to 0")
+        self.label_shuffle = label_shuffle
         if context and not getattr(self.net, "supports_context", False):
             raise ValueError(
                 f"model.context=true needs a model that reads a context "
@@ -217,14 +227,18 @@ class ContinualLearner(L.LightningModule):
         replay = batch.get("replay", torch.zeros_like(batch["y"], dtype=torch.bool))
         support = self.support_mask(replay)
         models: list[ModelFn] = [self.net]
+        targets = batch["y"]
         if support.any():
             batch = {**batch, "support": support}
+            if self.label_shuffle > 0 and torch.rand(()) < self.label_shuffle:
+                classes = self.stream.task_classes[self.current_task]
+                targets = shuffle_labels(targets, ~replay, classes, self.stream.num_classes)
             models = self.adapted_models(
-                (inputs[support], batch["y"][support], batch["task"][support]),
+                (inputs[support], targets[support], batch["task"][support]),
                 inner=self.meta is not None, context=self.context,
                 context_mask=~support & ~replay)
         logits = self.train_logits(models[-1], inputs, batch["task"])
-        losses = F.cross_entropy(logits, batch["y"], reduction="none")
+        losses = F.cross_entropy(logits, targets, reduction="none")
         step = StepOutput(batch=batch, inputs=inputs, logits=logits, losses=losses,
                           task=self.current_task)
         weights = torch.ones_like(losses)
@@ -238,7 +252,8 @@ class ContinualLearner(L.LightningModule):
         if replay.any():
             terms["loss_replay"] = (weights * losses)[replay].mean()
         if len(models) > 1 and self.meta is not None and self.meta.multi_step_loss:
-            terms.update(self._multi_step_terms(models, inputs, batch, terms, query | replay))
+            terms.update(self._multi_step_terms(models, inputs, targets, batch["task"], terms,
+                                                query | replay))
         for p in plugins:
             step.extras.update(p.extra_losses(self, step))
         terms.update(step.extras)
@@ -251,7 +266,8 @@ class ContinualLearner(L.LightningModule):
         return {"loss": total, "step": step.detached()}
 
     def _multi_step_terms(self, models: list[ModelFn], inputs: torch.Tensor,
-                          batch: dict[str, torch.Tensor], terms: dict[str, torch.Tensor],
+                          targets: torch.Tensor, task: torch.Tensor,
+                          terms: dict[str, torch.Tensor],
                           outer: torch.Tensor) -> dict[str, torch.Tensor]:
         """MAML++ multi-step loss: the last step's terms scaled by its weight, plus the
         weighted outer losses of the earlier inner steps (``loss_msl``)."""
@@ -259,8 +275,8 @@ class ContinualLearner(L.LightningModule):
         w = self.meta.outer_weights(self.current_epoch).to(inputs.dtype)
         scaled = {k: v * w[-1] for k, v in terms.items()}
         early = [  # full batch: a context mask is per sample of the whole batch
-            w[k] * F.cross_entropy(self.train_logits(models[k], inputs, batch["task"])[outer],
-                                   batch["y"][outer])
+            w[k] * F.cross_entropy(self.train_logits(models[k], inputs, task)[outer],
+                                   targets[outer])
             for k in range(len(models) - 1) if w[k] > 0
         ]
         if early:

@@ -242,3 +242,25 @@ def test_head_fast_path_equals_the_generic_inner_loop(context):
     assert out[0][1].keys() == out[1][1].keys()
     for k in out[0][1]:
         torch.testing.assert_close(out[0][1][k], out[1][1][k], msg=k)
+
+
+def test_shuffled_label_episode_is_one_permutation_of_the_task_classes():
+    from cl_lightning.meta import shuffle_labels
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([2, 3, 4, 2, 3, 4, 0, 1])
+    where = torch.tensor([True] * 6 + [False] * 2)  # the last two are replayed samples
+    seen = set()
+    for _ in range(30):
+        out = shuffle_labels(y, where, (2, 3, 4), 5, g)
+        assert torch.equal(out[~where], y[~where])
+        mapping = {int(a): int(b) for a, b in zip(y[where], out[where], strict=True)}
+        assert sorted(mapping.values()) == [2, 3, 4]  # a bijection of the task's classes
+        seen.add(tuple(mapping[c] for c in (2, 3, 4)))
+    assert len(seen) == 6  # all 3! permutations occur
+
+
+def test_label_shuffle_needs_a_way_to_read_the_labels():
+    info = StreamInfo("domain-il", 2, 3, (6,), ((0, 1, 2), (0, 1, 2)))
+    with pytest.raises(ValueError, match="model.label_shuffle"):
+        ContinualLearner(net=MLP, stream=info, label_shuffle=0.5)
