@@ -260,9 +260,11 @@ class ContinualLearner(L.LightningModule):
         total = torch.stack(list(terms.values())).sum()
         self._check_finite(total, terms)
         bs = int(query.sum())
-        self.log("train/loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        self.log("train/loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs,
+                 sync_dist=True)  # epoch means over every rank's samples
         for name, value in terms.items():
-            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=bs)
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=bs,
+                     sync_dist=True)
         return {"loss": total, "step": step.detached()}
 
     def _multi_step_terms(self, models: list[ModelFn], inputs: torch.Tensor,
@@ -300,8 +302,11 @@ class ContinualLearner(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         task = self.current_task
-        self.log("task", float(task), prog_bar=True, on_step=False, on_epoch=True)
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_epoch=True)
+        # the same on every rank; sync_dist only keeps Lightning from warning under DDP
+        self.log("task", float(task), prog_bar=True, on_step=False, on_epoch=True,
+                 sync_dist=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_epoch=True,
+                 sync_dist=True)
         if self._task_started != task:
             self._task_started = task
             for p in self.plugins():
