@@ -65,15 +65,15 @@ class NaNLossAt(L.Callback, LearnerPlugin):
 
 
 class DumpRankState(L.Callback):
-    """Every rank saves its model parameters and ESMER/ER state at the end of fit, to
-    ``<folder>/rank{R}.pt``."""
+    """Every rank saves the learner's state (model, and e.g. MAML's learned step sizes)
+    and ESMER/ER state at the end of fit, to ``<folder>/rank{R}.pt``."""
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         state: dict[str, Any] = {
-            "net": {k: v.detach().cpu().clone() for k, v in pl_module.net.state_dict().items()}}
+            "net": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}}
         for cb in trainer.callbacks:
             if getattr(cb, "ema", None) is not None:
                 state["ema"] = {k: v.detach().cpu().clone()

@@ -63,14 +63,14 @@ def test_two_process_ddp_meta_step_leaves_identical_parameters(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "fit", *args, *META, *ER,
            "--data.num_tasks", "2", "--data.epochs_per_task", "1",
            "--trainer.strategy", "ddp", "--trainer.devices", "2",
-           "--trainer.callbacks+=tests.param_dump.DumpParams",
+           "--trainer.callbacks+=tests.fault_helpers.DumpRankState",
            "--trainer.callbacks.folder", str(dump),
            "--trainer.logger.save_dir", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a = torch.load(dump / "params_rank0.pt", weights_only=True)
-    b = torch.load(dump / "params_rank1.pt", weights_only=True)
+    a = torch.load(dump / "rank0.pt", weights_only=True)["net"]
+    b = torch.load(dump / "rank1.pt", weights_only=True)["net"]
     assert a.keys() == b.keys() and any(k.startswith("meta.step_lrs.") for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
