@@ -545,3 +545,29 @@ def test_one_cli_epoch_per_task(tmp_path, request, unchecked_cifar, stream, data
     assert res["num_tasks"] == tasks and res["complete"]
     assert len(res["accuracy_matrix"]) == tasks
     assert res["stream"]["stream"] == stream
+
+
+@pytest.mark.parametrize("cls", [PermutedMNIST, RotatedMNIST])
+def test_domain_mnist_heldout_task_is_the_next_task_of_a_longer_stream(mnist, cls):
+    root, _ = mnist
+    dm = built(cls, root, num_tasks=2, train_per_task=30, test_per_task=10)
+    held = dm.heldout_task()
+    longer = built(cls, root, num_tasks=3, train_per_task=30, test_per_task=10)
+    for mine, theirs in [(held.train, longer.tasks[2].train), (held.test, longer.tasks[2].test)]:
+        (xa, ya), (xb, yb) = stack(mine), stack(theirs)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    x_new, _ = stack(held.test)  # a new transformation, not one of the trained tasks
+    assert not any(torch.equal(x_new, stack(t.test)[0]) for t in dm.tasks)
+
+
+def test_synthetic_heldout_task_is_the_next_task_of_a_longer_stream():
+    from datamodules.synthetic import LinearShiftStream
+
+    kw = dict(train_per_task=40, test_per_task=20, input_dim=6, num_classes=3)
+    dm, longer = LinearShiftStream(num_tasks=2, **kw), LinearShiftStream(num_tasks=3, **kw)
+    dm.setup("fit")
+    longer.setup("fit")
+    held = dm.heldout_task()
+    assert torch.equal(held.train.tensors[0], longer.tasks[2].train.tensors[0])
+    assert torch.equal(held.test.tensors[1], longer.tasks[2].test.tensors[1])
+    assert torch.equal(dm.tasks[1].train.tensors[0], longer.tasks[1].train.tensors[0])
