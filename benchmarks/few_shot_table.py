@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def mean(values: list[float | None]) -> float | None:
-    known = [v for v in values if v is not None]
-    return sum(known) / len(known) if known else None
+from cl_lightning.few_shot import mean_over_tasks  # noqa: E402
 
 
 def fmt(v: float | None) -> str:
@@ -34,18 +35,17 @@ def main() -> None:
         name, path = spec.split("=", 1)
         with open(path) as f:
             res = json.load(f)
-        fs = res["few_shot"]
+        means = mean_over_tasks(res["few_shot"])
         variant = args.variant or res["primary_variant"]
-        tasks = fs["tasks"][variant]
-        keys = list(tasks)
+        tasks = means["tasks"][variant]
         if header is None:
-            header = keys
-            lines.append("| run | where | " + " | ".join(keys) + " |")
-            lines.append("|---|---|" + "---|" * len(keys))
+            header = list(tasks)
+            lines.append("| run | where | " + " | ".join(header) + " |")
+            lines.append("|---|---|" + "---|" * len(header))
         lines.append(f"| {name} | trained tasks (mean) | "
-                     + " | ".join(fmt(mean(tasks.get(k, []))) for k in header) + " |")
-        if fs.get("heldout"):
-            held = fs["heldout"][variant]
+                     + " | ".join(fmt(tasks.get(k)) for k in header) + " |")
+        if means["heldout"]:
+            held = means["heldout"][variant]
             lines.append(f"| {name} | held-out task | "
                          + " | ".join(fmt(held.get(k)) for k in header) + " |")
     print("\n".join(lines))

@@ -18,8 +18,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Subset
 
-from callbacks.report import accuracy_heatmap, plt, print_matrix, print_row
-from cl_lightning.few_shot import evaluate_task, pick_shots
+from callbacks.report import accuracy_heatmap, plt, print_few_shot, print_matrix, print_row
+from cl_lightning.few_shot import evaluate_task, mean_over_tasks, pick_shots
 from cl_lightning.metrics import summarize
 from cl_lightning.plugins import LearnerPlugin
 
@@ -141,6 +141,8 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
             primary = pl_module.primary_variant
             print_matrix(self.rows[primary], self.summary(pl_module, primary), primary,
                          {k: self.summary(pl_module, k) for k in self.rows if k != primary})
+            if self.few_shot is not None:
+                print_few_shot(mean_over_tasks(self.few_shot))
 
     def _report_row(self, trainer: L.Trainer, learner: ContinualLearner, stage: str) -> None:
         accs = learner.compute_eval()
@@ -176,15 +178,11 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
         if self.few_shot is not None:
-            metrics = {}
-            for mode, res in self.few_shot["tasks"].items():
-                for key, accs in res.items():
-                    known = [a for a in accs if a is not None]
-                    if known:
-                        metrics[f"few_shot/{mode}/{key}"] = sum(known) / len(known)
-            for mode, res in (self.few_shot["heldout"] or {}).items():
-                metrics.update({f"few_shot_heldout/{mode}/{k}": a for k, a in res.items()
-                                if a is not None})
+            means = mean_over_tasks(self.few_shot)
+            metrics = {f"few_shot{tag}/{variant}/{key}": a
+                       for part, tag in (("tasks", ""), ("heldout", "_heldout"))
+                       for variant, res in means[part].items()
+                       for key, a in res.items() if a is not None}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
         if self.heatmap and trainer.is_global_zero:

@@ -68,3 +68,18 @@ def print_row(accs: dict[str, list[float]], stage: str) -> None:
     for name, row in accs.items():
         table.add_row(name, *(f"{v:.1f}" for v in row), f"{sum(row) / len(row):.1f}")
     console.print(table)
+
+
+def print_few_shot(means: dict[str, dict[str, dict[str, float | None]]]) -> None:
+    """Print the few-shot adaptation means (:func:`cl_lightning.few_shot.mean_over_tasks`)."""
+    rows = [(f"{variant}, trained tasks (mean)", res) for variant, res in means["tasks"].items()]
+    rows += [(f"{variant}, held-out task", res) for variant, res in means["heldout"].items()]
+    keys = list(rows[0][1])
+    table = Table(title="Few-shot adaptation: accuracy (%) before / after adapting "
+                        "(mode/examples per class)")
+    table.add_column("where")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for where, res in rows:
+        table.add_row(where, *("-" if res.get(k) is None else f"{res[k]:.1f}" for k in keys))
+    Console(width=max(100, 40 + 11 * len(keys))).print(table)

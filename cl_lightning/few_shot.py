@@ -11,7 +11,7 @@ trained on, from that task's training set. The adaptation itself is the learner'
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -95,3 +95,15 @@ def evaluate_task(learner: ContinualLearner, pool: dict[str, torch.Tensor] | Non
                 results[mode][key] = acc
     learner.net.train(was_training)
     return results
+
+
+def mean_over_tasks(few_shot: dict[str, Any]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """``{"tasks": {variant: {key: mean over the tasks that have a value}},
+    "heldout": {variant: {key: accuracy}}}`` from a ``results.json`` ``few_shot`` block."""
+    def mean(accs: list[float | None]) -> float | None:
+        known = [a for a in accs if a is not None]
+        return sum(known) / len(known) if known else None
+
+    tasks = {variant: {key: mean(accs) for key, accs in res.items()}
+             for variant, res in few_shot["tasks"].items()}
+    return {"tasks": tasks, "heldout": few_shot.get("heldout") or {}}

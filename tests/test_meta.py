@@ -264,3 +264,26 @@ def test_label_shuffle_needs_a_way_to_read_the_labels():
     info = StreamInfo("domain-il", 2, 3, (6,), ((0, 1, 2), (0, 1, 2)))
     with pytest.raises(ValueError, match="model.label_shuffle"):
         ContinualLearner(net=MLP, stream=info, label_shuffle=0.5)
+
+
+def test_pick_shots_takes_up_to_n_random_items_per_class():
+    from cl_lightning.few_shot import pick_shots
+
+    y = torch.tensor([0] * 7 + [1] * 2 + [2] * 5)[torch.randperm(14, generator=torch.Generator(
+    ).manual_seed(0))]
+    g = torch.Generator().manual_seed(1)
+    draws = [pick_shots(y, 3, g) for _ in range(40)]
+    for idx in draws:
+        assert len(set(idx.tolist())) == len(idx) and torch.equal(idx, idx.sort().values)
+        assert torch.bincount(y[idx], minlength=3).tolist() == [3, 2, 3]
+    assert len({tuple(d.tolist()) for d in draws}) > 10  # random, not the first n
+
+
+def test_mean_over_tasks_skips_tasks_without_a_value():
+    from cl_lightning.few_shot import mean_over_tasks
+
+    fs = {"tasks": {"class_il": {"before": [50.0, 70.0], "inner/5": [None, 80.0],
+                                 "context/5": [None, None]}}, "heldout": None}
+    means = mean_over_tasks(fs)
+    assert means["tasks"]["class_il"] == {"before": 60.0, "inner/5": 80.0, "context/5": None}
+    assert means["heldout"] == {}
