@@ -107,6 +107,8 @@ class _MNISTDomainStream(ContinualDataModule):
             per task with ``subsample_seed`` (null: all).
         test_per_task: the same for the 10000 test samples (null: all).
         subsample_seed: seed of the subsampling draws.
+        normalize: standardise pixels with MNIST's mean and std; ``false`` feeds raw
+            pixels in [0, 1] as mammoth does (its learning rates were tuned for those).
         scenario: ``domain-il`` (the only one: every task has the ten digits).
         **kwargs: the options of :class:`ContinualDataModule` (batch_size, ...).
     """
@@ -121,6 +123,7 @@ class _MNISTDomainStream(ContinualDataModule):
         train_per_task: int | None = None,
         test_per_task: int | None = None,
         subsample_seed: int = 0,
+        normalize: bool = True,
         scenario: DomainScenario = "domain-il",
         **kwargs: Any,
     ) -> None:
@@ -131,6 +134,7 @@ class _MNISTDomainStream(ContinualDataModule):
         self.root, self.download = str(root), download
         self.train_per_task, self.test_per_task = train_per_task, test_per_task
         self.subsample_seed = subsample_seed
+        self.normalize = normalize
 
     @property
     def num_tasks(self) -> int:
@@ -149,7 +153,12 @@ class _MNISTDomainStream(ContinualDataModule):
 
     def stream_params(self) -> dict[str, Any]:
         return {"train_per_task": self.train_per_task, "test_per_task": self.test_per_task,
-                "subsample_seed": self.subsample_seed}
+                "subsample_seed": self.subsample_seed, "normalize": self.normalize}
+
+    @property
+    def pixel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) the images are standardised with ((0,), (1,) = raw [0, 1])."""
+        return (MNIST_MEAN, MNIST_STD) if self.normalize else ((0.0,), (1.0,))
 
     def prepare_data(self) -> None:
         if missing_files(mnist_folder(self.root), MNIST_FILES):
@@ -219,7 +228,7 @@ class PermutedMNIST(_MNISTDomainStream):
 
     def task_dataset(self, task: int, images: torch.Tensor,
                      targets: torch.Tensor) -> ImageTensorDataset:
-        return ImageTensorDataset(images, targets, MNIST_MEAN, MNIST_STD,
+        return ImageTensorDataset(images, targets, *self.pixel_stats,
                                   pixel_perm=self.permutation(task))
 
 
@@ -268,7 +277,7 @@ class RotatedMNIST(_MNISTDomainStream):
     def task_dataset(self, task: int, images: torch.Tensor,
                      targets: torch.Tensor) -> ImageTensorDataset:
         rotated = rotate_uint8(images, self._angles(task + 1)[task])
-        return ImageTensorDataset(rotated, targets, MNIST_MEAN, MNIST_STD)
+        return ImageTensorDataset(rotated, targets, *self.pixel_stats)
 
 
 def rotate_uint8(images: torch.Tensor, angle: float, chunk: int = 8192) -> torch.Tensor:

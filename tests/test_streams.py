@@ -571,3 +571,13 @@ def test_synthetic_heldout_task_is_the_next_task_of_a_longer_stream():
     assert torch.equal(held.train.tensors[0], longer.tasks[2].train.tensors[0])
     assert torch.equal(held.test.tensors[1], longer.tasks[2].test.tensors[1])
     assert torch.equal(dm.tasks[1].train.tensors[0], longer.tasks[1].train.tensors[0])
+
+
+def test_domain_mnist_raw_pixels_option(mnist):
+    root, raw = mnist
+    dm = built(PermutedMNIST, root, num_tasks=1, normalize=False)
+    x, _ = stack(dm.tasks[0].train)
+    expected = (raw["train"][0].float() / 255).flatten(1)[:, dm.permutation(0)]
+    torch.testing.assert_close(x.flatten(1), expected)
+    assert dm.stream_definition()["normalize"] is False
+    assert built(PermutedMNIST, root, num_tasks=1).stream_definition()["normalize"] is True
