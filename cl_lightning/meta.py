@@ -159,6 +159,10 @@ class MetaLearning(nn.Module):
     def step_lr(self, step: int, name: str) -> Tensor | float:
         return self.step_lrs[_key(name)][step] if self.learn_lr else self.lr
 
+    def second_order(self, detached: bool = False) -> bool:
+        """Whether :meth:`adapt` differentiates through the inner updates."""
+        return not (self.first_order or detached)
+
     def adapt(self, model: nn.Module, loss_fn: LossFn, detached: bool = False,
               steps: int | None = None) -> list[Params]:
         """Fast weights of the bound parameters after each inner step on ``loss_fn``.
@@ -173,7 +177,7 @@ class MetaLearning(nn.Module):
         start = {n: own[n] for n in self.names}
         if detached:
             start = {n: p.detach().requires_grad_() for n, p in start.items()}
-        second_order = not (self.first_order or detached)
+        second_order = self.second_order(detached)
         lr: StepLR = self.step_lr
         if detached:
             def lr(k: int, name: str) -> float:

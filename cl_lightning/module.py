@@ -181,28 +181,27 @@ class ContinualLearner(L.LightningModule):
 
         if not inner:
             return [model_at({}, **kwargs)]
-        meta = self.inner_learner()
-        if not meta.names:
-            meta.bind(self.net)
+        meta = self.inner_learner()  # bound to self.net
         if self.head_fast_path and all(n.startswith("head.") for n in meta.names):
             # forward == head(features(x)): the support features are computed once and
             # only the head runs in the inner loop (same values and gradients)
             feats = self.net.features(xs)
 
-            def head_at(params: Params, **kw: Any) -> ModelFn:
+            def head(params: Params, features: torch.Tensor) -> torch.Tensor:
                 own = {n.removeprefix("head."): v for n, v in params.items()}
-                return lambda x: functional_call(self.net.head, own,
-                                                 (self.net.features(x, **kw),))
+                return functional_call(self.net.head, own, (features,))
+
+            def head_at(params: Params, **kw: Any) -> ModelFn:
+                return lambda x: head(params, self.net.features(x, **kw))
 
             def support_loss(params: Params) -> torch.Tensor:
-                own = {n.removeprefix("head."): v for n, v in params.items()}
-                logits = functional_call(self.net.head, own, (feats,))
+                logits = head(params, feats)
                 return F.cross_entropy(self.train_logits(lambda _: logits, xs, ts), ys)
 
             return [head_at(p, **kwargs) for p in meta.adapt(self.net, support_loss, detached)]
 
-        second_order = not (meta.first_order or detached)
-        no_cudnn = second_order and xs.is_cuda  # cuDNN RNNs have no double backward
+        # cuDNN RNNs have no double backward
+        no_cudnn = meta.second_order(detached) and xs.is_cuda
 
         def support_loss(params: Params) -> torch.Tensor:
             off = torch.backends.cudnn.flags(enabled=False) if no_cudnn else None
