@@ -54,7 +54,7 @@ def accuracy(learner: ContinualLearner, model: ModelFn,
         batch = learner.transfer_batch_to_device(batch, learner.device, 0)
         logits = model(batch["x"])
         for i, mode in enumerate(modes):
-            shown = learner.mask_logits(logits, batch["task"]) if mode == "task_il" else logits
+            shown = learner.mode_logits(logits, batch["task"], mode)
             counts[i] += (shown.argmax(1) == batch["y"]).sum()
         counts[-1] += len(batch["y"])
     if learner._trainer is not None:

@@ -334,6 +334,11 @@ class ContinualLearner(L.LightningModule):
             return ["class_il", "task_il"]
         return [self.stream.scenario.replace("-", "_")]
 
+    def mode_logits(self, logits: torch.Tensor, task: torch.Tensor, mode: str) -> torch.Tensor:
+        """The logits an evaluation mode scores: masked to the task's classes for
+        ``task_il``, as they are otherwise."""
+        return self.mask_logits(logits, task) if mode == "task_il" else logits
+
     def eval_models(self) -> dict[str, nn.Module]:
         models: dict[str, nn.Module] = {"": self.net}
         for p in self.plugins():
@@ -351,7 +356,7 @@ class ContinualLearner(L.LightningModule):
         for prefix, model in self.eval_models().items():
             logits = model(batch["x"])
             for mode in self.eval_modes():
-                shown = self.mask_logits(logits, batch["task"]) if mode == "task_il" else logits
+                shown = self.mode_logits(logits, batch["task"], mode)
                 self._metric(prefix + mode).update(shown.argmax(1), batch["y"], batch["task"])
 
     def compute_eval(self) -> dict[str, list[float]]:
