@@ -1,8 +1,11 @@
 """Run a list of (config, extra args) x seeds through the CLI and print a markdown table.
 
 Each run is ``python train.py fit -c CONFIG --seed_everything SEED [EXTRA...]`` in a
-subprocess with its own log directory; the table reports mean ± std over seeds of the
-primary variant (and any other variant with --variants) read from ``results.json``.
+subprocess with its own log directory; ``{seed}`` in EXTRA is replaced by the seed (e.g.
+``--data.rotation_seed {seed}``). The table reports mean ± std over seeds of the primary
+variant (and any other variant with --variants) read from ``results.json``; it is printed
+and written to --out after every finished row, so an interrupted call keeps its rows.
+``--jobs N`` runs N subprocesses at once, each with one torch thread.
 
 Example (the synthetic stream's numbers in the README):
 
@@ -15,6 +18,7 @@ Example (the synthetic stream's numbers in the README):
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import shlex
@@ -29,13 +33,15 @@ ROOT = Path(__file__).resolve().parents[1]
 KEYS = ["avg_accuracy", "forgetting", "bwt", "fwt"]
 
 
-def run_one(config: str, extra: list[str], seed: int, log_root: str, name: str) -> dict:
+def run_one(config: str, extra: list[str], seed: int, log_root: str, name: str,
+            env: dict[str, str] | None = None) -> dict:
     cmd = [sys.executable, str(ROOT / "train.py"), "fit", "-c", config,
            "--seed_everything", str(seed), "--trainer.enable_progress_bar", "false",
            "--trainer.logger.init_args.save_dir", log_root,
-           "--trainer.logger.init_args.name", name, *extra]
+           "--trainer.logger.init_args.name", name,
+           *(a.replace("{seed}", str(seed)) for a in extra)]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -66,31 +72,51 @@ def main() -> None:
                     help="add a column with the first task's final accuracy")
     ap.add_argument("--log-root", default=None, help="where runs log (default: a temp dir)")
     ap.add_argument("--out", default=None, help="also write the table to this markdown file")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at once (each then gets OMP_NUM_THREADS=1)")
     args = ap.parse_args()
+    if args.jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {args.jobs}")
 
     log_root = args.log_root or tempfile.mkdtemp(prefix="cl_table_")
-    cols = ["run", "variant", *KEYS, "first task (final)", "wall s/run"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for i, spec in enumerate(args.run):
+    env = None if args.jobs == 1 else {**os.environ, "OMP_NUM_THREADS": "1"}
+    specs = []
+    for spec in args.run:
         label, _, rest = spec.partition("=")
         config, *extra = shlex.split(rest)
-        results = [run_one(config, extra, s, log_root, f"run{i}_seed{s}") for s in args.seeds]
-        for variant in [None, *args.variants]:
-            docs = [r if variant is None else r["variants"].get(variant) for r in results]
-            if any(d is None for d in docs):
-                continue
-            name = results[0]["primary_variant"] if variant is None else variant
-            row = [label, name, *(fmt([d[k] for d in docs]) for k in KEYS),
-                   fmt([d["accuracy_matrix"][-1][0] for d in docs]),
-                   f"{statistics.mean(r['wall_s'] for r in results):.0f}"]
-            lines.append("| " + " | ".join(row) + " |")
-        print(lines[-1], flush=True)
-    table = "\n".join(lines)
-    print(f"\nseeds {args.seeds}; accuracies in %; logs under {log_root}\n\n{table}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table + "\n")
+        specs.append((label, config, extra))
+    cols = ["run", "variant", *KEYS, "first task (final)", "wall s/run"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = [[pool.submit(run_one, config, extra, s, log_root, f"run{i}_seed{s}", env)
+                    for s in args.seeds] for i, (_, config, extra) in enumerate(specs)]
+        for (label, _, _), row_futures in zip(specs, futures, strict=True):
+            results = [f.result() for f in row_futures]
+            lines += table_rows(label, results, args.variants)
+            print(lines[-1], flush=True)
+            write(args.out, lines)
+    print(f"\nseeds {args.seeds}; accuracies in %; logs under {log_root}\n\n" + "\n".join(lines))
 
+
+def table_rows(label: str, results: list[dict], variants: list[str]) -> list[str]:
+    """One markdown row per reported variant of one run over its seeds."""
+    rows = []
+    for variant in [None, *variants]:
+        docs = [r if variant is None else r["variants"].get(variant) for r in results]
+        name = results[0]["primary_variant"] if variant is None else variant
+        if any(d is None for d in docs) or (variant == results[0]["primary_variant"]):
+            continue
+        row = [label, name, *(fmt([d[k] for d in docs]) for k in KEYS),
+               fmt([d["accuracy_matrix"][-1][0] for d in docs]),
+               f"{statistics.mean(r['wall_s'] for r in results):.0f}"]
+        rows.append("| " + " | ".join(row) + " |")
+    return rows
+
+
+def write(out: str | None, lines: list[str]) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text("\n".join(lines) + "\n")
 
 if __name__ == "__main__":
     main()

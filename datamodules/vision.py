@@ -4,7 +4,7 @@
   are not there and could not be downloaded" into a message naming the folder, the files
   it expects and the reason, instead of a urllib stack trace.
 - :class:`ImageTensorDataset`: images kept as ``uint8`` tensors in memory (a quarter of the
-  float size), normalised per item, optionally pixel-permuted.
+  float size), normalised per item or per batch, optionally pixel-permuted.
 - :class:`SplitImageStream`: class-incremental split of a labelled image set into tasks of
   ``classes_per_task`` consecutive classes, with optional per-task subsampling.
 """
@@ -131,16 +131,27 @@ class ImageTensorDataset(Dataset):
         self.scale = 1.0 / (255.0 * torch.tensor(std, dtype=torch.float32).view(c, 1, 1))
         self.shift = (torch.tensor(mean, dtype=torch.float32) /
                       torch.tensor(std, dtype=torch.float32)).view(c, 1, 1)
-        self.pixel_perm = pixel_perm
+        self.pixel_perm = pixel_perm  # applied per batch: a permuted copy per task would
+        # cost a dataset's memory for every task
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = self.images[i].float().mul_(self.scale).sub_(self.shift)
+    def _images(self, index: int | torch.Tensor) -> torch.Tensor:
+        """Normalised (and permuted) float images at ``index`` (one or a batch)."""
+        x = self.images[index].float().mul_(self.scale).sub_(self.shift)
         if self.pixel_perm is not None:
-            x = x.flatten()[self.pixel_perm].view_as(x)
-        return x, int(self.targets[i])
+            x = x.flatten(-3)[..., self.pixel_perm].view_as(x)
+        return x
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self._images(i), int(self.targets[i])
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """A whole batch in a few tensor ops (the DataLoader calls this instead of one
+        ``__getitem__`` per item); items equal ``__getitem__``'s bit for bit."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return list(zip(self._images(index).unbind(0), self.targets[index].tolist(), strict=True))
 
 
 def subsample(n: int, keep: int | None, generator: torch.Generator) -> torch.Tensor:

@@ -31,6 +31,7 @@ from datamodules import (
 )
 from datamodules.augment import random_crop_flip
 from datamodules.mnist import rotate_uint8
+from datamodules.vision import ImageTensorDataset
 
 # ----- tiny datasets in their real formats ----------------------------------------------------
 
@@ -581,3 +582,23 @@ def test_domain_mnist_raw_pixels_option(mnist):
     torch.testing.assert_close(x.flatten(1), expected)
     assert dm.stream_definition()["normalize"] is False
     assert built(PermutedMNIST, root, num_tasks=1).stream_definition()["normalize"] is True
+
+
+@pytest.mark.parametrize("perm", [False, True])
+def test_image_dataset_batched_items_equal_single_items(perm):
+    """The DataLoader's batched fetch (``__getitems__``) gives the items ``__getitem__``
+    gives, bit for bit, with and without a pixel permutation, on 3 channels."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (7, 3, 4, 5), dtype=torch.uint8, generator=g)
+    pixel_perm = torch.randperm(60, generator=g) if perm else None
+    ds = ImageTensorDataset(images, torch.arange(7), (0.1, 0.2, 0.3), (0.5, 0.6, 0.7),
+                            pixel_perm=pixel_perm)
+    batch = ds.__getitems__([5, 0, 5, 3])
+    for (x, y), i in zip(batch, [5, 0, 5, 3], strict=True):
+        x1, y1 = ds[i]
+        assert y == y1 == i and torch.equal(x, x1)
+    expected = (images[3].float() / 255 - torch.tensor([0.1, 0.2, 0.3]).view(3, 1, 1)) / \
+        torch.tensor([0.5, 0.6, 0.7]).view(3, 1, 1)
+    if perm:
+        expected = expected.flatten()[pixel_perm].view(3, 4, 5)
+    torch.testing.assert_close(batch[3][0], expected)
