@@ -29,8 +29,8 @@ class Summary:
 
     avg_accuracy: float
     avg_incremental_accuracy: float
-    forgetting: float
-    bwt: float
+    forgetting: float | None
+    bwt: float | None
     fwt: float | None
 
     def as_dict(self) -> dict[str, float | None]:
@@ -62,25 +62,27 @@ def average_incremental_accuracy(matrix: torch.Tensor, seen: int | None = None) 
     return sum(m[i, : i + 1].mean().item() for i in range(rows)) / rows
 
 
-def forgetting(matrix: torch.Tensor, seen: int | None = None) -> float:
+def forgetting(matrix: torch.Tensor, seen: int | None = None) -> float | None:
     """Average forgetting (Chaudhry et al. 2018) over tasks ``j < last``.
 
-    ``f_j = max_{j <= l < last} R[l, j] - R[last, j]``; ``0.0`` when fewer than two phases.
+    ``f_j = max_{j <= l < last} R[l, j] - R[last, j]``; ``None`` (undefined) with a single
+    phase or in a joint run.
     """
     m = _as_matrix(matrix)
     last = m.shape[0] - 1
     if last == 0 or (seen is not None and seen != m.shape[0]):
-        return 0.0
+        return None
     drops = [m[j:last, j].max().item() - m[last, j].item() for j in range(last)]
     return sum(drops) / len(drops)
 
 
-def backward_transfer(matrix: torch.Tensor, seen: int | None = None) -> float:
-    """BWT = mean over ``j < last`` of ``R[last, j] - R[j, j]``; ``0.0`` with one phase."""
+def backward_transfer(matrix: torch.Tensor, seen: int | None = None) -> float | None:
+    """BWT = mean over ``j < last`` of ``R[last, j] - R[j, j]``; ``None`` (undefined) with a
+    single phase or in a joint run."""
     m = _as_matrix(matrix)
     last = m.shape[0] - 1
     if last == 0 or (seen is not None and seen != m.shape[0]):
-        return 0.0
+        return None
     return sum(m[last, j].item() - m[j, j].item() for j in range(last)) / last
 
 

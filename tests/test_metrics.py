@@ -42,10 +42,10 @@ def test_bwt_and_fwt():
     assert s.fwt == pytest.approx(((10 - 12) + (30 - 25)) / 2)
 
 
-def test_fwt_undefined_without_initial_row_or_single_phase():
+def test_transfer_and_forgetting_undefined_without_initial_row_or_single_phase():
     assert summarize(R).fwt is None
     assert summarize([R[0]], B).fwt is None
-    assert summarize([R[0]]).forgetting == 0.0 and summarize([R[0]]).bwt == 0.0
+    assert summarize([R[0]]).forgetting is None and summarize([R[0]]).bwt is None
 
 
 def test_partial_matrix_counts_only_seen_tasks():
@@ -58,7 +58,7 @@ def test_partial_matrix_counts_only_seen_tasks():
 def test_joint_single_phase_sees_every_task():
     s = summarize([[80.0, 90.0, 100.0]], B, seen=3)
     assert s.avg_accuracy == pytest.approx(90.0)
-    assert s.forgetting == 0.0 and s.bwt == 0.0 and s.fwt is None
+    assert s.forgetting is None and s.bwt is None and s.fwt is None
 
 
 def test_bad_shapes_fail():
