@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torchvision.datasets import MNIST
@@ -237,26 +237,34 @@ class RotatedMNIST(_MNISTDomainStream):
 
     Angles are drawn uniformly in ``[min_angle, max_angle)`` degrees (counter-clockwise),
     one per task, from ``rotation_seed`` (task ``k``'s angle does not depend on
-    ``num_tasks``). Images are rotated once, when the stream is built, with bilinear
-    interpolation on the raw pixels (corners filled with black, MNIST's background) and
-    kept as ``uint8``: one copy of the images per task (full MNIST: 55 MB per task).
+    ``num_tasks``). Images are rotated once, when the stream is built, on the raw pixels
+    (corners filled with black, MNIST's background) and kept as ``uint8``: one copy of the
+    images per task (full MNIST: 55 MB per task).
 
     Args:
         rotation_seed: seed of the angles.
         min_angle: smallest angle, degrees.
         max_angle: largest angle (excluded), degrees.
+        interpolation: ``"bilinear"`` (smooth strokes) or ``"nearest"`` (mammoth's
+            ``transforms.functional.rotate`` default, used by the DER-paper protocol).
         **kwargs: num_tasks, root, download, train_per_task, test_per_task,
             subsample_seed (see the base class) and the ContinualDataModule options.
     """
 
     def __init__(self, rotation_seed: int = 0, min_angle: float = 0.0,
-                 max_angle: float = 180.0, **kwargs: Any) -> None:
+                 max_angle: float = 180.0,
+                 interpolation: Literal["bilinear", "nearest"] = "bilinear",
+                 **kwargs: Any) -> None:
         if not min_angle <= max_angle:
             raise ValueError(f"data.min_angle ({min_angle}) must be <= data.max_angle "
                              f"({max_angle})")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"data.interpolation must be one of {sorted(INTERPOLATIONS)}, "
+                             f"got {interpolation!r}")
         super().__init__(**kwargs)
         self.rotation_seed = rotation_seed
         self.min_angle, self.max_angle = float(min_angle), float(max_angle)
+        self.interpolation = interpolation
 
     @property
     def angles(self) -> list[float]:
@@ -272,20 +280,25 @@ class RotatedMNIST(_MNISTDomainStream):
     def stream_params(self) -> dict[str, Any]:
         return {**super().stream_params(), "rotation_seed": self.rotation_seed,
                 "min_angle": self.min_angle, "max_angle": self.max_angle,
+                "interpolation": self.interpolation,
                 "angles": [round(a, 4) for a in self.angles]}
 
     def task_dataset(self, task: int, images: torch.Tensor,
                      targets: torch.Tensor) -> ImageTensorDataset:
-        rotated = rotate_uint8(images, self._angles(task + 1)[task])
+        rotated = rotate_uint8(images, self._angles(task + 1)[task], self.interpolation)
         return ImageTensorDataset(rotated, targets, *self.pixel_stats)
 
 
-def rotate_uint8(images: torch.Tensor, angle: float, chunk: int = 8192) -> torch.Tensor:
-    """Rotate uint8 images (N, C, H, W) by ``angle`` degrees counter-clockwise (bilinear,
-    black corners), in chunks -> (N, C, H, W) uint8."""
+INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "nearest": InterpolationMode.NEAREST}
+
+
+def rotate_uint8(images: torch.Tensor, angle: float, interpolation: str = "bilinear",
+                 chunk: int = 8192) -> torch.Tensor:
+    """Rotate uint8 images (N, C, H, W) by ``angle`` degrees counter-clockwise (``bilinear``
+    or ``nearest``, black corners), in chunks -> (N, C, H, W) uint8."""
     out = torch.empty_like(images)
     for i in range(0, len(images), chunk):
         part = TF.rotate(images[i:i + chunk].float(), angle,
-                         interpolation=InterpolationMode.BILINEAR, fill=0.0)
+                         interpolation=INTERPOLATIONS[interpolation], fill=0.0)
         out[i:i + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
     return out

@@ -373,6 +373,26 @@ def test_rotated_mnist_rotates_counter_clockwise(mnist):
     assert (dm.tasks[0].test.images.int() - expected.int()).abs().max() <= 1
 
 
+def test_rotated_mnist_nearest_interpolation_only_moves_pixels(mnist):
+    """``nearest`` (mammoth's) copies pixels: every output value of an image is one of its
+    input values or the black fill; bilinear blends neighbours into new grey levels. The
+    option is part of the stream definition (a checkpoint records it)."""
+    root, raw = mnist
+    near = built(RotatedMNIST, root, num_tasks=1, min_angle=30.0, max_angle=30.0,
+                 interpolation="nearest")
+    bil = built(RotatedMNIST, root, num_tasks=1, min_angle=30.0, max_angle=30.0)
+    src = raw["test"][0]
+    new_levels = {"nearest": 0, "bilinear": 0}
+    for name, dm in (("nearest", near), ("bilinear", bil)):
+        out = dm.tasks[0].test.images[:, 0]
+        for i in range(len(src)):
+            allowed = set(src[i].unique().tolist()) | {0}
+            new_levels[name] += len(set(out[i].unique().tolist()) - allowed)
+    assert new_levels["nearest"] == 0 and new_levels["bilinear"] > 0
+    assert near.stream_definition()["interpolation"] == "nearest"
+    assert bil.stream_definition()["interpolation"] == "bilinear"
+
+
 # ----- bad input and missing data ---------------------------------------------------------
 
 
@@ -386,6 +406,7 @@ def test_rotated_mnist_rotates_counter_clockwise(mnist):
         (lambda: PermutedMNIST(scenario="class-il"), "data.scenario"),
         (lambda: RotatedMNIST(num_tasks=0), "data.num_tasks"),
         (lambda: RotatedMNIST(min_angle=10, max_angle=5), "data.min_angle"),
+        (lambda: RotatedMNIST(interpolation="bicubic"), "data.interpolation"),
         (lambda: SplitCIFAR10(train_per_task=0), "data.train_per_task"),
         (lambda: SplitCIFAR10(crop_padding=-1), "data.crop_padding"),
     ],
