@@ -102,10 +102,12 @@ def table_rows(label: str, results: list[dict], variants: list[str]) -> list[str
     """One markdown row per reported variant of one run over its seeds."""
     rows = []
     for variant in [None, *variants]:
+        if variant == results[0]["primary_variant"]:
+            continue  # already the first row
         docs = [r if variant is None else r["variants"].get(variant) for r in results]
-        name = results[0]["primary_variant"] if variant is None else variant
-        if any(d is None for d in docs) or (variant == results[0]["primary_variant"]):
+        if any(d is None for d in docs):
             continue
+        name = results[0]["primary_variant"] if variant is None else variant
         row = [label, name, *(fmt([d[k] for d in docs]) for k in KEYS),
                fmt([d["accuracy_matrix"][-1][0] for d in docs]),
                f"{statistics.mean(r['wall_s'] for r in results):.0f}"]
@@ -117,6 +119,7 @@ def write(out: str | None, lines: list[str]) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text("\n".join(lines) + "\n")
+
 
 if __name__ == "__main__":
     main()

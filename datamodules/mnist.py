@@ -95,6 +95,10 @@ class SplitMNIST(SplitImageStream):
         return targets, lambda idx: images[idx]
 
 
+# Rotated-MNIST's data.interpolation choices
+INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "nearest": InterpolationMode.NEAREST}
+
+
 class _MNISTDomainStream(ContinualDataModule):
     """Base of the domain-IL MNIST streams: every task is all ten digits, seen through a
     task-specific input transformation (:meth:`task_dataset`).
@@ -288,8 +292,6 @@ class RotatedMNIST(_MNISTDomainStream):
         rotated = rotate_uint8(images, self._angles(task + 1)[task], self.interpolation)
         return ImageTensorDataset(rotated, targets, *self.pixel_stats)
 
-
-INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "nearest": InterpolationMode.NEAREST}
 
 
 def rotate_uint8(images: torch.Tensor, angle: float, interpolation: str = "bilinear",
