@@ -552,3 +552,32 @@ def test_invalid_arguments() -> None:
         small_dnc(strength_activation="exp")
     with pytest.raises(ValueError):
         small_dnc(sharpness=-1.0)
+
+
+def test_compiled_step_equals_eager_and_copies_use_their_own_weights() -> None:
+    """``compile_step`` changes speed, not maths: outputs, final state and parameter gradients
+    equal the eager step's; a deepcopy (ESMER's semantic memory) runs on its own weights."""
+    import copy
+
+    model = small_dnc()
+    x = torch.randn(3, 5, 4)
+    y_eager, s_eager = model(x)
+    g_eager = torch.autograd.grad(y_eager.square().sum(), list(model.parameters()))
+
+    model.compile_step = True
+    y_comp, s_comp = model(x)
+    g_comp = torch.autograd.grad(y_comp.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(y_comp, y_eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s_comp.link, s_eager.link, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_comp, g_eager, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    y_twin = twin(x)[0]
+    assert (y_twin - y_comp).abs().max() > 1e-3  # the copy's weights, not the original's
+    twin.compile_step = False
+    torch.testing.assert_close(y_twin, twin(x)[0], atol=1e-5, rtol=1e-5)
+    assert "compile_step=True" in repr(model) and "compile_step" not in repr(twin)
