@@ -47,6 +47,8 @@ def test_method_config_composes(capsys, stream, method):
                        for k, v in value["init_args"].items())
         else:
             assert cfg["model"][key] == value
+    for key, value in method_cfg.get("data", {}).get("init_args", {}).items():  # e.g. joint
+        assert cfg["data"]["init_args"][key] == value
 
 
 @pytest.mark.parametrize("stream, esmer", [("split_mnist", "esmer_fast_200"),

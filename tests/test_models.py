@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cl_lightning.models.agent import LSTMClassifier, MemoryAgent
+from cl_lightning.models.backbones import MLP
 from cl_lightning.models.encoders import RowTokens, build_encoder
 from cl_lightning.models.resnet import ResNet18
 from tests.conftest import read_results, run_cli
@@ -49,6 +50,25 @@ def test_lstm_baseline_has_the_same_interface():
     m = LSTMClassifier((1, 6, 6), 5, hidden_size=8)
     assert m(torch.randn(2, 1, 6, 6)).shape == (2, 5)
     assert not any("memory" in n for n, _ in m.named_parameters())
+
+
+def test_mlp_xavier_init_is_glorot_uniform_with_zero_biases():
+    torch.manual_seed(0)
+    net = MLP((1, 28, 28), 10, hidden=[100, 100], init="xavier")
+    for layer in [net.features[1], net.features[3], net.head]:
+        fan_out, fan_in = layer.weight.shape
+        bound = (6.0 / (fan_in + fan_out)) ** 0.5
+        w = layer.weight.detach()
+        assert w.abs().max() <= bound and w.abs().max() > 0.98 * bound
+        # U(-a, a) has variance a^2 / 3 = 2 / (fan_in + fan_out)
+        assert abs(w.var().item() * (fan_in + fan_out) / 2.0 - 1.0) < 0.1
+        assert torch.count_nonzero(layer.bias) == 0
+    # the default keeps PyTorch's initialisation: non-zero biases, weights within 1/sqrt(fan_in)
+    default = MLP((1, 28, 28), 10, hidden=[100, 100])
+    assert torch.count_nonzero(default.head.bias) > 0
+    assert default.features[1].weight.abs().max() <= 784 ** -0.5
+    with pytest.raises(ValueError, match="model.net.init"):
+        MLP((4,), 2, init="kaiming")
 
 
 def test_resnet18_parameter_count_matches_the_standard_network():
