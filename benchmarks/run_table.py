@@ -7,6 +7,12 @@ variant (and any other variant with --variants) read from ``results.json``; it i
 and written to --out after every finished row, so an interrupted call keeps its rows.
 ``--jobs N`` runs N subprocesses at once, each with one torch thread.
 
+``--collect`` runs nothing: each ``--run`` is ``"label=PATTERN ..."``, glob patterns of run
+folders (each holding a ``results.json``, e.g. ``logs/run0_seed*/version_0``), and the row
+is their mean ± std. It puts runs made by several calls, sessions or machines in one
+table. Every run records ``run_table.json`` (its command and wall time) next to its
+``results.json``; a collected run without it shows no wall time.
+
 Example (the synthetic stream's numbers in the README):
 
     python benchmarks/run_table.py --seeds 0 1 2 --out benchmarks/results/synthetic.md \
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import glob
 import json
 import os
 import shlex
@@ -47,9 +54,32 @@ def run_one(config: str, extra: list[str], seed: int, log_root: str, name: str,
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
         raise SystemExit(f"run failed: {shlex.join(cmd)}")
     found = sorted(Path(log_root, name).glob("version_*/results.json"), key=os.path.getmtime)
-    res = json.loads(found[-1].read_text())
-    res["wall_s"] = wall
+    found[-1].with_name("run_table.json").write_text(
+        json.dumps({"command": cmd, "wall_s": wall}, indent=1) + "\n")
+    return read_run(found[-1].parent)
+
+
+def read_run(folder: Path) -> dict:
+    """A finished run's ``results.json`` with ``wall_s`` (None where not recorded)."""
+    path = folder / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"--collect: {folder} has no results.json (not a run folder, or "
+                         "the run has not finished a task)")
+    res = json.loads(path.read_text())
+    if not res.get("complete", False):
+        raise SystemExit(f"--collect: {path} is of an unfinished run (complete: false); "
+                         "finish it with --ckpt_path last or leave it out")
+    record = folder / "run_table.json"
+    res["wall_s"] = json.loads(record.read_text())["wall_s"] if record.is_file() else None
     return res
+
+
+def collect(patterns: list[str]) -> list[dict]:
+    """The runs of every folder matched by the glob ``patterns``, in sorted order."""
+    folders = sorted({Path(f) for p in patterns for f in glob.glob(p)})
+    if not folders:
+        raise SystemExit(f"--collect: no folder matches {' '.join(patterns)}")
+    return [read_run(f) for f in folders]
 
 
 def fmt(values: list[float | None]) -> str:
@@ -74,9 +104,21 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the table to this markdown file")
     ap.add_argument("--jobs", type=int, default=1,
                     help="runs at once (each then gets OMP_NUM_THREADS=1)")
+    ap.add_argument("--collect", action="store_true",
+                    help='run nothing: each --run is "label=PATTERN ..." (globs of run folders '
+                         "with a results.json), tabulated as they are")
     args = ap.parse_args()
     if args.jobs < 1:
         ap.error(f"--jobs must be >= 1, got {args.jobs}")
+    cols = ["run", "variant", *KEYS, "first task (final)", "wall s/run"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    if args.collect:
+        for spec in args.run:
+            label, _, rest = spec.partition("=")
+            lines += table_rows(label, collect(shlex.split(rest)), args.variants)
+        write(args.out, lines)
+        print("\n".join(lines))
+        return
 
     log_root = args.log_root or tempfile.mkdtemp(prefix="cl_table_")
     env = None if args.jobs == 1 else {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -85,8 +127,6 @@ def main() -> None:
         label, _, rest = spec.partition("=")
         config, *extra = shlex.split(rest)
         specs.append((label, config, extra))
-    cols = ["run", "variant", *KEYS, "first task (final)", "wall s/run"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         futures = [[pool.submit(run_one, config, extra, s, log_root, f"run{i}_seed{s}", env)
                     for s in args.seeds] for i, (_, config, extra) in enumerate(specs)]
@@ -109,10 +149,15 @@ def table_rows(label: str, results: list[dict], variants: list[str]) -> list[str
             continue
         name = results[0]["primary_variant"] if variant is None else variant
         row = [label, name, *(fmt([d[k] for d in docs]) for k in KEYS),
-               fmt([d["accuracy_matrix"][-1][0] for d in docs]),
-               f"{statistics.mean(r['wall_s'] for r in results):.0f}"]
+               fmt([d["accuracy_matrix"][-1][0] for d in docs]), wall_time(results)]
         rows.append("| " + " | ".join(row) + " |")
     return rows
+
+
+def wall_time(results: list[dict]) -> str:
+    """Mean wall seconds per run over the runs that recorded one ("-" if none did)."""
+    walls = [r["wall_s"] for r in results if r.get("wall_s") is not None]
+    return f"{statistics.mean(walls):.0f}" if walls else "-"
 
 
 def write(out: str | None, lines: list[str]) -> None:

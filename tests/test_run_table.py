@@ -33,3 +33,25 @@ def test_run_table_runs_seeds_in_parallel_and_substitutes_the_seed(tmp_path):
     assert len(lines) == 3 and lines[2].startswith("| tasks |")
     mean = sum(avg) / 2
     assert f"{mean:.1f} ±" in lines[2]  # mean ± std over the two seeds
+
+    # --collect tabulates the same finished runs without running anything: the same row,
+    # including the wall time each run recorded in run_table.json.
+    collected = subprocess.run(
+        [sys.executable, "benchmarks/run_table.py", "--collect", "--first-task",
+         "--run", f"tasks={tmp_path}/logs/run0_seed2/version_* {tmp_path}/logs/run0_seed3/*"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert collected.returncode == 0, collected.stderr[-2000:]
+    assert collected.stdout.splitlines()[2] == lines[2]
+
+    # an unfinished run, or a folder that is not a run, is refused with the path named
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    doc = json.loads(next((tmp_path / "logs" / "run0_seed2").glob(
+        "version_*/results.json")).read_text())
+    (unfinished / "results.json").write_text(json.dumps({**doc, "complete": False}))
+    for folder, message in [(unfinished, "unfinished run"), (tmp_path / "logs", "no results.json")]:
+        refused = subprocess.run(
+            [sys.executable, "benchmarks/run_table.py", "--collect", "--run", f"x={folder}"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0
+        assert message in refused.stderr and str(folder) in refused.stderr
