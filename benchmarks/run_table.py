@@ -7,10 +7,14 @@ variant (and any other variant with --variants) read from ``results.json``; it i
 and written to --out after every finished row, so an interrupted call keeps its rows.
 ``--jobs N`` runs N subprocesses at once, each with one torch thread.
 
+``--resume`` with the ``--log-root`` of an earlier, interrupted call reuses its finished
+runs (when their recorded command is this call's) and continues the others from their
+``last.ckpt`` (``--ckpt_path auto``); a resumed run reports no wall time.
+
 ``--collect`` runs nothing: each ``--run`` is ``"label=PATTERN ..."``, glob patterns of run
 folders (each holding a ``results.json``, e.g. ``logs/run0_seed*/version_0``), and the row
 is their mean ± std. It puts runs made by several calls, sessions or machines in one
-table. Every run records ``run_table.json`` (its command and wall time) next to its
+table. Every run records ``run_table.json`` (its CLI arguments and wall time) next to its
 ``results.json``; a collected run without it shows no wall time.
 
 Example (the synthetic stream's numbers in the README):
@@ -41,21 +45,44 @@ KEYS = ["avg_accuracy", "forgetting", "bwt", "fwt"]
 
 
 def run_one(config: str, extra: list[str], seed: int, log_root: str, name: str,
-            env: dict[str, str] | None = None) -> dict:
-    cmd = [sys.executable, str(ROOT / "train.py"), "fit", "-c", config,
-           "--seed_everything", str(seed), "--trainer.enable_progress_bar", "false",
-           "--trainer.logger.init_args.save_dir", log_root,
-           "--trainer.logger.init_args.name", name,
-           *(a.replace("{seed}", str(seed)) for a in extra)]
+            env: dict[str, str] | None = None, resume: bool = False) -> dict:
+    args = ["fit", "-c", config, "--seed_everything", str(seed),
+            "--trainer.enable_progress_bar", "false",
+            "--trainer.logger.init_args.save_dir", log_root,
+            "--trainer.logger.init_args.name", name,
+            *(a.replace("{seed}", str(seed)) for a in extra)]
+    folder = Path(log_root, name)
+    resumed = False
+    if resume:
+        done = finished_run(folder, args)
+        if done is not None:
+            return done
+        resumed = any(folder.glob("version_*/checkpoints/last.ckpt"))
+    cmd = [sys.executable, str(ROOT / "train.py"), *args,
+           *(["--ckpt_path", "auto"] if resume else [])]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
         raise SystemExit(f"run failed: {shlex.join(cmd)}")
-    found = sorted(Path(log_root, name).glob("version_*/results.json"), key=os.path.getmtime)
-    found[-1].with_name("run_table.json").write_text(
-        json.dumps({"command": cmd, "wall_s": wall}, indent=1) + "\n")
+    found = sorted(folder.glob("version_*/results.json"), key=os.path.getmtime)
+    found[-1].with_name("run_table.json").write_text(json.dumps(
+        {"args": args, "wall_s": None if resumed else wall}, indent=1) + "\n")
+    return read_run(found[-1].parent)
+
+
+def finished_run(folder: Path, args: list[str]) -> dict | None:
+    """--resume: the finished run of ``args`` in ``folder`` (None: none yet, run it)."""
+    found = sorted(folder.glob("version_*/results.json"), key=os.path.getmtime)
+    if not found or not json.loads(found[-1].read_text()).get("complete", False):
+        return None
+    record = found[-1].with_name("run_table.json")
+    recorded = json.loads(record.read_text()).get("args") if record.is_file() else None
+    if recorded != args:
+        raise SystemExit(f"--resume: {found[-1].parent} holds a finished run of "
+                         f"{'another command' if recorded else 'an unrecorded command'}; "
+                         "give another --log-root (or tabulate it with --collect)")
     return read_run(found[-1].parent)
 
 
@@ -104,6 +131,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the table to this markdown file")
     ap.add_argument("--jobs", type=int, default=1,
                     help="runs at once (each then gets OMP_NUM_THREADS=1)")
+    ap.add_argument("--resume", action="store_true",
+                    help="with the --log-root of an earlier call: reuse its finished runs of "
+                         "the same command, continue unfinished ones from their last.ckpt")
     ap.add_argument("--collect", action="store_true",
                     help='run nothing: each --run is "label=PATTERN ..." (globs of run folders '
                          "with a results.json), tabulated as they are")
@@ -120,6 +150,8 @@ def main() -> None:
         print("\n".join(lines))
         return
 
+    if args.resume and not args.log_root:
+        ap.error("--resume needs --log-root, the folder of the call to resume")
     log_root = args.log_root or tempfile.mkdtemp(prefix="cl_table_")
     env = None if args.jobs == 1 else {**os.environ, "OMP_NUM_THREADS": "1"}
     specs = []
@@ -128,8 +160,9 @@ def main() -> None:
         config, *extra = shlex.split(rest)
         specs.append((label, config, extra))
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = [[pool.submit(run_one, config, extra, s, log_root, f"run{i}_seed{s}", env)
-                    for s in args.seeds] for i, (_, config, extra) in enumerate(specs)]
+        futures = [[pool.submit(run_one, config, extra, s, log_root, f"run{i}_seed{s}", env,
+                                args.resume) for s in args.seeds]
+                   for i, (_, config, extra) in enumerate(specs)]
         for (label, _, _), row_futures in zip(specs, futures, strict=True):
             results = [f.result() for f in row_futures]
             lines += table_rows(label, results, args.variants)

@@ -1,5 +1,5 @@
 """benchmarks/run_table.py end to end on a tiny synthetic stream: parallel runs, the
-``{seed}`` placeholder, the markdown table and its file."""
+``{seed}`` placeholder, the markdown table and its file, --collect and --resume."""
 
 from __future__ import annotations
 
@@ -11,16 +11,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+TINY = ("--trainer.accelerator cpu --trainer.enable_model_summary false "
+        "--model.net.init_args.hidden [16] --data.init_args.train_per_task 64 "
+        "--data.init_args.test_per_task 32 --data.init_args.epochs_per_task 1 "
+        "--data.init_args.input_dim 8 --data.init_args.num_classes 4")
+
+
+def table(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "benchmarks/run_table.py", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
 def test_run_table_runs_seeds_in_parallel_and_substitutes_the_seed(tmp_path):
-    tiny = ("--trainer.accelerator cpu --trainer.enable_model_summary false "
-            "--model.net.init_args.hidden [16] --data.init_args.train_per_task 64 "
-            "--data.init_args.test_per_task 32 --data.init_args.epochs_per_task 1 "
-            "--data.init_args.input_dim 8 --data.init_args.num_classes 4")
     out = tmp_path / "table.md"
     proc = subprocess.run(
         [sys.executable, "benchmarks/run_table.py", "--seeds", "2", "3", "--jobs", "2",
          "--log-root", str(tmp_path / "logs"), "--out", str(out), "--first-task",
-         "--run", f"tasks=configs/synthetic_mlp.yaml {tiny} --data.init_args.num_tasks {{seed}}"],
+         "--run", f"tasks=configs/synthetic_mlp.yaml {TINY} --data.init_args.num_tasks {{seed}}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for seed in (2, 3):  # "{seed}" became the seed: seed s ran s tasks
@@ -55,3 +62,44 @@ def test_run_table_runs_seeds_in_parallel_and_substitutes_the_seed(tmp_path):
             cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert refused.returncode != 0
         assert message in refused.stderr and str(folder) in refused.stderr
+
+
+def test_resume_reuses_finished_runs_and_continues_an_interrupted_one(tmp_path):
+    """An interrupted table call, resumed: the finished seed is not run again, the
+    interrupted one continues in its own version folder from last.ckpt and ends where an
+    uninterrupted run ends."""
+    run = (f"er=configs/synthetic_mlp.yaml -c configs/methods/er.yaml {TINY} "
+           "--data.init_args.num_tasks 3")
+    full = table("--seeds", "1", "--log-root", str(tmp_path / "full"), "--run", run)
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    logs = tmp_path / "logs"
+    first = table("--seeds", "0", "--log-root", str(logs), "--run", run)
+    assert first.returncode == 0, first.stderr[-2000:]
+    done = logs / "run0_seed0" / "version_0" / "results.json"
+    stamp = done.stat().st_mtime_ns
+    # seed 1 as run_table starts it, stopped by SIGTERM at the end of its second task
+    config, *extra = run.partition("=")[2].split()
+    interrupted = subprocess.run(
+        [sys.executable, "train.py", "fit", "-c", config, "--seed_everything", "1",
+         "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir",
+         str(logs), "--trainer.logger.init_args.name", "run0_seed1", *extra,
+         "--trainer.callbacks+=tests.fault_helpers.SignalAt", "--trainer.callbacks.epoch", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert interrupted.returncode == 143, interrupted.stderr[-2000:]
+    assert (logs / "run0_seed1" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+    resumed = table("--seeds", "0", "1", "--resume", "--log-root", str(logs), "--run", run)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert done.stat().st_mtime_ns == stamp  # seed 0 was not run again
+    assert sorted(p.name for p in logs.glob("run0_seed*/version_*")) == ["version_0"] * 2
+    got, want = (json.loads(next(root.glob("run0_seed1/version_0/results.json")).read_text())
+                 for root in (logs, tmp_path / "full"))
+    assert got["complete"] and got["accuracy_matrix"] == want["accuracy_matrix"]
+    record = logs / "run0_seed1" / "version_0" / "run_table.json"
+    assert json.loads(record.read_text())["wall_s"] is None  # a resumed run: no wall time
+    # another command on the same folders is refused, naming the folder
+    other = table("--seeds", "0", "--resume", "--log-root", str(logs),
+                  "--run", run.replace("num_tasks 3", "num_tasks 2"))
+    assert other.returncode != 0 and "another command" in other.stderr
+    assert str(logs / "run0_seed0") in other.stderr
