@@ -66,36 +66,43 @@ def run_one(config: str, extra: list[str], seed: int, log_root: str, name: str,
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
         raise SystemExit(f"run failed: {shlex.join(cmd)}")
-    found = sorted(folder.glob("version_*/results.json"), key=os.path.getmtime)
-    found[-1].with_name("run_table.json").write_text(json.dumps(
+    version = newest_version(folder)
+    (version / "run_table.json").write_text(json.dumps(
         {"args": args, "wall_s": None if resumed else wall}, indent=1) + "\n")
-    return read_run(found[-1].parent)
+    return read_run(version)
+
+
+def newest_version(folder: Path) -> Path | None:
+    """The ``version_*`` folder of ``folder`` with the newest ``results.json`` (None: none)."""
+    found = sorted(folder.glob("version_*/results.json"), key=os.path.getmtime)
+    return found[-1].parent if found else None
 
 
 def finished_run(folder: Path, args: list[str]) -> dict | None:
     """--resume: the finished run of ``args`` in ``folder`` (None: none yet, run it)."""
-    found = sorted(folder.glob("version_*/results.json"), key=os.path.getmtime)
-    if not found or not json.loads(found[-1].read_text()).get("complete", False):
+    version = newest_version(folder)
+    if version is None or not json.loads((version / "results.json").read_text()).get(
+            "complete", False):
         return None
-    record = found[-1].with_name("run_table.json")
+    record = version / "run_table.json"
     recorded = json.loads(record.read_text()).get("args") if record.is_file() else None
     if recorded != args:
-        raise SystemExit(f"--resume: {found[-1].parent} holds a finished run of "
+        raise SystemExit(f"--resume: {version} holds a finished run of "
                          f"{'another command' if recorded else 'an unrecorded command'}; "
                          "give another --log-root (or tabulate it with --collect)")
-    return read_run(found[-1].parent)
+    return read_run(version)
 
 
 def read_run(folder: Path) -> dict:
     """A finished run's ``results.json`` with ``wall_s`` (None where not recorded)."""
     path = folder / "results.json"
     if not path.is_file():
-        raise SystemExit(f"--collect: {folder} has no results.json (not a run folder, or "
-                         "the run has not finished a task)")
+        raise SystemExit(f"{folder} has no results.json (not a run folder, or the run has "
+                         "not finished a task)")
     res = json.loads(path.read_text())
     if not res.get("complete", False):
-        raise SystemExit(f"--collect: {path} is of an unfinished run (complete: false); "
-                         "finish it with --ckpt_path last or leave it out")
+        raise SystemExit(f"{path} is of an unfinished run (complete: false); finish it "
+                         "with --ckpt_path last or leave it out")
     record = folder / "run_table.json"
     res["wall_s"] = json.loads(record.read_text())["wall_s"] if record.is_file() else None
     return res

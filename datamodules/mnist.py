@@ -293,7 +293,6 @@ class RotatedMNIST(_MNISTDomainStream):
         return ImageTensorDataset(rotated, targets, *self.pixel_stats)
 
 
-
 def rotate_uint8(images: torch.Tensor, angle: float, interpolation: str = "bilinear",
                  chunk: int = 8192) -> torch.Tensor:
     """Rotate uint8 images (N, C, H, W) by ``angle`` degrees counter-clockwise (``bilinear``

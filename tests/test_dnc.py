@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -557,8 +558,6 @@ def test_invalid_arguments() -> None:
 def test_compiled_step_equals_eager_and_copies_use_their_own_weights() -> None:
     """``compile_step`` changes speed, not maths: outputs, final state and parameter gradients
     equal the eager step's; a deepcopy (ESMER's semantic memory) runs on its own weights."""
-    import copy
-
     model = small_dnc()
     x = torch.randn(3, 5, 4)
     y_eager, s_eager = model(x)

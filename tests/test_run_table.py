@@ -17,18 +17,16 @@ TINY = ("--trainer.accelerator cpu --trainer.enable_model_summary false "
         "--data.init_args.input_dim 8 --data.init_args.num_classes 4")
 
 
-def table(*args: str) -> subprocess.CompletedProcess:
+def table(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "benchmarks/run_table.py", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_run_table_runs_seeds_in_parallel_and_substitutes_the_seed(tmp_path):
     out = tmp_path / "table.md"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/run_table.py", "--seeds", "2", "3", "--jobs", "2",
-         "--log-root", str(tmp_path / "logs"), "--out", str(out), "--first-task",
-         "--run", f"tasks=configs/synthetic_mlp.yaml {TINY} --data.init_args.num_tasks {{seed}}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = table("--seeds", "2", "3", "--jobs", "2", "--log-root", str(tmp_path / "logs"),
+                 "--out", str(out), "--first-task", "--run",
+                 f"tasks=configs/synthetic_mlp.yaml {TINY} --data.init_args.num_tasks {{seed}}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     for seed in (2, 3):  # "{seed}" became the seed: seed s ran s tasks
         doc = json.loads(next((tmp_path / "logs" / f"run0_seed{seed}").glob(
@@ -43,10 +41,9 @@ def test_run_table_runs_seeds_in_parallel_and_substitutes_the_seed(tmp_path):
 
     # --collect tabulates the same finished runs without running anything: the same row,
     # including the wall time each run recorded in run_table.json.
-    collected = subprocess.run(
-        [sys.executable, "benchmarks/run_table.py", "--collect", "--first-task",
-         "--run", f"tasks={tmp_path}/logs/run0_seed2/version_* {tmp_path}/logs/run0_seed3/*"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    collected = table("--collect", "--first-task", "--run",
+                      f"tasks={tmp_path}/logs/run0_seed2/version_* {tmp_path}/logs/run0_seed3/*",
+                      timeout=120)
     assert collected.returncode == 0, collected.stderr[-2000:]
     assert collected.stdout.splitlines()[2] == lines[2]
 
@@ -57,9 +54,7 @@ def test_run_table_runs_seeds_in_parallel_and_substitutes_the_seed(tmp_path):
         "version_*/results.json")).read_text())
     (unfinished / "results.json").write_text(json.dumps({**doc, "complete": False}))
     for folder, message in [(unfinished, "unfinished run"), (tmp_path / "logs", "no results.json")]:
-        refused = subprocess.run(
-            [sys.executable, "benchmarks/run_table.py", "--collect", "--run", f"x={folder}"],
-            cwd=ROOT, capture_output=True, text=True, timeout=120)
+        refused = table("--collect", "--run", f"x={folder}", timeout=120)
         assert refused.returncode != 0
         assert message in refused.stderr and str(folder) in refused.stderr
 
