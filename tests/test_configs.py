@@ -51,23 +51,31 @@ def test_method_config_composes(capsys, stream, method):
         assert cfg["data"]["init_args"][key] == value
 
 
-@pytest.mark.parametrize("stream, esmer", [("split_mnist", "esmer_fast_200"),
-                                           ("permuted_mnist", "esmer_200"),
-                                           ("rotated_mnist", "esmer_500")])
-def test_full_agent_composes_on_every_mnist_stream(capsys, stream, esmer):
-    """stream + its ESMER config + agent + MAML + context: the agent's model and optimizer
-    replace the MLP and SGD of the stream and ESMER configs; ESMER's buffer stays."""
+@pytest.mark.parametrize("stream, esmer, images", [("split_mnist", "esmer_fast_200", False),
+                                                   ("permuted_mnist", "esmer_200", False),
+                                                   ("rotated_mnist", "esmer_500", False),
+                                                   ("split_cifar10", "esmer_200", True),
+                                                   ("split_cifar100", "esmer_200", True),
+                                                   ("split_tiny_imagenet", "esmer_200", True)])
+def test_full_agent_composes_on_every_stream(capsys, stream, esmer, images):
+    """stream + its ESMER config + agent (+ agent_cnn on colour images) + MAML + context: the
+    agent's model and optimizer replace the backbone and SGD of the stream and ESMER configs;
+    ESMER's buffer and the ESMER config's data options stay."""
     methods = CONFIGS / "methods"
-    cfg = print_config(capsys, CONFIGS / f"{stream}.yaml", CONFIGS / stream / f"{esmer}.yaml",
-                       methods / "agent.yaml", methods / "maml.yaml", methods / "context.yaml")
+    agent = [methods / "agent.yaml"] + ([methods / "agent_cnn.yaml"] if images else [])
+    esmer_file = CONFIGS / stream / f"{esmer}.yaml"
+    cfg = print_config(capsys, CONFIGS / f"{stream}.yaml", esmer_file, *agent,
+                       methods / "maml.yaml", methods / "context.yaml")
     model = cfg["model"]
     assert model["net"]["class_path"] == "cl_lightning.models.agent.MemoryAgent"
+    assert model["net"]["init_args"]["encoder"] == ("cnn" if images else "vector")
     assert model["optimizer"]["class_path"] == "torch.optim.Adam"
     assert model["optimizer"]["init_args"]["lr"] == 0.001
     assert model["meta"]["init_args"]["steps"] == 5 and model["context"] is True
-    esmer_cfg = yaml.safe_load((CONFIGS / stream / f"{esmer}.yaml").read_text())
+    esmer_cfg = yaml.safe_load(esmer_file.read_text())
     wanted = esmer_cfg["trainer"]["callbacks"][0]["init_args"]
     got = [cb for cb in cfg["trainer"]["callbacks"] if cb["class_path"] == "callbacks.esmer.ESMER"]
     assert got and all(got[0]["init_args"][k] == v for k, v in wanted.items())
-    assert cfg["data"]["init_args"]["batch_size"] == yaml.safe_load(
-        (CONFIGS / f"{stream}.yaml").read_text())["data"]["init_args"]["batch_size"]
+    data = {**yaml.safe_load((CONFIGS / f"{stream}.yaml").read_text())["data"]["init_args"],
+            **esmer_cfg.get("data", {}).get("init_args", {})}
+    assert all(cfg["data"]["init_args"][k] == v for k, v in data.items())

@@ -532,11 +532,15 @@ def test_colour_streams_augment_and_can_switch_it_off():
 # ----- one CLI epoch per stream -----------------------------------------------------------
 
 
-def run_fit(tmp_path, stream: str, root: str, *extra: str):
-    args = ["fit", "--seed_everything", "0", "--trainer.accelerator", "cpu",
+MLP = ("--model.net", "cl_lightning.models.backbones.MLP", "--model.net.hidden", "[16]")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def run_fit(tmp_path, stream: str, root: str, *extra: str, configs=(), net=MLP):
+    args = ["fit", *[a for c in configs for a in ("-c", os.path.join(CONFIGS, c))],
+            "--seed_everything", "0", "--trainer.accelerator", "cpu",
             "--trainer.devices", "1", "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false",
-            "--model.net", "cl_lightning.models.backbones.MLP", "--model.net.hidden", "[16]",
+            "--trainer.enable_model_summary", "false", *net,
             "--data", f"datamodules.{stream}", "--data.root", root, "--data.download", "false",
             "--data.epochs_per_task", "1", "--data.batch_size", "8",
             "--evaluation.heatmap", "false", "--trainer.limit_train_batches", "4",
@@ -567,6 +571,30 @@ def test_one_cli_epoch_per_task(tmp_path, request, unchecked_cifar, stream, data
     assert res["num_tasks"] == tasks and res["complete"]
     assert len(res["accuracy_matrix"]) == tasks
     assert res["stream"]["stream"] == stream
+
+
+@pytest.mark.slow
+def test_full_agent_one_cli_epoch_per_task_on_colour_images(tmp_path, cifar10, unchecked_cifar):
+    """The shipped composition for colour streams (stream + ESMER + agent + agent_cnn + MAML +
+    context), shrunk: the CNN encoder's tokens feed the DNC, MAML adapts the head, ESMER
+    reports its semantic memory, and every task is trained and evaluated."""
+    small = ("--model.net.init_args.cnn_width", "4", "--model.net.init_args.memory_slots", "8",
+             "--model.net.init_args.word_size", "8", "--model.net.init_args.hidden_size", "16",
+             "--model.net.init_args.core_output", "16", "--model.meta.init_args.steps", "2")
+    res = run_fit(tmp_path, "SplitCIFAR10", cifar10[0], "--trainer.limit_train_batches", "3",
+                  configs=("split_cifar10.yaml", "split_cifar10/esmer_200.yaml",
+                           "methods/agent.yaml", "methods/agent_cnn.yaml", "methods/maml.yaml",
+                           "methods/context.yaml"), net=small)
+    assert res["num_tasks"] == 5 and res["tasks_trained"] == 5 and res["complete"]
+    net = res["config"]["model"]["net"]
+    assert net["class_path"].endswith("MemoryAgent") and net["init_args"]["encoder"] == "cnn"
+    assert res["config"]["model"]["meta"]["init_args"]["steps"] == 2
+    assert res["primary_variant"] == "ema/class_il"  # the semantic memory, the rest alongside
+    matrices = [res["accuracy_matrix"]] + [res["variants"][v]["accuracy_matrix"]
+                                           for v in ("class_il", "task_il", "ema/task_il")]
+    for matrix in matrices:  # every task evaluated after every task, in percent
+        assert len(matrix) == 5 and all(len(row) == 5 and all(0 <= a <= 100 for a in row)
+                                        for row in matrix)
 
 
 @pytest.mark.parametrize("cls", [PermutedMNIST, RotatedMNIST])
