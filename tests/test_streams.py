@@ -16,10 +16,12 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from torchvision.datasets import CIFAR10, CIFAR100
 
 from cl_lightning.cli import main
+from cl_lightning.plugins import LearnerPlugin, StepOutput
 from datamodules import (
     DatasetNotFoundError,
     PermutedMNIST,
@@ -571,6 +573,51 @@ def test_one_cli_epoch_per_task(tmp_path, request, unchecked_cifar, stream, data
     assert res["num_tasks"] == tasks and res["complete"]
     assert len(res["accuracy_matrix"]) == tasks
     assert res["stream"]["stream"] == stream
+
+
+class AugmentSpy(Callback, LearnerPlugin):
+    """Records each training step's raw batch, the inputs the model saw, and the replay mask."""
+
+    plugin_order = 100
+    steps: list = []
+
+    def after_step(self, learner, step: StepOutput) -> None:
+        AugmentSpy.steps.append((step.batch["x"].detach().clone(), step.inputs.detach().clone(),
+                                 step.replay_mask.clone()))
+
+
+def crop_flip_of(out: torch.Tensor, x: torch.Tensor, padding: int, fill) -> bool:
+    """Whether ``out`` (C, H, W) is a crop of ``x`` padded with ``fill``, flipped or not."""
+    c, h, w = x.shape
+    padded = torch.tensor(fill, dtype=x.dtype).view(c, 1, 1).repeat(1, h + 2 * padding,
+                                                                    w + 2 * padding)
+    padded[:, padding:padding + h, padding:padding + w] = x
+    return any(torch.equal(o, padded[:, dy:dy + h, dx:dx + w])
+               for o in (out, out.flip(-1))
+               for dy in range(2 * padding + 1) for dx in range(2 * padding + 1))
+
+
+@pytest.mark.slow
+def test_replayed_samples_get_the_training_augmentation(tmp_path, cifar10, unchecked_cifar):
+    """The buffer stores raw images; the model sees every training row, replayed ones
+    included, as a fresh random crop (padding 4, black fill) + flip of it."""
+    AugmentSpy.steps = []
+    run_fit(tmp_path, "SplitCIFAR10", cifar10[0], "--trainer.limit_train_batches", "4",
+            "--data.classes_per_task", "5",
+            "--trainer.callbacks+=callbacks.replay.ExperienceReplay",
+            "--trainer.callbacks.capacity", "40", "--trainer.callbacks.replay_batch_size", "8",
+            "--trainer.callbacks+=tests.test_streams.AugmentSpy")
+    fill = [-m / s for m, s in zip(SplitCIFAR10.mean, SplitCIFAR10.std, strict=True)]
+    seen_raw = torch.cat([x[~replay] for x, _, replay in AugmentSpy.steps])
+    replayed = [(x[replay], inputs[replay]) for x, inputs, replay in AugmentSpy.steps
+                if replay.any()]
+    assert len(replayed) == 7  # every step after the first (2 tasks x 4 steps)
+    raw, seen = torch.cat([r for r, _ in replayed]), torch.cat([s for _, s in replayed])
+    assert len(raw) == 7 * 8
+    for r, out in zip(raw, seen, strict=True):
+        assert (r == seen_raw).flatten(1).all(1).any()  # the buffer kept the raw image
+        assert crop_flip_of(out, r, 4, fill)
+    assert sum(not torch.equal(r, out) for r, out in zip(raw, seen, strict=True)) > 40
 
 
 @pytest.mark.slow
