@@ -1,9 +1,12 @@
-"""Shared helpers: a tiny stream config and an in-process CLI runner."""
+"""Shared helpers: a tiny stream config, an in-process CLI runner and a ``train.py``
+subprocess runner."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,8 @@ from cl_lightning.cli import main
 # The tests' models are tiny: one intra-op thread is faster than two and keeps a busy
 # 2-core machine from oversubscribing.
 torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 TINY = [
     "--seed_everything", "0",
@@ -44,6 +49,28 @@ def run_cli(tmp: Path, *extra: str, command: str = "fit", name: str = "tiny"):
             "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
             "--trainer.logger.save_dir", str(tmp), "--trainer.logger.name", name, *extra]
     return main(args)
+
+
+def train_command(*extra: str, ddp_devices: int | None = None) -> list[str]:
+    """``python train.py fit`` with the tiny config, then ``extra``; ``ddp_devices`` runs
+    that many processes under the DDP strategy in place of the config's one device."""
+    args = TINY
+    if ddp_devices is not None:
+        i = TINY.index("--trainer.devices")
+        args = [*TINY[:i], *TINY[i + 2:], "--trainer.strategy", "ddp",
+                "--trainer.devices", str(ddp_devices)]
+    return [sys.executable, str(ROOT / "train.py"), "fit", *args, *extra]
+
+
+def one_thread_env() -> dict[str, str]:
+    """The environment for a subprocess run: one OpenMP thread per process."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_train(*extra: str, ddp_devices: int | None = None) -> subprocess.CompletedProcess:
+    """:func:`train_command` as a subprocess from the repository root, output captured."""
+    return subprocess.run(train_command(*extra, ddp_devices=ddp_devices), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=one_thread_env())
 
 
 def read_results(cli) -> dict:

@@ -1,15 +1,12 @@
 """MAML and memory as context through the CLI: few-shot results, replay, DDP."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import TINY, read_results
+from tests.conftest import read_results, run_train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT = ["--model.net", "cl_lightning.models.agent.MemoryAgent",
          "--model.net.memory_slots", "8", "--model.net.word_size", "4",
          "--model.net.read_heads", "1", "--model.net.hidden_size", "12",
@@ -56,18 +53,12 @@ def test_without_kept_samples_trained_tasks_have_no_adapted_accuracy(tiny_run):
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_two_process_ddp_meta_step_leaves_identical_parameters(tmp_path):
-    i = TINY.index("--trainer.devices")
-    args = TINY[:i] + TINY[i + 2:]
     dump = tmp_path / "dump"
     dump.mkdir()
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "fit", *args, *META, *ER,
-           "--data.num_tasks", "2", "--data.epochs_per_task", "1",
-           "--trainer.strategy", "ddp", "--trainer.devices", "2",
-           "--trainer.callbacks+=tests.fault_helpers.DumpRankState",
-           "--trainer.callbacks.folder", str(dump),
-           "--trainer.logger.save_dir", str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    proc = run_train(*META, *ER, "--data.num_tasks", "2", "--data.epochs_per_task", "1",
+                     "--trainer.callbacks+=tests.fault_helpers.DumpRankState",
+                     "--trainer.callbacks.folder", str(dump),
+                     "--trainer.logger.save_dir", str(tmp_path), ddp_devices=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = torch.load(dump / "rank0.pt", weights_only=True)["net"]
     b = torch.load(dump / "rank1.pt", weights_only=True)["net"]

@@ -1,13 +1,13 @@
 """Every shipped config parses, alone or composed with its stream config."""
 
-from pathlib import Path
 
 import pytest
 import yaml
 
 from cl_lightning.cli import main
+from tests.conftest import ROOT
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = ROOT / "configs"
 STREAMS = sorted(p for p in CONFIGS.glob("*.yaml"))
 METHODS = [(CONFIGS / "synthetic.yaml", p) for p in sorted((CONFIGS / "methods").glob("*.yaml"))]
 # every stream config configs/NAME.yaml with a folder configs/NAME/ of method configs

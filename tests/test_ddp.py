@@ -3,29 +3,20 @@
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import run_train
 
 
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_two_process_ddp_run_with_replay_checkpoints_both_shards(tmp_path):
-    from tests.conftest import TINY
-
-    i = TINY.index("--trainer.devices")
-    args = TINY[:i] + TINY[i + 2 :]
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "fit", *args,
-           "--trainer.strategy", "ddp", "--trainer.devices", "2",
-           "--trainer.callbacks+=callbacks.replay.ExperienceReplay",
-           "--trainer.callbacks.capacity", "60", "--trainer.callbacks.replay_batch_size", "8",
-           "--trainer.logger.save_dir", str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    proc = run_train("--trainer.callbacks+=callbacks.replay.ExperienceReplay",
+                     "--trainer.callbacks.capacity", "60",
+                     "--trainer.callbacks.replay_batch_size", "8",
+                     "--trainer.logger.save_dir", str(tmp_path), ddp_devices=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = glob.glob(os.path.join(str(tmp_path), "*", "version_0"))
     with open(os.path.join(run_dir, "results.json")) as f:

@@ -8,14 +8,12 @@ import glob
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import TINY, read_results, run_cli
+from tests.conftest import read_results, run_cli, run_train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STREAM = ["--data.num_tasks", "2", "--data.epochs_per_task", "2", "--model.net.dropout", "0.1"]
 ESMER = ["--trainer.callbacks+=callbacks.esmer.ESMER",
          "--trainer.callbacks.capacity", "40", "--trainer.callbacks.replay_batch_size", "8",
@@ -32,14 +30,9 @@ CHANGED_WORLD_TOLERANCE = 12.5  # points: 8 test samples
 
 
 def ddp_fit(save_dir: str, *extra: str, devices: int = 2) -> subprocess.CompletedProcess:
-    i = TINY.index("--trainer.devices")
-    args = TINY[:i] + TINY[i + 2:]
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "fit", *args, *STREAM, *ESMER,
-           "--trainer.strategy", "ddp", "--trainer.devices", str(devices),
-           "--evaluation.heatmap", "false",
-           "--trainer.logger.save_dir", save_dir, "--trainer.logger.name", "ddp", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    return run_train(*STREAM, *ESMER, "--evaluation.heatmap", "false",
+                     "--trainer.logger.save_dir", save_dir, "--trainer.logger.name", "ddp",
+                     *extra, ddp_devices=devices)
 
 
 def results(run_dir: str) -> dict:

@@ -7,7 +7,6 @@ import glob
 import os
 import signal
 import subprocess
-import sys
 import time
 import warnings
 
@@ -19,9 +18,7 @@ from torch.utils.data import DistributedSampler, TensorDataset
 from cl_lightning import checkpoint_io, rng
 from cl_lightning.checkpoint_io import AtomicCheckpointIO, UnreadableCheckpointError
 from datamodules.resumable import ResumableLoader
-from tests.conftest import TINY, read_results, run_cli
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT, one_thread_env, read_results, run_cli, train_command
 
 # 2 tasks x 2 epochs x 10 batches; dropout so that the global RNG matters
 STREAM = ["--data.num_tasks", "2", "--data.epochs_per_task", "2", "--model.net.dropout", "0.1"]
@@ -128,13 +125,12 @@ def read_results_file(run_dir: str) -> dict:
 @pytest.mark.slow
 def test_sigterm_to_a_cli_process_saves_a_resumable_checkpoint_and_exits_143(tmp_path):
     marker = str(tmp_path / "epoch_done")
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "fit", *TINY,
-           "--trainer.logger.save_dir", str(tmp_path), "--trainer.logger.name", "run",
-           "--trainer.logger.version", "job1", "--ckpt_path", "auto",  # as a requeued job
-           "--trainer.callbacks+=tests.fault_helpers.SlowSteps",
-           "--trainer.callbacks.seconds", "0.05", "--trainer.callbacks.marker", marker]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    cmd = train_command(
+        "--trainer.logger.save_dir", str(tmp_path), "--trainer.logger.name", "run",
+        "--trainer.logger.version", "job1", "--ckpt_path", "auto",  # as a requeued job
+        "--trainer.callbacks+=tests.fault_helpers.SlowSteps",
+        "--trainer.callbacks.seconds", "0.05", "--trainer.callbacks.marker", marker)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=one_thread_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
+from tests.conftest import ROOT
 
 TINY = ("--trainer.accelerator cpu --trainer.enable_model_summary false "
         "--model.net.init_args.hidden [16] --data.init_args.train_per_task 64 "

@@ -34,6 +34,7 @@ from datamodules import (
 from datamodules.augment import random_crop_flip
 from datamodules.mnist import rotate_uint8
 from datamodules.vision import ImageTensorDataset
+from tests.conftest import ROOT
 
 # ----- tiny datasets in their real formats ----------------------------------------------------
 
@@ -535,11 +536,10 @@ def test_colour_streams_augment_and_can_switch_it_off():
 
 
 MLP = ("--model.net", "cl_lightning.models.backbones.MLP", "--model.net.hidden", "[16]")
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def run_fit(tmp_path, stream: str, root: str, *extra: str, configs=(), net=MLP):
-    args = ["fit", *[a for c in configs for a in ("-c", os.path.join(CONFIGS, c))],
+    args = ["fit", *[a for c in configs for a in ("-c", str(ROOT / "configs" / c))],
             "--seed_everything", "0", "--trainer.accelerator", "cpu",
             "--trainer.devices", "1", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", *net,
