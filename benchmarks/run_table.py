@@ -44,13 +44,19 @@ ROOT = Path(__file__).resolve().parents[1]
 KEYS = ["avg_accuracy", "forgetting", "bwt", "fwt"]
 
 
-def run_one(config: str, extra: list[str], seed: int, log_root: str, name: str,
-            env: dict[str, str] | None = None, resume: bool = False) -> dict:
-    args = ["fit", "-c", config, "--seed_everything", str(seed),
+def train_args(config: str, extra: list[str], seed: int, log_root: str, name: str) -> list[str]:
+    """The ``train.py`` arguments of one run, logging to ``log_root/name`` (``{seed}`` in
+    ``extra`` replaced by the seed)."""
+    return ["fit", "-c", config, "--seed_everything", str(seed),
             "--trainer.enable_progress_bar", "false",
             "--trainer.logger.init_args.save_dir", log_root,
             "--trainer.logger.init_args.name", name,
             *(a.replace("{seed}", str(seed)) for a in extra)]
+
+
+def run_one(config: str, extra: list[str], seed: int, log_root: str, name: str,
+            env: dict[str, str] | None = None, resume: bool = False) -> dict:
+    args = train_args(config, extra, seed, log_root, name)
     folder = Path(log_root, name)
     resumed = False
     if resume:

@@ -20,12 +20,17 @@ torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 
-TINY = [
+# one quiet CPU process, seed 0: the start of every test's command line
+QUIET_CPU = [
     "--seed_everything", "0",
     "--trainer.accelerator", "cpu",
     "--trainer.devices", "1",
     "--trainer.enable_progress_bar", "false",
     "--trainer.enable_model_summary", "false",
+]
+
+TINY = [
+    *QUIET_CPU,
     "--model.net", "cl_lightning.models.backbones.MLP",
     "--model.net.hidden", "[32]",
     "--data", "datamodules.LinearShiftStream",
@@ -45,10 +50,13 @@ TINY = [
 
 def run_cli(tmp: Path, *extra: str, command: str = "fit", name: str = "tiny"):
     """Run ``train.py COMMAND`` in-process with the tiny config, logging under ``tmp``."""
-    args = [command, *TINY,
-            "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
-            "--trainer.logger.save_dir", str(tmp), "--trainer.logger.name", name, *extra]
-    return main(args)
+    return main([command, *TINY, *tensorboard_logger(tmp, name), *extra])
+
+
+def tensorboard_logger(save_dir: str | Path, name: str) -> list[str]:
+    """CLI arguments that log to ``save_dir/name/version_N`` with TensorBoard."""
+    return ["--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
+            "--trainer.logger.save_dir", str(save_dir), "--trainer.logger.name", name]
 
 
 def train_command(*extra: str, ddp_devices: int | None = None) -> list[str]:

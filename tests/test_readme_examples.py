@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cl_lightning.cli import main
-from tests.conftest import ROOT, read_results, run_cli
+from tests.conftest import QUIET_CPU, ROOT, read_results, run_cli, tensorboard_logger
 
 
 def readme_python_block(after: str) -> str:
@@ -39,16 +39,13 @@ def test_readme_own_stream_trains_through_the_cli(tmp_path, module_from_readme):
     x = prototypes[y] + torch.randn(len(y), 32, generator=g)
     order = torch.randperm(len(y), generator=g)
     torch.save((x[order], y[order]), tmp_path / "my_data.pt")
-    cli = main(["fit", "--seed_everything", "0", "--trainer.accelerator", "cpu",
-                "--trainer.devices", "1", "--trainer.enable_progress_bar", "false",
-                "--trainer.enable_model_summary", "false",
+    cli = main(["fit", *QUIET_CPU,
                 "--model.net", "cl_lightning.models.backbones.MLP", "--model.net.hidden", "[32]",
                 "--model.optimizer", "torch.optim.Adam", "--model.optimizer.lr", "0.01",
                 "--data", "my_readme_stream.MyStream",
                 "--data.path", str(tmp_path / "my_data.pt"), "--data.epochs_per_task", "1",
                 "--data.batch_size", "32", "--evaluation.heatmap", "false",
-                "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
-                "--trainer.logger.save_dir", str(tmp_path), "--trainer.logger.name", "own"])
+                *tensorboard_logger(tmp_path, "own")])
     res = read_results(cli)
     assert res["num_tasks"] == 3 and res["complete"]
     assert res["stream"]["stream"] == "MyStream" and res["stream"]["path"].endswith("my_data.pt")

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+from benchmarks.run_table import train_args
 from tests.conftest import ROOT
 
 TINY = ("--trainer.accelerator cpu --trainer.enable_model_summary false "
@@ -74,9 +75,7 @@ def test_resume_reuses_finished_runs_and_continues_an_interrupted_one(tmp_path):
     # seed 1 as run_table starts it, stopped by SIGTERM at the end of its second task
     config, *extra = run.partition("=")[2].split()
     interrupted = subprocess.run(
-        [sys.executable, "train.py", "fit", "-c", config, "--seed_everything", "1",
-         "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir",
-         str(logs), "--trainer.logger.init_args.name", "run0_seed1", *extra,
+        [sys.executable, "train.py", *train_args(config, extra, 1, str(logs), "run0_seed1"),
          "--trainer.callbacks+=tests.fault_helpers.SignalAt", "--trainer.callbacks.epoch", "1"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert interrupted.returncode == 143, interrupted.stderr[-2000:]

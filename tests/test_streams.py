@@ -34,7 +34,7 @@ from datamodules import (
 from datamodules.augment import random_crop_flip
 from datamodules.mnist import rotate_uint8
 from datamodules.vision import ImageTensorDataset
-from tests.conftest import ROOT
+from tests.conftest import QUIET_CPU, ROOT, tensorboard_logger
 
 # ----- tiny datasets in their real formats ----------------------------------------------------
 
@@ -495,21 +495,29 @@ def test_random_crop_flip_identity_and_flip():
     assert 10 < sum(flipped) < 54
 
 
+def crop_offset(out: torch.Tensor, x: torch.Tensor, padding: int, fill) -> tuple | None:
+    """The (dy, dx) at which ``out`` (C, H, W) is a crop of ``x`` padded with ``fill`` (one
+    value per channel); None if it is none."""
+    c, h, w = x.shape
+    padded = torch.as_tensor(fill, dtype=x.dtype).view(c, 1, 1).repeat(1, h + 2 * padding,
+                                                                        w + 2 * padding)
+    padded[:, padding:padding + h, padding:padding + w] = x
+    return next(((dy, dx) for dy in range(2 * padding + 1) for dx in range(2 * padding + 1)
+                 if torch.equal(out, padded[:, dy:dy + h, dx:dx + w])), None)
+
+
 def test_random_crop_flip_crops_are_shifts_of_the_padded_image():
     b, c, h, w, p = 200, 3, 6, 7, 2
     x = torch.rand(b, c, h, w)
     fill = torch.tensor([-1.0, -2.0, -3.0])
-    padded = fill.view(1, c, 1, 1).expand(b, c, h + 2 * p, w + 2 * p).clone()
-    padded[:, :, p:p + h, p:p + w] = x
     g = torch.Generator().manual_seed(3)
     out = random_crop_flip(x, padding=p, flip_prob=0.0, fill=fill, generator=g)
     assert out.shape == x.shape
     offsets = set()
     for i in range(b):
-        found = [(dy, dx) for dy in range(2 * p + 1) for dx in range(2 * p + 1)
-                 if torch.equal(out[i], padded[i, :, dy:dy + h, dx:dx + w])]
-        assert found, f"sample {i} is not a crop of its padded image"
-        offsets.add(found[0])
+        found = crop_offset(out[i], x[i], p, fill)
+        assert found is not None, f"sample {i} is not a crop of its padded image"
+        offsets.add(found)
     assert len(offsets) == (2 * p + 1) ** 2  # every offset is drawn
     again = random_crop_flip(x, padding=p, flip_prob=0.0, fill=fill,
                              generator=torch.Generator().manual_seed(3))
@@ -540,14 +548,11 @@ MLP = ("--model.net", "cl_lightning.models.backbones.MLP", "--model.net.hidden",
 
 def run_fit(tmp_path, stream: str, root: str, *extra: str, configs=(), net=MLP):
     args = ["fit", *[a for c in configs for a in ("-c", str(ROOT / "configs" / c))],
-            "--seed_everything", "0", "--trainer.accelerator", "cpu",
-            "--trainer.devices", "1", "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", *net,
+            *QUIET_CPU, *net,
             "--data", f"datamodules.{stream}", "--data.root", root, "--data.download", "false",
             "--data.epochs_per_task", "1", "--data.batch_size", "8",
             "--evaluation.heatmap", "false", "--trainer.limit_train_batches", "4",
-            "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
-            "--trainer.logger.save_dir", str(tmp_path), "--trainer.logger.name", stream, *extra]
+            *tensorboard_logger(tmp_path, stream), *extra]
     cli = main(args)
     with open(os.path.join(cli.trainer.log_dir, "results.json")) as f:
         return json.load(f)
@@ -586,17 +591,6 @@ class AugmentSpy(Callback, LearnerPlugin):
                                  step.replay_mask.clone()))
 
 
-def crop_flip_of(out: torch.Tensor, x: torch.Tensor, padding: int, fill) -> bool:
-    """Whether ``out`` (C, H, W) is a crop of ``x`` padded with ``fill``, flipped or not."""
-    c, h, w = x.shape
-    padded = torch.tensor(fill, dtype=x.dtype).view(c, 1, 1).repeat(1, h + 2 * padding,
-                                                                    w + 2 * padding)
-    padded[:, padding:padding + h, padding:padding + w] = x
-    return any(torch.equal(o, padded[:, dy:dy + h, dx:dx + w])
-               for o in (out, out.flip(-1))
-               for dy in range(2 * padding + 1) for dx in range(2 * padding + 1))
-
-
 @pytest.mark.slow
 def test_replayed_samples_get_the_training_augmentation(tmp_path, cifar10, unchecked_cifar):
     """The buffer stores raw images; the model sees every training row, replayed ones
@@ -616,7 +610,8 @@ def test_replayed_samples_get_the_training_augmentation(tmp_path, cifar10, unche
     assert len(raw) == 7 * 8
     for r, out in zip(raw, seen, strict=True):
         assert (r == seen_raw).flatten(1).all(1).any()  # the buffer kept the raw image
-        assert crop_flip_of(out, r, 4, fill)
+        assert (crop_offset(out, r, 4, fill) is not None  # a crop, or a flipped one
+                or crop_offset(out.flip(-1), r, 4, fill) is not None)
     assert sum(not torch.equal(r, out) for r, out in zip(raw, seen, strict=True)) > 40
 
 
