@@ -140,6 +140,9 @@ def main() -> None:
                     help="also report these variants (e.g. task_il)")
     ap.add_argument("--first-task", action="store_true",
                     help="add a column with the first task's final accuracy")
+    ap.add_argument("--heldout", nargs="*", default=[],
+                    help="add a column per few-shot key (e.g. recall/5) with the held-out "
+                         "task's accuracy after adapting (domain-IL streams)")
     ap.add_argument("--log-root", default=None, help="where runs log (default: a temp dir)")
     ap.add_argument("--out", default=None, help="also write the table to this markdown file")
     ap.add_argument("--jobs", type=int, default=1,
@@ -153,12 +156,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.jobs < 1:
         ap.error(f"--jobs must be >= 1, got {args.jobs}")
-    cols = ["run", "variant", *KEYS, "first task (final)", "wall s/run"]
+    cols = ["run", "variant", *KEYS, "first task (final)", "last task (final)",
+            *(f"held-out {k}" for k in args.heldout), "wall s/run"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     if args.collect:
         for spec in args.run:
             label, _, rest = spec.partition("=")
-            lines += table_rows(label, collect(shlex.split(rest)), args.variants)
+            lines += table_rows(label, collect(shlex.split(rest)), args.variants,
+                                args.heldout)
         write(args.out, lines)
         print("\n".join(lines))
         return
@@ -178,14 +183,16 @@ def main() -> None:
                    for i, (_, config, extra) in enumerate(specs)]
         for (label, _, _), row_futures in zip(specs, futures, strict=True):
             results = [f.result() for f in row_futures]
-            lines += table_rows(label, results, args.variants)
+            lines += table_rows(label, results, args.variants, args.heldout)
             print(lines[-1], flush=True)
             write(args.out, lines)
     print(f"\nseeds {args.seeds}; accuracies in %; logs under {log_root}\n\n" + "\n".join(lines))
 
 
-def table_rows(label: str, results: list[dict], variants: list[str]) -> list[str]:
-    """One markdown row per reported variant of one run over its seeds."""
+def table_rows(label: str, results: list[dict], variants: list[str],
+               heldout: list[str] = ()) -> list[str]:
+    """One markdown row per reported variant of one run over its seeds; ``heldout``: the
+    few-shot keys whose held-out accuracy gets a column each."""
     rows = []
     for variant in [None, *variants]:
         if variant == results[0]["primary_variant"]:
@@ -195,9 +202,18 @@ def table_rows(label: str, results: list[dict], variants: list[str]) -> list[str
             continue
         name = results[0]["primary_variant"] if variant is None else variant
         row = [label, name, *(fmt([d[k] for d in docs]) for k in KEYS),
-               fmt([d["accuracy_matrix"][-1][0] for d in docs]), wall_time(results)]
+               fmt([d["accuracy_matrix"][-1][0] for d in docs]),
+               fmt([d["accuracy_matrix"][-1][-1] for d in docs]),
+               *(fmt([heldout_accuracy(r, name, k) for r in results]) for k in heldout),
+               wall_time(results)]
         rows.append("| " + " | ".join(row) + " |")
     return rows
+
+
+def heldout_accuracy(result: dict, variant: str, key: str) -> float | None:
+    """The held-out task's few-shot accuracy of ``variant`` after ``key`` (None if absent)."""
+    few_shot = result.get("few_shot") or {}
+    return ((few_shot.get("heldout") or {}).get(variant) or {}).get(key)
 
 
 def wall_time(results: list[dict]) -> str:

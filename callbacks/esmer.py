@@ -151,7 +151,8 @@ class ESMER(ExperienceReplay):
         ema = self.semantic_memory(learner)
         ema.train(learner.net.training)  # its own batch-norm statistics, as the reference
         with torch.no_grad():
-            self._ema_logits = learner.train_logits(ema, step.inputs, step.batch["task"])
+            self._ema_logits = learner.train_logits(ema, step.inputs, step.batch["task"],
+                                                    **step.model_kwargs)
         current = ~step.replay_mask
         self._l_s = F.cross_entropy(self._ema_logits[current], step.batch["y"][current],
                                     reduction="none")

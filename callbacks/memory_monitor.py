@@ -7,7 +7,19 @@ through the agent with the DNC's trace on. Logged per task end:
   weight and final usage per slot (which slots each task writes to, and reads from);
 - ``memory/task_NN``: read and write weightings over time for the task just trained;
 - scalars ``memory/task_NN/{allocation_gate, write_gate, read_backward, read_content,
-  read_forward}``: batch- and time-averaged gates and read modes, per task.
+  read_forward}``: batch- and time-averaged gates and read modes, per task;
+- scalar ``memory/write_overlap``: mean cosine similarity of two tasks' write-per-slot
+  profiles (low: different tasks write to different slots).
+
+With a recalling agent (``recall_slots > 0``) each probe query first has its neighbours
+from the replay buffer written into memory (as in training), and three more scalars
+measure how memory is used, averaged over the tasks' probes:
+
+- ``memory/recall_same_label``: the primed read's mass on recalled slots that hold the
+  query's label (1: reads land only on experiences of the right class);
+- ``memory/read_same_label``: the same for the controller's own reads over the sequence;
+- ``memory/write_on_recalled``: the share of write weight that lands on recalled slots
+  (0: the query's new content goes to free slots, stored experiences are kept).
 """
 
 from __future__ import annotations
@@ -42,19 +54,37 @@ class MemoryMonitor(L.Callback, LearnerPlugin):
         require_at_least(1, "", probe_size=probe_size, every_n_tasks=every_n_tasks)
         self.probe_size, self.every_n_tasks = probe_size, every_n_tasks
 
-    def traces(self, learner: ContinualLearner) -> list[Any]:
-        """One DNCTrace per task, on that task's probe batch."""
+    def traces(self, learner: ContinualLearner) -> tuple[list[Any], dict[str, float]]:
+        """One DNCTrace per task, on that task's probe batch, and the recall scalars
+        (empty without recall)."""
         agent = learner.net
-        out = []
+        out, recall_stats = [], []
+        store = learner.store() if learner.recalling else None
+        keys = None
         was_training = agent.training
         agent.eval()
         with torch.no_grad():
+            if store is not None:
+                store = {k: v.to(learner.device) for k, v in store.items()}
+                keys = agent.recall_keys(store["x"]).float()
             for view in learner.trainer.datamodule.test_sets():
                 n = min(self.probe_size, len(view))
                 x = torch.stack([view[i]["x"] for i in range(n)]).to(learner.device)
-                out.append(agent.core(agent.encoder(x), return_trace=True)[2])
+                y = torch.as_tensor([int(view[i]["y"]) for i in range(n)], device=x.device)
+                tokens, state = agent.encoder(x), None
+                if store is not None:
+                    recall = learner.retrieve(x, x, store, keys)
+                    state, _ = agent.recall_state(x, tokens, recall)
+                    primed = state.read_weights[:, 0, : recall.y.shape[1]]
+                trace = agent.core(tokens, state, return_trace=True)[2]
+                out.append(trace)
+                if store is not None:
+                    recall_stats.append(recall_usage(trace, primed, recall.y, y))
         agent.train(was_training)
-        return out
+        if not recall_stats:
+            return out, {}
+        return out, {k: sum(s[k] for s in recall_stats) / len(recall_stats)
+                     for k in recall_stats[0]}
 
     def on_task_end(self, learner: ContinualLearner, task: int) -> None:
         trainer = learner.trainer
@@ -63,11 +93,12 @@ class MemoryMonitor(L.Callback, LearnerPlugin):
         if not isinstance(learner.net, MemoryAgent):
             rank_zero_warn("MemoryMonitor needs model.net to be a MemoryAgent; nothing logged")
             return
-        traces = self.traces(learner)
+        traces, scalars = self.traces(learner)
         writes = torch.stack([t.write_weights.sum(dim=(1, 2)).mean(0) for t in traces])
         reads = torch.stack([t.read_weights.sum(dim=(1, 2)).mean(0) for t in traces])
         usage = torch.stack([t.usage[:, -1].mean(0) for t in traces])
-        scalars = {}
+        scalars = {f"memory/{k}": v for k, v in scalars.items()}
+        scalars["memory/write_overlap"] = write_overlap(writes)
         for j, t in enumerate(traces):
             modes = t.read_modes.mean(dim=(0, 1, 2))  # backward (Wr), forward (Wr), content
             wr = t.write_gate.shape[-1]
@@ -89,6 +120,34 @@ class MemoryMonitor(L.Callback, LearnerPlugin):
                                       close=False)
         plt.close(slots)
         plt.close(over_time)
+
+
+def recall_usage(trace: Any, primed: torch.Tensor, labels: torch.Tensor,
+                 target: torch.Tensor) -> dict[str, float]:
+    """How one probe batch used its recalled slots (the first ``k`` of memory).
+
+    primed: (B, k) the primed read; labels: (B, k) the recalled labels; target: (B,)."""
+    k = labels.shape[1]
+    same = (labels == target[:, None]).float()  # (B, k)
+    reads = trace.read_weights[..., :k]  # (B, T, R, k)
+    writes = trace.write_weights.sum(2)  # (B, T, N): all write heads
+    return {
+        "recall_same_label": (primed * same).sum(1).mean().item(),
+        "read_same_label": (reads * same[:, None, None]).sum(-1).mean().item(),
+        "write_on_recalled": (writes[..., :k].sum(-1) / writes.sum(-1).clamp_min(1e-12))
+        .mean().item(),
+    }
+
+
+def write_overlap(writes: torch.Tensor) -> float:
+    """Mean cosine similarity of the rows of ``writes`` (tasks x slots) over task pairs
+    (0 with a single task)."""
+    if len(writes) < 2:
+        return 0.0
+    unit = torch.nn.functional.normalize(writes, dim=1)
+    sim = unit @ unit.T
+    n = len(writes)
+    return ((sim.sum() - sim.diagonal().sum()) / (n * (n - 1))).item()
 
 
 def slot_maps(writes: torch.Tensor, reads: torch.Tensor, usage: torch.Tensor) -> plt.Figure:

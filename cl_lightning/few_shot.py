@@ -1,6 +1,7 @@
 """Few-shot adaptation metric: accuracy on a task before and after adapting on n labeled
 examples per class, by the MAML inner loop (``inner``), by memory as context
-(``context``), or both (``both``).
+(``context``), both (``both``), or by recalling them as the episodic store (``recall``:
+every query retrieves its nearest examples into memory).
 
 For a task the learner has trained on, the examples come only from what the learner may
 keep (its replay buffer's samples of that task); for a held-out task the stream never
@@ -37,10 +38,10 @@ def pick_shots(y: torch.Tensor, n: int, generator: torch.Generator) -> torch.Ten
 
 
 def available_modes(learner: ContinualLearner) -> list[str]:
-    """``inner`` always; ``context`` and ``both`` for models that read a context."""
-    if getattr(learner.net, "supports_context", False):
-        return list(MODES)
-    return ["inner"]
+    """``inner`` always; ``context`` and ``both`` for models that read a context;
+    ``recall`` for a net that recalls."""
+    modes = list(MODES) if getattr(learner.net, "supports_context", False) else ["inner"]
+    return modes + (["recall"] if learner.recalling else [])
 
 
 @torch.no_grad()
@@ -75,26 +76,43 @@ def evaluate_task(learner: ContinualLearner, pool: dict[str, torch.Tensor] | Non
     learner.net.eval()
     batches = list(loader)
     results: dict[str, dict[str, float | None]] = {m: {} for m in learner.eval_modes()}
-    for mode, acc in accuracy(learner, learner.net, batches).items():
+    for mode, acc in accuracy(learner, learner.reader(), batches).items():
         results[mode]["before"] = acc
     for n in shots:
         support = None
         if pool is not None and len(pool["y"]) > 0:
             idx = pick_shots(pool["y"], n, generator).to(pool["y"].device)
             support = tuple(pool[k][idx].to(learner.device) for k in ("x", "y", "task"))
-        for name, (inner, context) in MODES.items():
-            if name not in available_modes(learner):
-                continue
+        for name in available_modes(learner):
             key = f"{name}/{n}"
             if support is None:
                 for mode in results:
                     results[mode][key] = None
                 continue
-            model = learner.adapted_models(support, inner, context, detached=True)[-1]
+            model = adapted_model(learner, name, support)
             for mode, acc in accuracy(learner, model, batches).items():
                 results[mode][key] = acc
     learner.net.train(was_training)
     return results
+
+
+def adapted_model(learner: ContinualLearner, mode: str, support: tuple[torch.Tensor, ...]
+                  ) -> ModelFn:
+    """The model after adapting on ``support`` by ``mode``. A net that recalls reads the
+    support as its store in ``recall`` and ``inner`` (the inner loop's support loss reads
+    each example's other examples; the queries read the support after adapting)."""
+    inner, context = MODES.get(mode, (False, False))
+    if not learner.recalling or context:
+        return learner.adapted_models(support, inner, context, detached=True)[-1]
+    store = dict(zip(("x", "y", "task"), support, strict=True))
+    if mode == "recall":
+        return learner.reader(store=store)
+    with torch.no_grad():
+        keys = learner.net.recall_keys(support[0]).float()
+    support_recall = learner.retrieve(support[0], support[0], store, keys)
+    adapted = learner.adapted_models(support, True, False, detached=True,
+                                     support_recall=support_recall)[-1]
+    return learner.reader(adapted, store=store)
 
 
 def mean_over_tasks(few_shot: dict[str, Any]) -> dict[str, dict[str, dict[str, float | None]]]:

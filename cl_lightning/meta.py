@@ -96,13 +96,21 @@ def multi_step_weights(steps: int, progress: float, min_weight: float = 0.03) ->
     return w
 
 
+def label_permutation(classes: Sequence[int], num_classes: int, device: torch.device,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """``(num_classes,)`` label map of a shuffled-label episode: ``classes`` go through one
+    random permutation of themselves, every other label maps to itself."""
+    cls = torch.as_tensor(list(classes), device=device)
+    mapping = torch.arange(num_classes, device=device)
+    mapping[cls] = cls[torch.randperm(len(cls), generator=generator).to(device)]
+    return mapping
+
+
 def shuffle_labels(y: Tensor, where: Tensor, classes: Sequence[int], num_classes: int,
                    generator: torch.Generator | None = None) -> Tensor:
     """A shuffled-label episode: ``y`` with ``classes`` mapped through one random
     permutation of themselves where ``where`` is True (other labels unchanged)."""
-    cls = torch.as_tensor(list(classes), device=y.device)
-    mapping = torch.arange(num_classes, device=y.device)
-    mapping[cls] = cls[torch.randperm(len(cls), generator=generator).to(y.device)]
+    mapping = label_permutation(classes, num_classes, y.device, generator)
     return torch.where(where, mapping[y], y)
 
 

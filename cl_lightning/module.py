@@ -14,11 +14,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.func import functional_call
 
-from cl_lightning.checks import require_in_range
-from cl_lightning.meta import MetaLearning, Params, shuffle_labels
+from cl_lightning.checks import require_at_least, require_in_range
+from cl_lightning.episodic_index import EpisodicIndex, fingerprint, nearest, same_item
+from cl_lightning.meta import MetaLearning, Params, label_permutation
+from cl_lightning.models.recall import Recall, same_label_mass
 from cl_lightning.models.backbones import MLP, Classifier
 from cl_lightning.plugins import LearnerPlugin, StepOutput
 from cl_lightning.rng import collect_rng_states, restore_rng_states
@@ -28,9 +31,13 @@ from datamodules.base import StreamInfo
 NetFactory = Callable[[Sequence[int], int], Classifier]
 """Builds the classifier from ``(input_shape, num_classes)``; in a config, a ``class_path``
 whose other ``init_args`` are the model's options."""
-ModelFn = Callable[[torch.Tensor], torch.Tensor]
+ModelFn = Callable[..., torch.Tensor]
+"""``(x, **kwargs) -> logits``: a model, or an adapted one (kwargs such as ``recall`` go to
+the net)."""
 Support = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """A support set ``(inputs, labels, task ids)``."""
+Store = dict[str, torch.Tensor]
+"""Labelled items a model may recall from: ``x`` (raw inputs), ``y``, ``task``."""
 
 
 class ContinualLearner(L.LightningModule):
@@ -53,8 +60,16 @@ class ContinualLearner(L.LightningModule):
             samples form the query, which alone makes the outer loss.
         label_shuffle: probability that a training step is a shuffled-label episode
             (Santoro et al. 2016): the current task's classes are permuted for that step's
-            support and query, so only the support (context / inner loop) tells the
-            query's label. Replayed samples and the buffer keep the true labels.
+            support and query (and the labels the current queries recall), so only the
+            support or the recalled neighbours tell the query's label. Replayed samples
+            and the buffer keep the true labels, unless ``label_shuffle_replay``.
+        label_shuffle_replay: with a net that recalls, a shuffled-label episode permutes
+            all of the stream's classes, for every query (replayed ones too) and the
+            labels it recalls (the buffer keeps the true labels): weights that memorised
+            the buffer cannot answer either, only the recalled labels can.
+        recall_refresh: with a net that recalls (``MemoryAgent(recall_slots > 0)``), every
+            key of the replay buffer's index is recomputed after this many training steps;
+            in between only new items are encoded.
     """
 
     def __init__(
@@ -68,6 +83,8 @@ class ContinualLearner(L.LightningModule):
         context: bool = False,
         support_fraction: float = 0.5,
         label_shuffle: float = 0.0,
+        label_shuffle_replay: bool = False,
+        recall_refresh: int = 50,
     ) -> None:
         super().__init__()
         if stream is None:
@@ -86,10 +103,16 @@ class ContinualLearner(L.LightningModule):
         self.primary_variant = primary_variant or self.eval_modes()[0]
         require_in_range(0.05, 0.95, "model.", support_fraction=support_fraction)
         require_in_range(0.0, 1.0, "model.", label_shuffle=label_shuffle)
-        if label_shuffle > 0 and meta is None and not context:
-            raise ValueError("model.label_shuffle > 0 needs model.meta or model.context "
-                             "(nothing could tell the shuffled labels); set it to 0")
+        require_at_least(1, "model.", recall_refresh=recall_refresh)
+        if label_shuffle > 0 and meta is None and not context and not self.recalling:
+            raise ValueError("model.label_shuffle > 0 needs model.meta, model.context or a "
+                             "net that recalls (recall_slots > 0): nothing could tell the "
+                             "shuffled labels; set it to 0")
         self.label_shuffle = label_shuffle
+        if label_shuffle_replay and not self.recalling:
+            raise ValueError("model.label_shuffle_replay needs a net that recalls "
+                             "(model.net.init_args.recall_slots > 0); set it to false")
+        self.label_shuffle_replay = label_shuffle_replay
         if context and not getattr(self.net, "supports_context", False):
             raise ValueError(
                 f"model.context=true needs a model that reads a context "
@@ -101,6 +124,9 @@ class ContinualLearner(L.LightningModule):
         self._default_meta: list[MetaLearning] = []  # few-shot inner loop when meta is None
         self._eval_metrics: dict[str, TaskAccuracy] = {}
         self._task_started: int | None = None
+        self.recall_index = EpisodicIndex(recall_refresh)
+        self._eval_readers: dict[str, ModelFn] = {}  # per evaluation pass
+        self._recall_mass: torch.Tensor | None = None  # (sum of same-label mass, count)
 
     # ----- model -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,10 +143,11 @@ class ContinualLearner(L.LightningModule):
         dm = self.trainer.datamodule if self._trainer is not None else None
         return batch["x"] if dm is None else dm.augment(batch["x"])
 
-    def train_logits(self, model: nn.Module, inputs: torch.Tensor,
-                     task: torch.Tensor) -> torch.Tensor:
-        """Logits the training loss sees: masked to the task's classes under task-IL."""
-        logits = model(inputs)
+    def train_logits(self, model: nn.Module | ModelFn, inputs: torch.Tensor,
+                     task: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Logits the training loss sees: masked to the task's classes under task-IL.
+        ``kwargs`` go to the model (e.g. the step's ``recall``)."""
+        logits = model(inputs, **kwargs)
         if self.stream.scenario == "task-il":
             logits = self.mask_logits(logits, task)
         return logits
@@ -131,6 +158,84 @@ class ContinualLearner(L.LightningModule):
             return []
         found = [cb for cb in self.trainer.callbacks if isinstance(cb, LearnerPlugin)]
         return sorted(found, key=lambda p: p.plugin_order)
+
+    # ----- recall (episodic read from the replay buffer) ------------------------------------
+    @property
+    def recalling(self) -> bool:
+        """Whether the net reads retrieved neighbours (``recall_slots > 0``)."""
+        return getattr(self.net, "recall_slots", 0) > 0
+
+    def store(self) -> Store | None:
+        """The long-term store: the first plugin's kept samples (None if none keeps any)."""
+        return next((k for p in self.plugins() if (k := p.kept_samples(self)) is not None),
+                    None)
+
+    @torch.no_grad()
+    def retrieve(self, inputs: torch.Tensor, raw: torch.Tensor, store: Store,
+                 keys: torch.Tensor, prints: torch.Tensor | None = None) -> Recall:
+        """Each query's ``recall_slots`` nearest stored items by the net's key (cosine),
+        never the query itself (an identical stored input is skipped).
+
+        inputs: (B, ...) what the model sees; raw: (B, ...) the un-augmented inputs;
+        keys: (S, D) the store's keys; prints: (S,) their fingerprints, if known."""
+        k = self.net.recall_slots
+        query = self.net.recall_keys(inputs).float()
+        prints = fingerprint(store["x"]) if prints is None else prints
+        exclude = same_item(fingerprint(raw), prints.to(raw.device))
+        index, _, valid = nearest(query, keys, k, exclude)
+        used, inverse = torch.unique(index, return_inverse=True)
+        x = store["x"].to(inputs.device)[used]
+        y = store["y"].to(inputs.device)[index]
+        return Recall(x, inverse, y, valid)
+
+    def train_recall(self, inputs: torch.Tensor, raw: torch.Tensor) -> Recall | None:
+        """The recall of a training batch from the replay buffer (None before anything is
+        stored); the buffer's index is kept current on its refresh schedule."""
+        store = self.store()
+        if store is None:
+            return None
+        store_x = store["x"].to(self.device)
+        keys = self.recall_index.sync(store_x, self.net.recall_keys)
+        return self.retrieve(inputs, raw, {**store, "x": store_x}, keys,
+                             self.recall_index.prints)
+
+    def reader(self, model: nn.Module | ModelFn | None = None, store: Store | None = None,
+               **kwargs: Any) -> ModelFn:
+        """``x -> logits`` of ``model`` (default the net) that recalls from ``store``
+        (default the replay buffer, as it is now) when the net recalls; else the model as
+        it is. The store's keys are computed once, on the first call."""
+        model = self.net if model is None else model
+        store = self.store() if store is None and self.recalling else store
+        if not self.recalling or store is None:
+            return lambda x: model(x, **kwargs)
+        store = {k: v.to(self.device) for k, v in store.items()}
+        keys: list[torch.Tensor] = []
+
+        def read(x: torch.Tensor) -> torch.Tensor:
+            if not keys:
+                with torch.no_grad():
+                    keys.append(self.net.recall_keys(store["x"]).float())
+            return model(x, recall=self.retrieve(x, x, store, keys[0]), **kwargs)
+
+        return read
+
+    def check_recall(self) -> None:
+        """Fail early where recall cannot work: more neighbours than the buffer holds."""
+        if not self.recalling:
+            return
+        k = self.net.recall_slots
+        keepers = [p for p in self.plugins() if hasattr(p, "capacity")]
+        if not keepers:
+            rank_zero_warn(
+                f"model.net.recall_slots={k} but no strategy keeps samples to recall from "
+                "(add a replay method, e.g. -c configs/methods/er.yaml): the agent recalls "
+                "only in the few-shot evaluation")
+            return
+        capacity = keepers[0].capacity
+        if k > capacity:
+            raise ValueError(
+                f"model.net.recall_slots ({k}) is larger than the replay buffer "
+                f"(capacity={capacity}): lower recall_slots or raise the capacity")
 
     @property
     def current_task(self) -> int:
@@ -163,7 +268,8 @@ class ContinualLearner(L.LightningModule):
 
     def adapted_models(self, support: Support, inner: bool, context: bool,
                        context_mask: torch.Tensor | None = None,
-                       detached: bool = False) -> list[ModelFn]:
+                       detached: bool = False, recall: Recall | None = None,
+                       support_recall: Recall | None = None) -> list[ModelFn]:
         """The model after adapting on ``support``, as ``x -> logits`` (unmasked), once per
         inner step (one entry without an inner loop).
 
@@ -172,12 +278,20 @@ class ContinualLearner(L.LightningModule):
             space), where ``context_mask`` (None: every query).
         detached: evaluation: the adapted parameters start from detached copies (first
             order; no gradient reaches them).
+        recall: the queries' recalled neighbours (the whole batch the models are called
+            on); support_recall: the support's, read by the inner loop's support loss.
         """
         xs, ys, ts = support
-        kwargs = {"context": (xs, ys), "context_mask": context_mask} if context else {}
+        kwargs: dict[str, Any] = {}
+        if context:
+            kwargs = {"context": (xs, ys), "context_mask": context_mask}
+        if recall is not None:
+            kwargs["recall"] = recall
+        support_kw = {} if support_recall is None else {"recall": support_recall}
 
         def model_at(params: Params, **kw: Any) -> ModelFn:
-            return lambda x: functional_call(self.net, params, (x,), kw, strict=False)
+            return lambda x, **more: functional_call(self.net, params, (x,), {**kw, **more},
+                                                     strict=False)
 
         if not inner:
             return [model_at({}, **kwargs)]
@@ -185,14 +299,14 @@ class ContinualLearner(L.LightningModule):
         if self.head_fast_path and all(n.startswith("head.") for n in meta.names):
             # forward == head(features(x)): the support features are computed once and
             # only the head runs in the inner loop (same values and gradients)
-            feats = self.net.features(xs)
+            feats = self.net.features(xs, **support_kw)
 
             def head(params: Params, features: torch.Tensor) -> torch.Tensor:
                 own = {n.removeprefix("head."): v for n, v in params.items()}
                 return functional_call(self.net.head, own, (features,))
 
             def head_at(params: Params, **kw: Any) -> ModelFn:
-                return lambda x: head(params, self.net.features(x, **kw))
+                return lambda x, **more: head(params, self.net.features(x, **kw, **more))
 
             def support_loss(params: Params) -> torch.Tensor:
                 logits = head(params, feats)
@@ -206,7 +320,8 @@ class ContinualLearner(L.LightningModule):
         def support_loss(params: Params) -> torch.Tensor:
             off = torch.backends.cudnn.flags(enabled=False) if no_cudnn else None
             with off or contextlib.nullcontext():
-                return F.cross_entropy(self.train_logits(model_at(params), xs, ts), ys)
+                return F.cross_entropy(
+                    self.train_logits(model_at(params, **support_kw), xs, ts), ys)
 
         return [model_at(p, **kwargs) for p in meta.adapt(self.net, support_loss, detached)]
 
@@ -225,21 +340,35 @@ class ContinualLearner(L.LightningModule):
         inputs = self.train_inputs(batch)
         replay = batch.get("replay", torch.zeros_like(batch["y"], dtype=torch.bool))
         support = self.support_mask(replay)
-        models: list[ModelFn] = [self.net]
+        recall = self.train_recall(inputs, batch["x"]) if self.recalling else None
+        model_kwargs = {} if recall is None else {"recall": recall}
+        models: list[ModelFn] = [lambda x: self.net(x, **model_kwargs)]
         targets = batch["y"]
+        if (support.any() or recall is not None) and self.label_shuffle > 0 \
+                and torch.rand(()) < self.label_shuffle:
+            every = self.label_shuffle_replay
+            classes = (range(self.stream.num_classes) if every
+                       else self.stream.task_classes[self.current_task])
+            mapping = label_permutation(classes, self.stream.num_classes, targets.device)
+            keep = torch.zeros_like(replay) if every else replay
+            targets = torch.where(keep, targets, mapping[targets])
+            if recall is not None:  # the relabelled queries recall through the same map
+                recall = recall._replace(y=torch.where(keep[:, None], recall.y,
+                                                       mapping[recall.y]))
+                model_kwargs["recall"] = recall
         if support.any():
             batch = {**batch, "support": support}
-            if self.label_shuffle > 0 and torch.rand(()) < self.label_shuffle:
-                classes = self.stream.task_classes[self.current_task]
-                targets = shuffle_labels(targets, ~replay, classes, self.stream.num_classes)
             models = self.adapted_models(
                 (inputs[support], targets[support], batch["task"][support]),
                 inner=self.meta is not None, context=self.context,
-                context_mask=~support & ~replay)
+                context_mask=~support & ~replay, recall=recall,
+                support_recall=None if recall is None else recall.select(support))
         logits = self.train_logits(models[-1], inputs, batch["task"])
         losses = F.cross_entropy(logits, targets, reduction="none")
         step = StepOutput(batch=batch, inputs=inputs, logits=logits, losses=losses,
-                          task=self.current_task)
+                          task=self.current_task, model_kwargs=model_kwargs)
+        if recall is not None:
+            self._log_recall(targets)
         weights = torch.ones_like(losses)
         for p in plugins:
             w = p.sample_weights(self, step)
@@ -265,6 +394,18 @@ class ContinualLearner(L.LightningModule):
             self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=bs,
                      sync_dist=True)
         return {"loss": total, "step": step.detached()}
+
+    def _log_recall(self, targets: torch.Tensor) -> None:
+        """Accumulate ``recall/same_label_mass`` (logged per epoch): the primed read's mass
+        on slots that hold the query's label (how often memory reads land on the right
+        experiences)."""
+        last = getattr(self.net, "last_recall", None)
+        if last is None or len(last[0]) != len(targets):
+            return
+        weights, labels = last
+        mass = same_label_mass(weights, labels, targets).sum()
+        total = torch.stack([mass, mass.new_tensor(float(len(targets)))])
+        self._recall_mass = total if self._recall_mass is None else self._recall_mass + total
 
     def _multi_step_terms(self, models: list[ModelFn], inputs: torch.Tensor,
                           targets: torch.Tensor, task: torch.Tensor,
@@ -299,6 +440,9 @@ class ContinualLearner(L.LightningModule):
         for p in self.plugins():
             p.after_step(self, step)
 
+    def on_fit_start(self) -> None:
+        self.check_recall()
+
     def on_train_epoch_start(self) -> None:
         task = self.current_task
         # the same on every rank; sync_dist only keeps Lightning from warning under DDP
@@ -312,6 +456,13 @@ class ContinualLearner(L.LightningModule):
                 p.on_task_start(self, task)
 
     def on_train_epoch_end(self) -> None:
+        if self.recalling:  # every rank takes part in the sum
+            mass = self._recall_mass
+            mass = torch.zeros(2, device=self.device) if mass is None else mass
+            total = self.trainer.strategy.reduce(mass, reduce_op="sum")
+            if total[1] > 0:
+                self.log("recall/same_label_mass", total[0] / total[1])
+            self._recall_mass = None
         dm = self.trainer.datamodule
         if (self.trainer.current_epoch + 1) % dm.epochs_per_task == 0:
             for p in self.plugins():
@@ -354,7 +505,9 @@ class ContinualLearner(L.LightningModule):
     def eval_step(self, batch: dict[str, torch.Tensor]) -> None:
         """Update every variant's per-task accuracy with one test batch."""
         for prefix, model in self.eval_models().items():
-            logits = model(batch["x"])
+            if prefix not in self._eval_readers:
+                self._eval_readers[prefix] = self.reader(model)
+            logits = self._eval_readers[prefix](batch["x"])
             for mode in self.eval_modes():
                 shown = self.mode_logits(logits, batch["task"], mode)
                 self._metric(prefix + mode).update(shown.argmax(1), batch["y"], batch["task"])
@@ -362,6 +515,7 @@ class ContinualLearner(L.LightningModule):
     def compute_eval(self) -> dict[str, list[float]]:
         """Per-task accuracy (percent) of every variant, synced across ranks; then reset."""
         out = {}
+        self._eval_readers.clear()
         for name, metric in self._eval_metrics.items():
             out[name] = torch.atleast_1d(metric.compute()).tolist()  # 1 task: no squeeze
             metric.reset()
@@ -387,6 +541,8 @@ class ContinualLearner(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["cl_model_signature"] = self.model_signature()
         checkpoint["cl_rng_states"] = collect_rng_states()
+        if self.recalling:
+            checkpoint["cl_recall_index"] = self.recall_index.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("cl_model_signature")
@@ -404,3 +560,5 @@ class ContinualLearner(L.LightningModule):
             )
         if "cl_rng_states" in checkpoint:
             restore_rng_states(checkpoint["cl_rng_states"])
+        if "cl_recall_index" in checkpoint:
+            self.recall_index.load_state_dict(checkpoint["cl_recall_index"])

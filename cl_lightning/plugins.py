@@ -26,7 +26,7 @@ plugin that appends.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -46,6 +46,9 @@ class StepOutput:
     weights: (B,) per-sample loss weights after all plugins (ones if none)
     task: index of the current task
     extras: named extra loss terms added by plugins (scalars)
+    model_kwargs: what the working model read besides the inputs (``{"recall": ...}``);
+        a plugin that runs another model on ``inputs`` passes the same (e.g.
+        ``learner.train_logits(model, step.inputs, task, **step.model_kwargs)``)
     """
 
     batch: dict[str, torch.Tensor]
@@ -55,6 +58,7 @@ class StepOutput:
     task: int
     weights: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def replay_mask(self) -> torch.Tensor:

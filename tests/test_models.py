@@ -112,3 +112,29 @@ def test_memory_monitor_logs_slot_maps_and_read_modes(tmp_path):
     assert sum(modes) == pytest.approx(1.0, abs=1e-4)  # read modes are a distribution
     gate = acc.Scalars("memory/task_00/allocation_gate")[-1].value
     assert 0.0 <= gate <= 1.0
+    assert -1e-6 <= acc.Scalars("memory/write_overlap")[-1].value <= 1 + 1e-6
+
+
+@pytest.mark.slow
+def test_memory_monitor_measures_reads_and_writes_of_recalled_slots(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cli = run_cli(
+        tmp_path, "--model.net", "cl_lightning.models.agent.MemoryAgent",
+        "--model.net.num_tokens", "2", "--model.net.token_dim", "8",
+        "--model.net.core_output", "16", "--model.net.hidden_size", "16",
+        "--model.net.memory_slots", "8", "--model.net.word_size", "4",
+        "--model.net.read_heads", "1", "--model.net.recall_slots", "4",
+        "--model.net.recall_strength", "30",
+        "--trainer.callbacks+=callbacks.replay.ExperienceReplay",
+        "--trainer.callbacks.capacity", "60", "--trainer.callbacks.replay_batch_size", "8",
+        "--trainer.callbacks+=callbacks.memory_monitor.MemoryMonitor",
+        "--trainer.callbacks.probe_size", "16")
+    acc = EventAccumulator(cli.trainer.log_dir)
+    acc.Reload()
+    value = {t: acc.Scalars(f"memory/{t}")[-1].value
+             for t in ("recall_same_label", "read_same_label", "write_on_recalled")}
+    # neighbours of well-separated clusters share the query's class: a sharp primed read
+    # lands mostly on them (chance: 1/4 of the recalled slots)
+    assert value["recall_same_label"] > 0.7
+    assert 0.0 <= value["read_same_label"] <= 1.0 and 0.0 <= value["write_on_recalled"] <= 1.0

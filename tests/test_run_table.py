@@ -24,7 +24,7 @@ def table(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 def test_run_table_runs_seeds_in_parallel_and_substitutes_the_seed(tmp_path):
     out = tmp_path / "table.md"
     proc = table("--seeds", "2", "3", "--jobs", "2", "--log-root", str(tmp_path / "logs"),
-                 "--out", str(out), "--first-task", "--run",
+                 "--out", str(out), "--first-task", "--heldout", "inner/5", "--run",
                  f"tasks=configs/synthetic_mlp.yaml {TINY} --data.init_args.num_tasks {{seed}}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     for seed in (2, 3):  # "{seed}" became the seed: seed s ran s tasks
@@ -37,10 +37,18 @@ def test_run_table_runs_seeds_in_parallel_and_substitutes_the_seed(tmp_path):
     assert len(lines) == 3 and lines[2].startswith("| tasks |")
     mean = sum(avg) / 2
     assert f"{mean:.1f} ±" in lines[2]  # mean ± std over the two seeds
+    docs = [json.loads(p.read_text())
+            for p in sorted((tmp_path / "logs").glob("run0_seed*/version_*/results.json"))]
+    cells = [c.strip() for c in lines[2].split("|")]
+    header = [c.strip() for c in lines[0].split("|")]
+    last = [d["accuracy_matrix"][-1][-1] for d in docs]
+    held = [d["few_shot"]["heldout"]["domain_il"]["inner/5"] for d in docs]
+    for column, values in (("last task (final)", last), ("held-out inner/5", held)):
+        assert cells[header.index(column)].startswith(f"{sum(values) / 2:.1f} ±")
 
     # --collect tabulates the same finished runs without running anything: the same row,
     # including the wall time each run recorded in run_table.json.
-    collected = table("--collect", "--first-task", "--run",
+    collected = table("--collect", "--first-task", "--heldout", "inner/5", "--run",
                       f"tasks={tmp_path}/logs/run0_seed2/version_* {tmp_path}/logs/run0_seed3/*",
                       timeout=120)
     assert collected.returncode == 0, collected.stderr[-2000:]

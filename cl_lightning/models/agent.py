@@ -1,10 +1,15 @@
 """MemoryAgent = encoder -> token sequence -> DNC core -> classifier head, and its
 memory-less twin LSTMClassifier (same encoder, an LSTM core).
 
-Memory is fresh for every sample: the core starts from its zero state on each input's
-token sequence, unless a labeled *context* is given (memory as context): the core first
-reads one token per context example (its mean encoder token plus a label embedding), once,
-and every query then starts from that state.
+Without help the core starts from its zero state on each input's token sequence. Two
+ways give it experiences to read first:
+
+* *recall* (MemoryAgent with ``recall_slots > 0``): each query's nearest labelled
+  neighbours from the long-term store are written into memory slots and the read heads
+  are primed on them (:mod:`cl_lightning.models.recall`);
+* a labeled *context* (memory as context): the core first reads one token per context
+  example (its mean encoder token plus a label embedding), once, and every query then
+  starts from that state.
 
 Under task-IL the learner masks the logits to the task's classes, which
 for disjoint class sets is exactly a per-task head (each task reads its own rows of the
@@ -13,18 +18,22 @@ head's weight matrix).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cl_lightning.checks import require_at_least
 from cl_lightning.models.backbones import Classifier
 from cl_lightning.models.dnc import DNC
 from cl_lightning.models.encoders import EncoderKind, build_encoder
+from cl_lightning.models.recall import Recall, recall_log_votes, recall_weights
 
 Readout = Literal["last", "mean"]
+RecallKey = Literal["tokens", "mean", "input"]
 Context = tuple[torch.Tensor, torch.Tensor]
 """Labeled examples ``(xc: (M, *input_shape), yc: (M,))`` a query may read first."""
 
@@ -71,19 +80,54 @@ class TokenClassifier(Classifier):
         tokens = self.encoder(xc).mean(1) + self.label_embedding[yc]  # (M, D)
         return self.core_forward(tokens.unsqueeze(0))[1]
 
+    recall_slots = 0
+    recall_size = 0  # width of the recalled label distribution in the features (0: none)
+
+    def recall_state(self, x: torch.Tensor, tokens: torch.Tensor,
+                     recall: Recall) -> tuple[Any, torch.Tensor]:
+        """The core's state with the recalled neighbours written in, and the recalled label
+        votes ``(B, recall_size)`` (log of the read mass per label; zero without a
+        recall, which like any constant changes no class's odds; see
+        :mod:`cl_lightning.models.recall`)."""
+        raise ValueError(f"{type(self).__name__} has no memory to write recalled experiences "
+                         "into; use MemoryAgent with model.net.init_args.recall_slots > 0")
+
     def features(self, x: torch.Tensor, context: Context | None = None,
-                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
+                 context_mask: torch.Tensor | None = None,
+                 recall: Recall | None = None) -> torch.Tensor:
         """x: (B, *input_shape) -> (B, H) read out from the core's outputs. With a context,
-        queries start from the state after reading it (only where ``context_mask``)."""
+        queries start from the state after reading it (only where ``context_mask``); with a
+        recall, from the memory holding each query's retrieved neighbours."""
+        tokens = self.encoder(x)
         state = None
-        if context is not None and len(context[0]) > 0:
+        read = tokens.new_zeros(len(x), self.recall_size)
+        read_context = context is not None and len(context[0]) > 0
+        if recall is not None:
+            if context is not None:
+                raise ValueError("a query reads either recalled neighbours or a context, "
+                                 "not both: set model.context false or recall_slots 0")
+            state, read = self.recall_state(x, tokens, recall)
+        elif read_context:
             state = self.expand_state(self.read_context(context), len(x), context_mask)
-        out = self.core_forward(self.encoder(x), state)[0]
-        return out[:, -1] if self.readout == "last" else out.mean(1)
+        out = self.core_forward(tokens, state)[0]
+        out = out[:, -1] if self.readout == "last" else out.mean(1)
+        out = out + self.unused_anchor(read_context, recall is not None)
+        return torch.cat([out, read], 1) if self.recall_size else out
+
+    def unused_anchor(self, read_context: bool, recalled: bool) -> torch.Tensor:
+        """A zero that depends on the parameters this forward did not use (the label
+        embedding without a context, the recall layers without a recall), so every
+        parameter gets a (zero) gradient each step and DDP needs no
+        ``find_unused_parameters``."""
+        unused = [] if read_context else [self.label_embedding]
+        if not recalled:
+            unused += [p for n, p in self.named_parameters() if n.startswith("recall_")]
+        return sum((p.sum() * 0.0 for p in unused), torch.zeros((), device=self.head.weight.device))
 
     def forward(self, x: torch.Tensor, context: Context | None = None,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.features(x, context, context_mask))
+                context_mask: torch.Tensor | None = None,
+                recall: Recall | None = None) -> torch.Tensor:
+        return self.head(self.features(x, context, context_mask, recall))
 
 
 def _masked_expand(t: torch.Tensor, batch: int, mask: torch.Tensor | None,
@@ -118,6 +162,13 @@ class MemoryAgent(TokenClassifier):
         compile_step: compile the DNC's time step with ``torch.compile`` (see
             :class:`~cl_lightning.models.dnc.DNC`): about 3x faster memory-as-context
             reading on a CPU, after a compile of tens of seconds at the start of the run.
+        recall_slots: memory slots that hold each query's retrieved neighbours (the number
+            of neighbours the learner retrieves from the replay buffer); 0 turns the
+            episodic read off. Must leave free slots: ``< memory_slots``.
+        recall_strength: initial sharpness of the primed content read (learned).
+        recall_key: what items are stored and searched by: ``tokens`` (the encoder's
+            tokens, flattened), ``mean`` (their mean, for many-token encoders) or ``input``
+            (the raw input, fixed: no learned key).
         **kwargs: the encoder options of :class:`TokenClassifier` (encoder, num_tokens,
             token_dim, cnn_width, readout).
     """
@@ -137,23 +188,96 @@ class MemoryAgent(TokenClassifier):
         dealloc: bool = False,
         sharpness: bool = False,
         compile_step: bool = False,
+        recall_slots: int = 0,
+        recall_strength: float = 10.0,
+        recall_key: RecallKey = "tokens",
         **kwargs: Any,
     ) -> None:
         super().__init__(input_shape, num_classes, **kwargs)
         require_at_least(1, "model.net.", core_output=core_output, hidden_size=hidden_size,
                          memory_slots=memory_slots, word_size=word_size, read_heads=read_heads,
                          write_heads=write_heads)
+        require_at_least(0, "model.net.", recall_slots=recall_slots)
+        if recall_slots >= memory_slots:
+            raise ValueError(f"model.net.recall_slots ({recall_slots}) must be below "
+                             f"memory_slots ({memory_slots}) so the query has slots to write; "
+                             "lower recall_slots or raise memory_slots")
+        if word_size < 2 and recall_slots:
+            raise ValueError("model.net.word_size must be >= 2 with recall_slots > 0 "
+                             "(a key part and a label part)")
+        require_at_least(1e-3, "model.net.", recall_strength=recall_strength)
+        if recall_key not in ("tokens", "mean", "input"):
+            raise ValueError(f"model.net.recall_key must be 'tokens', 'mean' or 'input', "
+                             f"got {recall_key!r}")
+        self.recall_slots, self.recall_key = recall_slots, recall_key
+        self.recall_size = num_classes if recall_slots else 0
+        if recall_slots:
+            key_size = word_size // 2
+            self.recall_word = nn.Linear(self._key_width(input_shape), key_size)
+            self.recall_label = nn.Embedding(num_classes, word_size - key_size)
+            # softplus^-1: the read starts with the configured sharpness
+            self.recall_strength = nn.Parameter(
+                torch.tensor(float(recall_strength)).expm1().log())
         self.core = DNC(self.encoder.token_dim, core_output, hidden_size=hidden_size,
                         memory_slots=memory_slots, word_size=word_size, read_heads=read_heads,
                         write_heads=write_heads, clip_value=clip_value, masking=masking,
                         dealloc=dealloc, sharpness=sharpness, compile_step=compile_step)
-        self.head = nn.Linear(core_output, num_classes)
+        self.head = nn.Linear(core_output + self.recall_size, num_classes)
+        if recall_slots:
+            with torch.no_grad():  # start as a product of experts: net x recalled votes
+                self.head.weight[:, core_output:] = torch.eye(num_classes)
 
     def core_forward(self, tokens: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         return self.core(tokens, state)
 
     def expand_state(self, state: Any, batch: int, mask: torch.Tensor | None) -> Any:
         return type(state)(*(_masked_expand(t, batch, mask) for t in state))
+
+    def _key_width(self, input_shape: Sequence[int]) -> int:
+        if self.recall_key == "input":
+            return math.prod(input_shape)
+        enc = self.encoder
+        return enc.token_dim * (enc.num_tokens if self.recall_key == "tokens" else 1)
+
+    def _keys(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        if self.recall_key == "input":
+            return x.flatten(1)
+        tokens = self.encoder(x) if tokens is None else tokens
+        return tokens.flatten(1) if self.recall_key == "tokens" else tokens.mean(1)
+
+    def recall_keys(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, *input_shape) -> (N, D): the key an item is stored and searched by."""
+        if not self.recall_slots:
+            raise ValueError("model.net.recall_slots is 0: this MemoryAgent has no "
+                             "episodic read; set recall_slots > 0")
+        return self._keys(x)
+
+    def recall_state(self, x: torch.Tensor, tokens: torch.Tensor,
+                     recall: Recall) -> tuple[Any, torch.Tensor]:
+        if not self.recall_slots:
+            return super().recall_state(x, tokens, recall)
+        b, k = recall.index.shape
+        if k > self.recall_slots:
+            raise ValueError(f"{k} recalled neighbours do not fit recall_slots="
+                             f"{self.recall_slots}")
+        valid = recall.valid
+        query = self._keys(x, tokens)  # (B, D)
+        keys = self._keys(recall.x)[recall.index]  # (B, k, D)
+        weights = recall_weights(query, keys, valid, F.softplus(self.recall_strength))
+        words = torch.cat([self.recall_word(keys), self.recall_label(recall.y)], -1)
+        words = words * valid[..., None].to(words.dtype)
+        self.last_recall = (weights.detach(), recall.y.detach())
+        state = self.core.initial_state(b, tokens.device, tokens.dtype)
+        n, r = self.core.memory_slots, self.core.read_heads
+        pad = n - k
+        memory = torch.cat([words, words.new_zeros(b, pad, words.shape[-1])], 1)
+        usage = torch.cat([valid.to(words.dtype), words.new_zeros(b, pad)], 1)
+        read_w = torch.cat([weights, weights.new_zeros(b, pad)], 1)[:, None].expand(b, r, n)
+        read_v = torch.einsum("bk,bkw->bw", weights, words)[:, None].expand(b, r, -1)
+        state = state._replace(memory=memory, usage=usage, read_weights=read_w.contiguous(),
+                               read_vectors=read_v.contiguous())
+        votes = torch.zeros(b, self.recall_size, dtype=weights.dtype, device=weights.device)
+        return state, recall_log_votes(votes.scatter_add(1, recall.y, weights))
 
 
 class LSTMClassifier(TokenClassifier):

@@ -1,0 +1,122 @@
+"""Nearest-neighbour search over the long-term episodic store (the replay buffer).
+
+The store holds raw inputs; their *keys* (the agent's own key embedding of each input) are
+cached here and refreshed on a schedule: every ``refresh_every`` calls the whole cache is
+recomputed with the current weights, and in between only the slots whose content changed
+(new insertions, found by an input fingerprint) are encoded. Search is exact cosine
+similarity over the cached keys, one matrix product per batch.
+
+Pure tensor functions (:func:`fingerprint`, :func:`nearest`) do the math; :class:`EpisodicIndex`
+holds the cache and its checkpointed state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+KeyFn = Callable[[Tensor], Tensor]
+"""Inputs ``(N, *shape)`` -> keys ``(N, D)``."""
+
+_PROBE_SEED = 20240607
+
+
+def fingerprint(x: Tensor) -> Tensor:
+    """A float64 summary per item, ``(N,)``: a fixed random projection of the flattened
+    input. Equal inputs give equal values; distinct inputs collide with probability ~0."""
+    flat = x.detach().flatten(1).to(torch.float64)
+    g = torch.Generator().manual_seed(_PROBE_SEED)
+    probe = torch.rand(flat.shape[1], generator=g, dtype=torch.float64).to(flat.device) + 0.5
+    return (flat * probe).sum(1)
+
+
+def same_item(a: Tensor, b: Tensor) -> Tensor:
+    """``(len(a), len(b))`` bool: fingerprints that match to float64 rounding."""
+    scale = torch.maximum(a.abs()[:, None], b.abs()[None, :]).clamp_min(1.0)
+    return (a[:, None] - b[None, :]).abs() <= 1e-9 * scale
+
+
+def nearest(queries: Tensor, keys: Tensor, k: int,
+            exclude: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``k`` most cosine-similar keys of every query.
+
+    Args:
+        queries: ``(B, D)``; keys: ``(S, D)``.
+        k: neighbours per query; with fewer than ``k`` eligible keys the rest are invalid.
+        exclude: optional ``(B, S)`` bool, keys a query may not retrieve (itself).
+
+    Returns:
+        ``index (B, k)`` into ``keys`` (0 where invalid), ``similarity (B, k)`` (descending),
+        ``valid (B, k)`` bool.
+    """
+    q = torch.nn.functional.normalize(queries.float(), dim=1)
+    kn = torch.nn.functional.normalize(keys.float(), dim=1)
+    sim = q @ kn.T
+    if exclude is not None:
+        sim = sim.masked_fill(exclude, float("-inf"))
+    take = min(k, keys.shape[0])
+    top, index = sim.topk(take, dim=1)
+    valid = torch.isfinite(top)
+    if take < k:  # fewer stored items than neighbours asked for
+        pad = k - take
+        top = torch.cat([top, top.new_full((len(q), pad), float("-inf"))], 1)
+        index = torch.cat([index, index.new_zeros(len(q), pad)], 1)
+        valid = torch.cat([valid, valid.new_zeros(len(q), pad)], 1)
+    return index.masked_fill(~valid, 0), top.masked_fill(~valid, 0.0), valid
+
+
+class EpisodicIndex:
+    """Cached keys of the store's items, refreshed on a schedule.
+
+    Args:
+        refresh_every: recompute every key after this many :meth:`sync` calls (training
+            steps); in between only changed slots are encoded. 1 recomputes every step.
+    """
+
+    def __init__(self, refresh_every: int = 50) -> None:
+        if refresh_every < 1:
+            raise ValueError(f"model.recall_refresh must be >= 1, got {refresh_every}")
+        self.refresh_every = refresh_every
+        self.keys: Tensor | None = None
+        self.prints: Tensor | None = None
+        self.calls = 0
+        self.encoded = 0  # items encoded so far (a cost counter, for tests and logs)
+
+    @torch.no_grad()
+    def sync(self, store_x: Tensor, key_fn: KeyFn) -> Tensor:
+        """The keys ``(S, D)`` of ``store_x`` (the store's items, in slot order)."""
+        prints = fingerprint(store_x)
+        full = (self.keys is None or self.calls % self.refresh_every == 0
+                or self.keys.device != store_x.device)
+        if full:
+            keys = key_fn(store_x).float()
+            self.encoded += len(store_x)
+        else:
+            assert self.keys is not None and self.prints is not None
+            keys = self.keys
+            old = len(keys)
+            if len(store_x) < old:  # the store shrank (re-sharded): start over
+                keys, old = keys[:0], 0
+            changed = torch.zeros(len(store_x), dtype=torch.bool, device=store_x.device)
+            changed[old:] = True
+            if old:
+                changed[:old] = prints[:old] != self.prints[:old]
+            rows = changed.nonzero().squeeze(1)
+            if len(rows):
+                keys = torch.cat([keys, keys.new_zeros(len(store_x) - old, keys.shape[1])])
+                keys[rows] = key_fn(store_x[rows]).float()
+                self.encoded += len(rows)
+        self.keys, self.prints = keys, prints
+        self.calls += 1
+        return keys
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"keys": self.keys, "prints": self.prints, "calls": self.calls,
+                "encoded": self.encoded}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.keys, self.prints = state["keys"], state["prints"]
+        self.calls, self.encoded = int(state["calls"]), int(state.get("encoded", 0))

@@ -1,0 +1,67 @@
+"""Recall: retrieved experiences written into the DNC's memory before a query is read.
+
+For each query the learner retrieves ``k`` labelled neighbours from the long-term store
+(:mod:`cl_lightning.episodic_index`). The agent writes neighbour ``j`` into memory slot
+``j`` as the word ``[key part | label part]`` (a learned projection of its key and a learned
+embedding of its label), marks those slots used, and primes every read head with a content
+read of the query's own key against the key parts. The controller then reads the query's
+tokens starting from that state: the recalled labels reach it through the read vectors,
+and its own reads can return to the same slots. Writes of the query go to free slots.
+The read mass per label (the recalled votes) also reaches the head directly, as log-odds
+added to the net's.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class Recall(NamedTuple):
+    """Neighbours retrieved for a batch of ``B`` queries.
+
+    x: ``(U, *input_shape)`` the distinct retrieved inputs (raw, as stored).
+    index: ``(B, k)`` long, each query's neighbours as rows of ``x``.
+    y: ``(B, k)`` long, their labels (as the query should read them).
+    valid: ``(B, k)`` bool, False for empty neighbour places.
+    """
+
+    x: Tensor
+    index: Tensor
+    y: Tensor
+    valid: Tensor
+
+    def select(self, rows: Tensor) -> Recall:
+        """The recall of a subset of the queries (``rows``: bool mask or indices)."""
+        return Recall(self.x, self.index[rows], self.y[rows], self.valid[rows])
+
+
+def recall_weights(query: Tensor, slots: Tensor, valid: Tensor, strength: Tensor) -> Tensor:
+    """Content read of each query over its own slots.
+
+    query: ``(B, D)``; slots: ``(B, k, D)``; valid: ``(B, k)``; strength: scalar (> 0).
+    Returns ``(B, k)``: softmax of ``strength * cos(query, slot)`` over the valid slots
+    (all zeros for a query with none).
+    """
+    cos = torch.einsum("bd,bkd->bk", F.normalize(query, dim=-1), F.normalize(slots, dim=-1))
+    logits = (strength * cos).masked_fill(~valid, float("-inf"))
+    w = torch.softmax(logits, dim=-1)
+    return torch.nan_to_num(w, nan=0.0)
+
+
+VOTE_FLOOR = 1e-3
+
+
+def recall_log_votes(votes: Tensor) -> Tensor:
+    """``log(votes + floor) - log(1 + floor)``: per label, 0 for a unanimous vote and about
+    -6.9 for a label no recalled slot holds. The agent's head adds them to its logits (its
+    vote weights start as the identity), so the net's and memory's odds multiply."""
+    return torch.log(votes + VOTE_FLOOR) - torch.log1p(torch.tensor(VOTE_FLOOR))
+
+
+def same_label_mass(weights: Tensor, labels: Tensor, target: Tensor) -> Tensor:
+    """``(B,)`` read mass on slots holding the query's own label (recall precision)."""
+    return (weights * (labels == target[:, None]).to(weights.dtype)).sum(1)

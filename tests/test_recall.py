@@ -1,0 +1,230 @@
+"""Recall: nearest-neighbour retrieval from the store, its cached index, the agent's
+memory written with recalled experiences, and training that needs the read path."""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cl_lightning.episodic_index import EpisodicIndex, fingerprint, nearest, same_item
+from cl_lightning.models.agent import MemoryAgent
+from cl_lightning.models.recall import VOTE_FLOOR, Recall, recall_weights, same_label_mass
+from tests.conftest import read_results, run_train
+
+SMALL_AGENT = dict(core_output=12, hidden_size=12, memory_slots=8, word_size=6,
+                   read_heads=1, num_tokens=2, token_dim=8)
+CLI_AGENT = ["--model.net", "cl_lightning.models.agent.MemoryAgent",
+             *[a for k, v in SMALL_AGENT.items() for a in (f"--model.net.{k}", str(v))]]
+ER = ["--trainer.callbacks+=callbacks.replay.ExperienceReplay",
+      "--trainer.callbacks.capacity", "60", "--trainer.callbacks.replay_batch_size", "8"]
+
+
+# ----- retrieval -------------------------------------------------------------------------
+def test_nearest_returns_the_true_cosine_neighbours_of_a_hand_built_store():
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0], [3.0, 0.1]])
+    queries = torch.tensor([[2.0, 0.0], [0.0, -1.0]])
+    index, sim, valid = nearest(queries, keys, 3)
+    # query 0 along +x: [1,0] (cos 1), [3,.1] (cos .9994), [1,1] (cos .707)
+    assert index[0].tolist() == [0, 4, 2]
+    assert sim[0].tolist() == pytest.approx([1.0, 3 / math.hypot(3, 0.1), 1 / math.sqrt(2)])
+    # query 1 along -y: every key has cos <= 0; the largest are [1,0] and [-1,0] (0), then
+    # [3, .1] (-0.033)
+    assert set(index[1, :2].tolist()) == {0, 3} and index[1, 2].item() == 4
+    assert valid.all()
+    # exclusion, and more neighbours asked for than there are eligible keys
+    exclude = torch.zeros(2, 5, dtype=torch.bool)
+    exclude[0, [0, 4]] = True
+    index, sim, valid = nearest(queries, keys[:3], 4, exclude[:, :3])
+    assert index[0, :2].tolist() == [2, 1] and valid[0].tolist() == [True, True, False, False]
+    assert valid[1].tolist() == [True, True, True, False] and (sim[~valid] == 0).all()
+
+
+def test_fingerprints_match_equal_inputs_only():
+    x = torch.randn(6, 3, 4)
+    f = fingerprint(x)
+    g = fingerprint(torch.cat([x[2:4], x[:1] + 1e-6]))
+    same = same_item(g, f)
+    assert same[0].nonzero().flatten().tolist() == [2]
+    assert same[1].nonzero().flatten().tolist() == [3]
+    assert not same[2].any()  # a tiny change is a different item
+
+
+def test_index_encodes_only_changed_slots_between_refreshes():
+    calls = []
+
+    def key_fn(x):
+        calls.append(len(x))
+        return x * 2
+
+    store = torch.randn(5, 3)
+    index = EpisodicIndex(refresh_every=3)
+    assert torch.equal(index.sync(store, key_fn), store * 2) and calls == [5]
+    store[1] = torch.randn(3)  # one slot overwritten
+    grown = torch.cat([store, torch.randn(2, 3)])  # two new items
+    keys = index.sync(grown, key_fn)
+    assert calls == [5, 3] and torch.equal(keys, grown * 2)
+    keys = index.sync(grown, lambda x: x * 5)  # no change: nothing encoded, stale keys kept
+    assert calls == [5, 3] and torch.equal(keys, grown * 2)
+    keys = index.sync(grown, lambda x: x * 5)  # the 4th call refreshes everything
+    assert torch.equal(keys, grown * 5) and index.encoded == 5 + 3 + 7
+
+
+def test_index_state_round_trip_keeps_the_schedule_and_the_keys():
+    store = torch.randn(4, 2)
+    a = EpisodicIndex(refresh_every=2)
+    a.sync(store, lambda x: x + 1)
+    b = EpisodicIndex(refresh_every=2)
+    b.load_state_dict(a.state_dict())
+    # both are mid-schedule: the next call uses the cached keys, the one after refreshes
+    for index in (a, b):
+        assert torch.equal(index.sync(store, lambda x: x * 0), store + 1)
+        assert torch.equal(index.sync(store, lambda x: x * 0), store * 0)
+
+
+# ----- the agent's read ------------------------------------------------------------------
+def test_recall_weights_are_a_softmax_of_scaled_cosines_over_valid_slots():
+    q = torch.tensor([[1.0, 0.0]])
+    slots = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
+    valid = torch.tensor([[True, True, False]])
+    w = recall_weights(q, slots, valid, torch.tensor(2.0))
+    e = torch.tensor([math.exp(2.0), math.exp(0.0)])
+    assert w[0, :2].tolist() == pytest.approx((e / e.sum()).tolist()) and w[0, 2] == 0
+    none = recall_weights(q, slots, torch.zeros_like(valid), torch.tensor(2.0))
+    assert (none == 0).all()
+    labels = torch.tensor([[1, 0, 1]])
+    assert same_label_mass(w, labels, torch.tensor([1])).item() == pytest.approx(w[0, 0].item())
+
+
+def test_agent_writes_recalled_neighbours_into_memory_and_votes_their_labels():
+    torch.manual_seed(0)
+    net = MemoryAgent((4,), 3, recall_slots=3, **SMALL_AGENT)
+    x = torch.randn(2, 4)
+    stored = torch.randn(3, 4)
+    recall = Recall(stored, torch.tensor([[0, 1, 2], [2, 0, 0]]),
+                    torch.tensor([[2, 2, 1], [0, 1, 1]]),
+                    torch.tensor([[True, True, True], [True, True, False]]))
+    state, log_votes = net.recall_state(x, net.encoder(x), recall)
+    votes = torch.exp(log_votes) * (1 + VOTE_FLOOR) - VOTE_FLOOR  # back to read mass
+    assert state.memory.shape == (2, 8, 6)
+    assert state.usage[0, :3].tolist() == [1, 1, 1] and state.usage[1].tolist()[:3] == [1, 1, 0]
+    assert (state.memory[:, 3:] == 0).all() and (state.memory[1, 2] == 0).all()
+    # the label part of slot j is the embedding of neighbour j's label
+    assert torch.allclose(state.memory[0, 1, 3:], net.recall_label.weight[2])
+    # votes: each query's read mass per label, summing to one; 0 for a unanimous label
+    assert log_votes.max() <= 1e-6 and log_votes.min() >= math.log(VOTE_FLOOR) - 1e-3
+    assert torch.allclose(votes.sum(1), torch.ones(2))
+    w = state.read_weights[:, 0, :3]
+    assert votes[0, 2].item() == pytest.approx((w[0, 0] + w[0, 1]).item())
+    assert votes[1, 2].item() == pytest.approx(0.0, abs=1e-6)
+    assert net(x, recall=recall).shape == (2, 3)
+
+
+def test_bad_recall_options_fail_with_the_option_name():
+    with pytest.raises(ValueError, match="recall_slots .*must be below memory_slots"):
+        MemoryAgent((4,), 3, **{**SMALL_AGENT, "memory_slots": 4}, recall_slots=4)
+    with pytest.raises(ValueError, match="model.net.recall_key"):
+        MemoryAgent((4,), 3, recall_slots=2, recall_key="pixels", **SMALL_AGENT)
+    with pytest.raises(ValueError, match="model.net.recall_slots must be >= 0"):
+        MemoryAgent((4,), 3, recall_slots=-1, **SMALL_AGENT)
+    with pytest.raises(ValueError, match="recall_slots is 0"):
+        MemoryAgent((4,), 3, **SMALL_AGENT).recall_keys(torch.randn(1, 4))
+
+
+def test_a_shuffled_label_task_is_solved_only_through_the_read_path():
+    """Every episode relabels the classes at random: the weights cannot know a query's
+    label, its recalled neighbours (with the episode's labels) can."""
+    torch.manual_seed(0)
+    classes, dim, k = 4, 8, 4
+    protos = torch.randn(classes, dim) * 2
+    net = MemoryAgent((dim,), classes, recall_slots=k, recall_key="input", **SMALL_AGENT)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+
+    def episode(n_store=20, n_query=32):
+        y = torch.arange(n_store + n_query) % classes
+        x = protos[y] + 0.5 * torch.randn(len(y), dim)
+        perm = torch.randperm(classes)
+        y = perm[y]
+        xs, ys, xq, yq = x[:n_store], y[:n_store], x[n_store:], y[n_store:]
+        idx, _, valid = nearest(xq, xs, k)
+        return xq, yq, Recall(xs, idx, ys[idx], valid)
+
+    for _ in range(250):
+        xq, yq, recall = episode()
+        loss = F.cross_entropy(net(xq, recall=recall), yq)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        accs = {"read": [], "no read": []}
+        for _ in range(10):
+            xq, yq, recall = episode()
+            accs["read"].append((net(xq, recall=recall).argmax(1) == yq).float().mean())
+            accs["no read"].append((net(xq).argmax(1) == yq).float().mean())
+    read, no_read = (torch.stack(a).mean().item() for a in accs.values())
+    assert read > 0.9 and no_read < 0.4, (read, no_read)
+
+
+# ----- through the CLI -------------------------------------------------------------------
+def test_recall_trains_reads_the_buffer_and_resumes_exactly_with_its_index(tiny_run):
+    cli = tiny_run(*CLI_AGENT, "--model.net.recall_slots", "4", "--model.label_shuffle",
+                   "0.5", "--model.recall_refresh", "7", *ER,
+                   "--evaluation.few_shot_shots", "[3]")
+    res = read_results(cli)
+    fs = res["few_shot"]
+    assert "recall/3" in fs["tasks"]["domain_il"] and "recall/3" in fs["heldout"]["domain_il"]
+    # the evaluation read the buffer: "before" is the matrix's last row
+    assert fs["tasks"]["domain_il"]["before"] == pytest.approx(res["accuracy_matrix"][-1])
+    ckpt_path = os.path.join(cli.trainer.log_dir, "checkpoints", "last.ckpt")
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    index = ckpt["cl_recall_index"]
+    assert index["keys"].shape == (60, 16) and index["calls"] > 7  # tokens 2 x 8
+    # the index comes back with the checkpoint
+    fresh = EpisodicIndex(cli.model.recall_index.refresh_every)
+    cli.model.recall_index = fresh
+    cli.model.on_load_checkpoint(ckpt)
+    assert cli.model.recall_index is fresh and fresh.calls == index["calls"]
+    assert torch.equal(fresh.keys, index["keys"]) and torch.equal(fresh.prints, index["prints"])
+    # a run resumed from the first task's checkpoint ends exactly where this one did
+    first = os.path.join(cli.trainer.log_dir, "checkpoints", "task00.ckpt")
+    resumed = tiny_run(*CLI_AGENT, "--model.net.recall_slots", "4", "--model.label_shuffle",
+                       "0.5", "--model.recall_refresh", "7", *ER,
+                       "--evaluation.few_shot_shots", "[3]", "--ckpt_path", first)
+    again = read_results(resumed)
+    assert again["accuracy_matrix"] == res["accuracy_matrix"]
+    assert again["few_shot"]["heldout"] == fs["heldout"]
+
+
+def test_more_recall_slots_than_buffer_items_is_refused(tmp_path):
+    proc = run_train(*CLI_AGENT, "--model.net.recall_slots", "6",
+                     "--trainer.callbacks+=callbacks.replay.ExperienceReplay",
+                     "--trainer.callbacks.capacity", "5",
+                     "--trainer.callbacks.replay_batch_size", "4",
+                     "--trainer.logger", "false")
+    assert proc.returncode != 0
+    assert "model.net.recall_slots (6) is larger than the replay buffer (capacity=5)" \
+        in proc.stderr
+
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_two_process_ddp_recall_run_leaves_identical_parameters(tmp_path):
+    """Each rank recalls from its own shard of the buffer; parameters that a step does not
+    use (the context label embedding, the recall layers before anything is stored) get
+    zero gradients, so DDP runs without find_unused_parameters."""
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    proc = run_train(*CLI_AGENT, "--model.net.recall_slots", "4", "--model.label_shuffle",
+                     "0.5", "--model.label_shuffle_replay", "true", *ER,
+                     "--data.num_tasks", "2", "--data.epochs_per_task", "1",
+                     "--trainer.callbacks+=tests.fault_helpers.DumpRankState",
+                     "--trainer.callbacks.folder", str(dump),
+                     "--trainer.logger.save_dir", str(tmp_path), ddp_devices=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(dump / "rank0.pt", weights_only=True)["net"]
+    b = torch.load(dump / "rank1.pt", weights_only=True)["net"]
+    assert any(k.startswith("net.recall_") for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
