@@ -20,9 +20,9 @@ table. Every run records ``run_table.json`` (its CLI arguments and wall time) ne
 Example (the synthetic stream's numbers in the README):
 
     python benchmarks/run_table.py --seeds 0 1 2 --out benchmarks/results/synthetic.md \
-      --run "one task=configs/synthetic.yaml --data.init_args.num_tasks 1" \
-      --run "fine-tune=configs/synthetic.yaml" \
-      --run "joint=configs/synthetic.yaml --data.init_args.joint true"
+      --run "one task=configs/synthetic_agent.yaml --data.init_args.num_tasks 1" \
+      --run "fine-tune=configs/synthetic_agent.yaml" \
+      --run "joint=configs/synthetic_agent.yaml --data.init_args.joint true"
 """
 
 from __future__ import annotations

@@ -38,10 +38,12 @@ def pick_shots(y: torch.Tensor, n: int, generator: torch.Generator) -> torch.Ten
 
 
 def available_modes(learner: ContinualLearner) -> list[str]:
-    """``inner`` always; ``context`` and ``both`` for models that read a context;
-    ``recall`` for a net that recalls."""
-    modes = list(MODES) if getattr(learner.net, "supports_context", False) else ["inner"]
-    return modes + (["recall"] if learner.recalling else [])
+    """``inner`` always; ``recall`` for a net that recalls; else ``context`` and ``both``
+    for models that read a context (a recalling net starts from recalled memory instead,
+    so a context is not what it was trained to read)."""
+    if learner.recalling:
+        return ["inner", "recall"]
+    return list(MODES) if getattr(learner.net, "supports_context", False) else ["inner"]
 
 
 @torch.no_grad()

@@ -118,6 +118,10 @@ class ContinualLearner(L.LightningModule):
                 f"model.context=true needs a model that reads a context "
                 f"(MemoryAgent or LSTMClassifier), got {type(self.net).__name__}; "
                 "set model.context false or change model.net")
+        if context and self.recalling:
+            raise ValueError("model.context=true and a net that recalls (recall_slots > 0) "
+                             "both set the memory a query starts from; set model.context "
+                             "false or model.net.init_args.recall_slots 0")
         self.meta, self.context, self.support_fraction = meta, context, support_fraction
         if meta is not None:
             meta.bind(self.net)

@@ -168,9 +168,10 @@ def test_a_shuffled_label_task_is_solved_only_through_the_read_path():
 
 # ----- through the CLI -------------------------------------------------------------------
 def test_recall_trains_reads_the_buffer_and_resumes_exactly_with_its_index(tiny_run):
-    cli = tiny_run(*CLI_AGENT, "--model.net.recall_slots", "4", "--model.label_shuffle",
-                   "0.5", "--model.recall_refresh", "7", *ER,
-                   "--evaluation.few_shot_shots", "[3]")
+    args = [*CLI_AGENT, "--model.net.recall_slots", "4", "--model.net.recall_key", "tokens",
+            "--model.label_shuffle", "0.5", "--model.recall_refresh", "7", *ER,
+            "--evaluation.few_shot_shots", "[3]"]
+    cli = tiny_run(*args)
     res = read_results(cli)
     fs = res["few_shot"]
     assert "recall/3" in fs["tasks"]["domain_il"] and "recall/3" in fs["heldout"]["domain_il"]
@@ -188,9 +189,7 @@ def test_recall_trains_reads_the_buffer_and_resumes_exactly_with_its_index(tiny_
     assert torch.equal(fresh.keys, index["keys"]) and torch.equal(fresh.prints, index["prints"])
     # a run resumed from the first task's checkpoint ends exactly where this one did
     first = os.path.join(cli.trainer.log_dir, "checkpoints", "task00.ckpt")
-    resumed = tiny_run(*CLI_AGENT, "--model.net.recall_slots", "4", "--model.label_shuffle",
-                       "0.5", "--model.recall_refresh", "7", *ER,
-                       "--evaluation.few_shot_shots", "[3]", "--ckpt_path", first)
+    resumed = tiny_run(*args, "--ckpt_path", first)
     again = read_results(resumed)
     assert again["accuracy_matrix"] == res["accuracy_matrix"]
     assert again["few_shot"]["heldout"] == fs["heldout"]
@@ -228,3 +227,8 @@ def test_two_process_ddp_recall_run_leaves_identical_parameters(tmp_path):
     assert any(k.startswith("net.recall_") for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_context_and_recall_together_are_refused_before_training(tiny_run):
+    with pytest.raises(ValueError, match="model.context=true and a net that recalls"):
+        tiny_run(*CLI_AGENT, "--model.net.recall_slots", "2", "--model.context", "true")
