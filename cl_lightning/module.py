@@ -21,8 +21,8 @@ from torch.func import functional_call
 from cl_lightning.checks import require_at_least, require_in_range
 from cl_lightning.episodic_index import EpisodicIndex, fingerprint, nearest, same_item
 from cl_lightning.meta import MetaLearning, Params, label_permutation
-from cl_lightning.models.recall import Recall, same_label_mass
 from cl_lightning.models.backbones import MLP, Classifier
+from cl_lightning.models.recall import Recall, same_label_mass
 from cl_lightning.plugins import LearnerPlugin, StepOutput
 from cl_lightning.rng import collect_rng_states, restore_rng_states
 from cl_lightning.task_accuracy import TaskAccuracy

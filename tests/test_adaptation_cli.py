@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from tests.conftest import read_results, run_train
+from tests.conftest import ddp_rank_states, read_results
 
 AGENT = ["--model.net", "cl_lightning.models.agent.MemoryAgent",
          "--model.net.memory_slots", "8", "--model.net.word_size", "4",
@@ -53,15 +53,8 @@ def test_without_kept_samples_trained_tasks_have_no_adapted_accuracy(tiny_run):
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_two_process_ddp_meta_step_leaves_identical_parameters(tmp_path):
-    dump = tmp_path / "dump"
-    dump.mkdir()
-    proc = run_train(*META, *ER, "--data.num_tasks", "2", "--data.epochs_per_task", "1",
-                     "--trainer.callbacks+=tests.fault_helpers.DumpRankState",
-                     "--trainer.callbacks.folder", str(dump),
-                     "--trainer.logger.save_dir", str(tmp_path), ddp_devices=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a = torch.load(dump / "rank0.pt", weights_only=True)["net"]
-    b = torch.load(dump / "rank1.pt", weights_only=True)["net"]
+    a, b = ddp_rank_states(tmp_path, *META, *ER, "--data.num_tasks", "2",
+                           "--data.epochs_per_task", "1")
     assert a.keys() == b.keys() and any(k.startswith("meta.step_lrs.") for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)

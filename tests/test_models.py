@@ -91,18 +91,21 @@ def test_memory_agent_learns_the_stream_through_the_cli(tmp_path):
     assert all(m[t][t] > init[t] + 20 for t in range(3))
 
 
+def run_monitored_agent(tmp_path, *extra):
+    """The tiny stream with a small MemoryAgent and a MemoryMonitor; ``extra`` after."""
+    return run_cli(tmp_path, "--model.net", "cl_lightning.models.agent.MemoryAgent",
+                   "--model.net.token_dim", "8", "--model.net.core_output", "16",
+                   "--model.net.hidden_size", "16", "--model.net.memory_slots", "8",
+                   "--model.net.word_size", "4",
+                   "--trainer.callbacks+=callbacks.memory_monitor.MemoryMonitor", *extra)
+
+
 @pytest.mark.slow
 def test_memory_monitor_logs_slot_maps_and_read_modes(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cli = run_cli(
-        tmp_path, "--model.net", "cl_lightning.models.agent.MemoryAgent",
-        "--model.net.num_tokens", "3", "--model.net.token_dim", "8",
-        "--model.net.core_output", "16", "--model.net.hidden_size", "16",
-        "--model.net.memory_slots", "8", "--model.net.word_size", "4",
-        "--model.net.read_heads", "2",
-        "--trainer.callbacks+=callbacks.memory_monitor.MemoryMonitor",
-        "--trainer.callbacks.probe_size", "4")
+    cli = run_monitored_agent(tmp_path, "--model.net.num_tokens", "3",
+                              "--model.net.read_heads", "2", "--trainer.callbacks.probe_size", "4")
     acc = EventAccumulator(cli.trainer.log_dir, size_guidance={"images": 0})
     acc.Reload()
     assert "memory/slots" in acc.Tags()["images"]
@@ -119,17 +122,12 @@ def test_memory_monitor_logs_slot_maps_and_read_modes(tmp_path):
 def test_memory_monitor_measures_reads_and_writes_of_recalled_slots(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cli = run_cli(
-        tmp_path, "--model.net", "cl_lightning.models.agent.MemoryAgent",
-        "--model.net.num_tokens", "2", "--model.net.token_dim", "8",
-        "--model.net.core_output", "16", "--model.net.hidden_size", "16",
-        "--model.net.memory_slots", "8", "--model.net.word_size", "4",
-        "--model.net.read_heads", "1", "--model.net.recall_slots", "4",
-        "--model.net.recall_strength", "30",
+    cli = run_monitored_agent(
+        tmp_path, "--model.net.num_tokens", "2", "--model.net.read_heads", "1",
+        "--model.net.recall_slots", "4", "--model.net.recall_strength", "30",
+        "--trainer.callbacks.probe_size", "16",
         "--trainer.callbacks+=callbacks.replay.ExperienceReplay",
-        "--trainer.callbacks.capacity", "60", "--trainer.callbacks.replay_batch_size", "8",
-        "--trainer.callbacks+=callbacks.memory_monitor.MemoryMonitor",
-        "--trainer.callbacks.probe_size", "16")
+        "--trainer.callbacks.capacity", "60", "--trainer.callbacks.replay_batch_size", "8")
     acc = EventAccumulator(cli.trainer.log_dir)
     acc.Reload()
     value = {t: acc.Scalars(f"memory/{t}")[-1].value

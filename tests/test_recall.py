@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from cl_lightning.episodic_index import EpisodicIndex, fingerprint, nearest, same_item
 from cl_lightning.models.agent import MemoryAgent
 from cl_lightning.models.recall import VOTE_FLOOR, Recall, recall_weights, same_label_mass
-from tests.conftest import read_results, run_train
+from tests.conftest import ddp_rank_states, read_results, run_train
 
 SMALL_AGENT = dict(core_output=12, hidden_size=12, memory_slots=8, word_size=6,
                    read_heads=1, num_tokens=2, token_dim=8)
@@ -213,17 +213,9 @@ def test_two_process_ddp_recall_run_leaves_identical_parameters(tmp_path):
     """Each rank recalls from its own shard of the buffer; parameters that a step does not
     use (the context label embedding, the recall layers before anything is stored) get
     zero gradients, so DDP runs without find_unused_parameters."""
-    dump = tmp_path / "dump"
-    dump.mkdir()
-    proc = run_train(*CLI_AGENT, "--model.net.recall_slots", "4", "--model.label_shuffle",
-                     "0.5", "--model.label_shuffle_replay", "true", *ER,
-                     "--data.num_tasks", "2", "--data.epochs_per_task", "1",
-                     "--trainer.callbacks+=tests.fault_helpers.DumpRankState",
-                     "--trainer.callbacks.folder", str(dump),
-                     "--trainer.logger.save_dir", str(tmp_path), ddp_devices=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a = torch.load(dump / "rank0.pt", weights_only=True)["net"]
-    b = torch.load(dump / "rank1.pt", weights_only=True)["net"]
+    a, b = ddp_rank_states(tmp_path, *CLI_AGENT, "--model.net.recall_slots", "4",
+                           "--model.label_shuffle", "0.5", "--model.label_shuffle_replay", "true",
+                           *ER, "--data.num_tasks", "2", "--data.epochs_per_task", "1")
     assert any(k.startswith("net.recall_") for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
