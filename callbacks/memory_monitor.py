@@ -60,20 +60,19 @@ class MemoryMonitor(L.Callback, LearnerPlugin):
         agent = learner.net
         out, recall_stats = [], []
         store = learner.store() if learner.recalling else None
-        keys = None
         was_training = agent.training
         agent.eval()
         with torch.no_grad():
             if store is not None:
                 store = {k: v.to(learner.device) for k, v in store.items()}
-                keys = agent.recall_keys(store["x"]).float()
+                index = learner.index_store(store)
             for view in learner.trainer.datamodule.test_sets():
                 n = min(self.probe_size, len(view))
                 x = torch.stack([view[i]["x"] for i in range(n)]).to(learner.device)
                 y = torch.as_tensor([int(view[i]["y"]) for i in range(n)], device=x.device)
                 tokens, state = agent.encoder(x), None
                 if store is not None:
-                    recall = learner.retrieve(x, x, store, keys)
+                    recall = learner.retrieve(x, x, store, *index)
                     state, _ = agent.recall_state(x, tokens, recall)
                     primed = state.read_weights[:, 0, : recall.y.shape[1]]
                 trace = agent.core(tokens, state, return_trace=True)[2]

@@ -109,12 +109,11 @@ def adapted_model(learner: ContinualLearner, mode: str, support: tuple[torch.Ten
     store = dict(zip(("x", "y", "task"), support, strict=True))
     if mode == "recall":
         return learner.reader(store=store)
-    with torch.no_grad():
-        keys = learner.net.recall_keys(support[0]).float()
-    support_recall = learner.retrieve(support[0], support[0], store, keys)
+    index = learner.index_store(store)
+    support_recall = learner.retrieve(support[0], support[0], store, *index)
     adapted = learner.adapted_models(support, True, False, detached=True,
                                      support_recall=support_recall)[-1]
-    return learner.reader(adapted, store=store)
+    return learner.reader(adapted, store=store, index=index)
 
 
 def mean_over_tasks(few_shot: dict[str, Any]) -> dict[str, dict[str, dict[str, float | None]]]:

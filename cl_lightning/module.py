@@ -192,6 +192,12 @@ class ContinualLearner(L.LightningModule):
         y = store["y"].to(inputs.device)[index]
         return Recall(x, inverse, y, valid)
 
+    @torch.no_grad()
+    def index_store(self, store: Store) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys ``(S, D)`` (the net's current weights) and fingerprints ``(S,)`` of a
+        store's items, for :meth:`retrieve`."""
+        return self.net.recall_keys(store["x"]).float(), fingerprint(store["x"])
+
     def train_recall(self, inputs: torch.Tensor, raw: torch.Tensor) -> Recall | None:
         """The recall of a training batch from the replay buffer (None before anything is
         stored); the buffer's index is kept current on its refresh schedule."""
@@ -204,22 +210,24 @@ class ContinualLearner(L.LightningModule):
                              self.recall_index.prints)
 
     def reader(self, model: nn.Module | ModelFn | None = None, store: Store | None = None,
+               index: tuple[torch.Tensor, torch.Tensor] | None = None,
                **kwargs: Any) -> ModelFn:
         """``x -> logits`` of ``model`` (default the net) that recalls from ``store``
         (default the replay buffer, as it is now) when the net recalls; else the model as
-        it is. The store's keys are computed once, on the first call."""
+        it is. ``index``: the store's :meth:`index_store`, if already computed (else it is
+        computed once, on the first call)."""
         model = self.net if model is None else model
         store = self.store() if store is None and self.recalling else store
         if not self.recalling or store is None:
             return lambda x: model(x, **kwargs)
         store = {k: v.to(self.device) for k, v in store.items()}
-        keys: list[torch.Tensor] = []
+        cached = [] if index is None else [index]
 
         def read(x: torch.Tensor) -> torch.Tensor:
-            if not keys:
-                with torch.no_grad():
-                    keys.append(self.net.recall_keys(store["x"]).float())
-            return model(x, recall=self.retrieve(x, x, store, keys[0]), **kwargs)
+            if not cached:
+                cached.append(self.index_store(store))
+            keys, prints = cached[0]
+            return model(x, recall=self.retrieve(x, x, store, keys, prints), **kwargs)
 
         return read
 

@@ -120,8 +120,9 @@ class TokenClassifier(Classifier):
         parameter gets a (zero) gradient each step and DDP needs no
         ``find_unused_parameters``."""
         unused = [] if read_context else [self.label_embedding]
-        if not recalled:
-            unused += [p for n, p in self.named_parameters() if n.startswith("recall_")]
+        if not recalled and self.recall_slots:
+            unused += [*self.recall_word.parameters(), *self.recall_label.parameters(),
+                       self.recall_strength]
         return sum((p.sum() * 0.0 for p in unused), torch.zeros((), device=self.head.weight.device))
 
     def forward(self, x: torch.Tensor, context: Context | None = None,
