@@ -1,0 +1,51 @@
+"""How good a raw-pixel memory alone is on MNIST: a cosine vote of the k nearest of n stored
+training images per class, scored on the 10,000 test images (the read the recall agent
+does with ``recall_key input``, without any network).
+
+    python benchmarks/knn_vote.py --root data --per-class 20 50 --k 1 8
+
+Prints a markdown table: stored per class, k, vote sharpness, accuracy (%).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torchvision.datasets import MNIST
+
+from cl_lightning.episodic_index import nearest
+
+
+def vote_accuracy(xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor,
+                  k: int, sharpness: float) -> float:
+    """Accuracy (%) of a softmax(sharpness x cosine)-weighted vote of the k nearest."""
+    index, sim, _ = nearest(xq, xs, k)
+    weights = torch.softmax(sharpness * sim, 1)
+    votes = torch.zeros(len(xq), int(ys.max()) + 1).scatter_add_(1, ys[index], weights)
+    return 100.0 * (votes.argmax(1) == yq).float().mean().item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", required=True, help="folder holding MNIST/raw")
+    ap.add_argument("--per-class", type=int, nargs="+", default=[20, 50])
+    ap.add_argument("--k", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--sharpness", type=float, default=10.0)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    train, test = (MNIST(args.root, train=t, download=False) for t in (True, False))
+    xtr, ytr = train.data.flatten(1).float() / 255, train.targets
+    xte, yte = test.data.flatten(1).float() / 255, test.targets
+    g = torch.Generator().manual_seed(args.seed)
+    print("| stored per class | k | sharpness | accuracy |\n|---|---|---|---|")
+    for n in args.per_class:
+        idx = torch.cat([(ytr == c).nonzero().flatten()[
+            torch.randperm(int((ytr == c).sum()), generator=g)[:n]] for c in range(10)])
+        for k in args.k:
+            acc = vote_accuracy(xtr[idx], ytr[idx], xte, yte, k, args.sharpness)
+            print(f"| {n} | {k} | {args.sharpness:g} | {acc:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
