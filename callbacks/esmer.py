@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from callbacks.replay import ExperienceReplay
-from cl_lightning.checks import require_at_least, require_in_range
+from cl_lightning.checks import OptionError, require_at_least, require_in_range
 from cl_lightning.esmer_math import (
     admission_mask,
     ema_decay,
@@ -90,7 +90,7 @@ class ESMER(ExperienceReplay):
         require_at_least(0, "ESMER ", warmup_epochs=warmup_epochs,
                          consistency_weight=consistency_weight)
         if error_threshold <= 0:
-            raise ValueError(f"ESMER error_threshold must be > 0, got {error_threshold}")
+            raise OptionError(f"ESMER error_threshold must be > 0, got {error_threshold}")
         self.ema_alpha, self.ema_update_prob = ema_alpha, ema_update_prob
         self.loss_alpha, self.std_margin = loss_alpha, std_margin
         self.error_threshold, self.consistency_weight = error_threshold, consistency_weight

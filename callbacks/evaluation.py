@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Subset
 
 from callbacks.report import accuracy_heatmap, plt, print_few_shot, print_matrix, print_row
+from cl_lightning.checks import OptionError
 from cl_lightning.few_shot import evaluate_task, mean_over_tasks, pick_shots
 from cl_lightning.metrics import summarize
 from cl_lightning.plugins import LearnerPlugin
@@ -58,7 +59,7 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
     ) -> None:
         shots = [5, 20] if few_shot_shots is None else list(few_shot_shots)
         if any(n < 1 for n in shots):
-            raise ValueError(f"evaluation.few_shot_shots must be >= 1 each, got {shots}")
+            raise OptionError(f"evaluation.few_shot_shots must be >= 1 each, got {shots}")
         self.few_shot_shots, self.few_shot_every_task = shots, few_shot_every_task
         self.few_shot_seed = few_shot_seed
         self.few_shot: dict[str, Any] | None = None

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from cl_lightning.checks import require_at_least
+from cl_lightning.checks import OptionError, require_at_least
 from cl_lightning.plugins import LearnerPlugin, StepOutput
 from cl_lightning.replay import ReplayBuffer
 
@@ -67,7 +67,7 @@ class ExperienceReplay(L.Callback, LearnerPlugin):
         require_at_least(1, where, replay_batch_size=replay_batch_size,
                          hint="set replay_batch_size to the number of samples replayed per step")
         if replay_batch_size > capacity:
-            raise ValueError(f"{where}the buffer (capacity={capacity}) is smaller than one "
+            raise OptionError(f"{where}the buffer (capacity={capacity}) is smaller than one "
                              f"replay batch (replay_batch_size={replay_batch_size}); raise "
                              "capacity or lower replay_batch_size")
         self.capacity, self.replay_batch_size = capacity, replay_batch_size
@@ -75,7 +75,7 @@ class ExperienceReplay(L.Callback, LearnerPlugin):
         self.alpha, self.beta, self.anneal_beta = alpha, beta, anneal_beta
         self.buffer_device, self.seed = buffer_device, seed
         if loss_average not in ("union", "separate"):
-            raise ValueError(f"loss_average must be 'union' or 'separate', got {loss_average!r}")
+            raise OptionError(f"loss_average must be 'union' or 'separate', got {loss_average!r}")
         self.loss_average = loss_average
         self.buffer: ReplayBuffer | None = None
         self._pending_state: dict[str, Any] | None = None

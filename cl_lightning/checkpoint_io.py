@@ -25,10 +25,12 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from cl_lightning.checks import UsageError
+
 __all__ = ["AtomicCheckpointIO", "UnreadableCheckpointError", "atomic_write_bytes"]
 
 
-class UnreadableCheckpointError(ValueError):
+class UnreadableCheckpointError(UsageError, ValueError):
     """A checkpoint file exists but cannot be read (truncated, corrupted, not a checkpoint)."""
 
 
@@ -126,9 +128,10 @@ def unreadable_message(path: str, err: BaseException) -> str:
                     if f.endswith(".ckpt") and f != os.path.basename(path))
     hint = (f" Other checkpoints in {directory}: {', '.join(others)}; pass one with "
             "--ckpt_path PATH." if others else "")
+    why = str(err).split(". ")[0][:120]
     return (
         f"--ckpt_path {path}: the file is not a readable checkpoint "
-        f"({os.path.getsize(path)} bytes; {type(err).__name__}: {str(err)[:200]}). It is "
+        f"({os.path.getsize(path)} bytes; {type(err).__name__}: {why}). It is "
         "truncated or corrupted (for example copied while being written, or written by a "
         "version without atomic saves)." + hint +
         " Or start a new run without --ckpt_path."

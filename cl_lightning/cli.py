@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from callbacks.checkpoint import TaskCheckpoint
 from callbacks.evaluation import ContinualEvaluation
 from cl_lightning.checkpoint_io import UnreadableCheckpointError, unreadable_message
+from cl_lightning.checks import MissingFileError, OptionError, find_usage_error, one_line
 from cl_lightning.module import ContinualLearner
 from datamodules.base import ContinualDataModule
 
@@ -58,13 +59,13 @@ class ContinualCLI(LightningCLI):
         dm: ContinualDataModule = self.datamodule
         given = config.get("max_epochs")
         if given not in (None, -1, dm.max_epochs):
-            raise ValueError(
+            raise OptionError(
                 f"trainer.max_epochs={given} conflicts with the stream: it is derived as "
                 f"phases ({dm.num_phases}) x data.epochs_per_task ({dm.epochs_per_task}) = "
                 f"{dm.max_epochs}. Remove trainer.max_epochs, or change data.epochs_per_task."
             )
         if config.get("reload_dataloaders_every_n_epochs", 0) not in (0, 1):
-            raise ValueError("trainer.reload_dataloaders_every_n_epochs must be 1: the stream "
+            raise OptionError("trainer.reload_dataloaders_every_n_epochs must be 1: the stream "
                              "serves a new task's loader at task boundaries; remove the option.")
         config["max_epochs"] = dm.max_epochs
         config["reload_dataloaders_every_n_epochs"] = 1
@@ -84,10 +85,13 @@ class ContinualCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads an explicit --ckpt_path file here already (for hyperparameters)
+        path = (self.config.get(str(self.config.get("subcommand")), {}) or {}).get("ckpt_path")
+        if path not in (None, "last", "auto", "best") and not os.path.isfile(path):
+            raise MissingFileError(f"ckpt_path: no file {path}; give the path of a .ckpt file, "
+                                   "or 'last' to resume the newest run of this experiment")
         try:
             super()._parse_ckpt_path()
         except Exception as err:
-            path = (self.config.get(str(self.config.get("subcommand")), {}) or {}).get("ckpt_path")
             if not path or not os.path.isfile(path):
                 raise
             raise UnreadableCheckpointError(unreadable_message(path, err)) from err
@@ -124,7 +128,7 @@ class ContinualCLI(LightningCLI):
                 rank_zero_info(f"--ckpt_path auto: no last.ckpt matches {pattern}; "
                                "starting a new run")
                 return None
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"--ckpt_path last: no last.ckpt matches {pattern}; give the checkpoint's "
                 "path, use --ckpt_path auto to start a new run when there is none, or check "
                 "trainer.logger's save_dir/name/version against the run to resume."
@@ -137,16 +141,29 @@ class ContinualCLI(LightningCLI):
         return path
 
 
+DEBUG_ENV = "CL_LIGHTNING_DEBUG"
+
+
 def main(args: list[str] | None = None) -> ContinualCLI:
     """Entry point of ``train.py`` and the ``cl-train`` console script.
 
-    A run stopped by SIGTERM or Ctrl+C (after :class:`~callbacks.checkpoint.TaskCheckpoint`
-    saved ``last.ckpt``) exits with status 128 + the signal number: 143 or 130.
+    Bad input (a :class:`~cl_lightning.checks.UsageError`, however deep a library wrapped
+    it) prints ``error: <message>`` on one line and exits with status 2; with
+    ``CL_LIGHTNING_DEBUG=1`` in the environment it raises with the full traceback. Other
+    exceptions (bugs) keep their traceback. A run stopped by SIGTERM or Ctrl+C (after
+    :class:`~callbacks.checkpoint.TaskCheckpoint` saved ``last.ckpt``) exits with status
+    128 + the signal number: 143 or 130.
     """
     try:
         return ContinualCLI(args=args)
     except SIGTERMException as stop:
         sys.exit(getattr(stop, "exit_code", 128 + signal.SIGTERM))
+    except Exception as err:
+        usage = find_usage_error(err)
+        if usage is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"error: {one_line(usage)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cl_lightning.checks import OptionError
+
 KeyFn = Callable[[Tensor], Tensor]
 """Inputs ``(N, *shape)`` -> keys ``(N, D)``."""
 
@@ -78,7 +80,7 @@ class EpisodicIndex:
 
     def __init__(self, refresh_every: int = 50) -> None:
         if refresh_every < 1:
-            raise ValueError(f"model.recall_refresh must be >= 1, got {refresh_every}")
+            raise OptionError(f"model.recall_refresh must be >= 1, got {refresh_every}")
         self.refresh_every = refresh_every
         self.keys: Tensor | None = None
         self.prints: Tensor | None = None

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from cl_lightning.checks import require_at_least
+from cl_lightning.checks import OptionError, require_at_least
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Params], Tensor]
@@ -48,11 +48,11 @@ def select_parameters(model: nn.Module, spec: str | Sequence[str],
     else:
         unknown = sorted(set(spec) - set(names))
         if unknown:
-            raise ValueError(f"{option} names unknown parameters {unknown[:5]}; "
+            raise OptionError(f"{option} names unknown parameters {unknown[:5]}; "
                              f"the model has e.g. {names[:5]}")
         chosen = [n for n in names if n in set(spec)]
     if not chosen:
-        raise ValueError(f"{option}={spec!r} selects no parameter of {type(model).__name__} "
+        raise OptionError(f"{option}={spec!r} selects no parameter of {type(model).__name__} "
                          f"(its parameters: {names[:8]}...); use 'all' or a matching regex")
     return chosen
 
@@ -146,7 +146,7 @@ class MetaLearning(nn.Module):
     ) -> None:
         super().__init__()
         if steps < 1:
-            raise ValueError(
+            raise OptionError(
                 f"model.meta.steps must be >= 1, got {steps}; to train without an inner "
                 "loop, remove model.meta (model.meta: null)")
         require_at_least(0.0, "model.meta.", lr=lr)

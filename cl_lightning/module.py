@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.func import functional_call
 
-from cl_lightning.checks import require_at_least, require_in_range
+from cl_lightning.checks import OptionError, require_at_least, require_in_range
 from cl_lightning.episodic_index import EpisodicIndex, fingerprint, nearest, same_item
 from cl_lightning.meta import MetaLearning, Params, label_permutation
 from cl_lightning.models.backbones import MLP, Classifier
@@ -88,7 +88,7 @@ class ContinualLearner(L.LightningModule):
     ) -> None:
         super().__init__()
         if stream is None:
-            raise ValueError(
+            raise OptionError(
                 "ContinualLearner needs the stream's StreamInfo (the CLI links it "
                 "from the datamodule: pass stream=datamodule.info)"
             )
@@ -105,21 +105,21 @@ class ContinualLearner(L.LightningModule):
         require_in_range(0.0, 1.0, "model.", label_shuffle=label_shuffle)
         require_at_least(1, "model.", recall_refresh=recall_refresh)
         if label_shuffle > 0 and meta is None and not context and not self.recalling:
-            raise ValueError("model.label_shuffle > 0 needs model.meta, model.context or a "
+            raise OptionError("model.label_shuffle > 0 needs model.meta, model.context or a "
                              "net that recalls (recall_slots > 0): nothing could tell the "
                              "shuffled labels; set it to 0")
         self.label_shuffle = label_shuffle
         if label_shuffle_replay and not self.recalling:
-            raise ValueError("model.label_shuffle_replay needs a net that recalls "
+            raise OptionError("model.label_shuffle_replay needs a net that recalls "
                              "(model.net.init_args.recall_slots > 0); set it to false")
         self.label_shuffle_replay = label_shuffle_replay
         if context and not getattr(self.net, "supports_context", False):
-            raise ValueError(
+            raise OptionError(
                 f"model.context=true needs a model that reads a context "
                 f"(MemoryAgent or LSTMClassifier), got {type(self.net).__name__}; "
                 "set model.context false or change model.net")
         if context and self.recalling:
-            raise ValueError("model.context=true and a net that recalls (recall_slots > 0) "
+            raise OptionError("model.context=true and a net that recalls (recall_slots > 0) "
                              "both set the memory a query starts from; set model.context "
                              "false or model.net.init_args.recall_slots 0")
         self.meta, self.context, self.support_fraction = meta, context, support_fraction
@@ -245,7 +245,7 @@ class ContinualLearner(L.LightningModule):
             return
         capacity = keepers[0].capacity
         if k > capacity:
-            raise ValueError(
+            raise OptionError(
                 f"model.net.recall_slots ({k}) is larger than the replay buffer "
                 f"(capacity={capacity}): lower recall_slots or raise the capacity")
 
@@ -481,10 +481,10 @@ class ContinualLearner(L.LightningModule):
                 p.on_task_end(self, self.current_task)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameters())
+        optimizer = _build("model.optimizer", self.optimizer_factory, self.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
+        scheduler = _build("model.scheduler", self.scheduler_factory, optimizer)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
@@ -565,7 +565,7 @@ class ContinualLearner(L.LightningModule):
                 for k in sorted(set(saved["shapes"]) | set(current["shapes"]))
                 if saved["shapes"].get(k) != current["shapes"].get(k)
             ][:5]
-            raise ValueError(
+            raise OptionError(
                 f"the checkpoint holds a different model ({saved['net']} vs {current['net']}; "
                 f"differing tensors: {diff}). Use the model config the checkpoint was "
                 "trained with, or start a new run without --ckpt_path."
@@ -574,3 +574,12 @@ class ContinualLearner(L.LightningModule):
             restore_rng_states(checkpoint["cl_rng_states"])
         if "cl_recall_index" in checkpoint:
             self.recall_index.load_state_dict(checkpoint["cl_recall_index"])
+
+
+def _build(option: str, factory: Callable[[Any], Any], arg: Any) -> Any:
+    """``factory(arg)``; torch's own checks of a hyperparameter (a negative learning rate,
+    momentum out of range) become an :class:`OptionError` naming ``option``."""
+    try:
+        return factory(arg)
+    except ValueError as err:
+        raise OptionError(f"{option}: {err}; fix it in {option}.init_args") from err

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from cl_lightning.checks import OptionError
 from cl_lightning.replay_policies import (
     annealed_beta,
     as_range,
@@ -128,13 +129,13 @@ class ReplayBuffer:
     # -----------------------------------------------------------------------------------------
     def _configure(self, config: Mapping[str, Any]) -> None:
         if config["policy"] not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {config['policy']!r}")
+            raise OptionError(f"policy must be one of {POLICIES}, got {config['policy']!r}")
         if config["sampling"] not in SAMPLINGS:
-            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {config['sampling']!r}")
+            raise OptionError(f"sampling must be one of {SAMPLINGS}, got {config['sampling']!r}")
         if int(config["capacity"]) < 1:
-            raise ValueError(f"capacity must be >= 1, got {config['capacity']}")
+            raise OptionError(f"capacity must be >= 1, got {config['capacity']}")
         if int(config["beta_steps"]) < 0:
-            raise ValueError(f"beta_steps must be >= 0, got {config['beta_steps']}")
+            raise OptionError(f"beta_steps must be >= 0, got {config['beta_steps']}")
         self.capacity = int(config["capacity"])
         self.policy = str(config["policy"])
         self.sampling = str(config["sampling"])

@@ -23,7 +23,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 
-from cl_lightning.checks import require_at_least
+from cl_lightning.checks import OptionError, require_at_least
 from datamodules.resumable import ResumableLoader
 
 Scenario = Literal["class-il", "task-il", "domain-il"]
@@ -129,9 +129,9 @@ class ContinualDataModule(L.LightningDataModule):
                          eval_batch_size=eval_batch_size)
         require_at_least(0, "data.", num_workers=num_workers)
         if not 0.0 <= label_noise < 1.0:
-            raise ValueError(f"data.label_noise must be in [0, 1), got {label_noise}")
+            raise OptionError(f"data.label_noise must be in [0, 1), got {label_noise}")
         if scenario not in self.supported_scenarios:
-            raise ValueError(
+            raise OptionError(
                 f"data.scenario={scenario!r} is not available for {type(self).__name__}; "
                 f"choose one of {list(self.supported_scenarios)}"
             )
@@ -242,7 +242,7 @@ class ContinualDataModule(L.LightningDataModule):
             self._test_views.append(TaskView(task.test, t))
         smallest = min(len(v) for v in self._train_views)
         if self.batch_size > smallest:
-            raise ValueError(
+            raise OptionError(
                 f"data.batch_size={self.batch_size} is larger than the smallest task "
                 f"({smallest} training samples); lower --data.batch_size"
             )
@@ -359,7 +359,7 @@ class ContinualDataModule(L.LightningDataModule):
         if diff:
             lines = "; ".join(f"{k}: checkpoint={saved.get(k)!r} config={current.get(k)!r}"
                               for k in diff)
-            raise ValueError(
+            raise OptionError(
                 "the checkpoint was trained on a different stream (" + lines + "). "
                 "Resume with the data config the checkpoint was made with, "
                 "or start a new run without --ckpt_path."

@@ -16,7 +16,7 @@ from torchvision.datasets import MNIST
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from cl_lightning.checks import require_at_least
+from cl_lightning.checks import OptionError, require_at_least
 from datamodules.base import ContinualDataModule, TaskData
 from datamodules.vision import (
     DomainScenario,
@@ -260,10 +260,10 @@ class RotatedMNIST(_MNISTDomainStream):
                  interpolation: Literal["bilinear", "nearest"] = "bilinear",
                  **kwargs: Any) -> None:
         if not min_angle <= max_angle:
-            raise ValueError(f"data.min_angle ({min_angle}) must be <= data.max_angle "
+            raise OptionError(f"data.min_angle ({min_angle}) must be <= data.max_angle "
                              f"({max_angle})")
         if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"data.interpolation must be one of {sorted(INTERPOLATIONS)}, "
+            raise OptionError(f"data.interpolation must be one of {sorted(INTERPOLATIONS)}, "
                              f"got {interpolation!r}")
         super().__init__(**kwargs)
         self.rotation_seed = rotation_seed

@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch.utils.data import Dataset
 
+from cl_lightning.checks import MissingFileError, OptionError
 from datamodules.augment import random_crop_flip
 from datamodules.base import ContinualDataModule, TaskData
 
@@ -29,7 +30,7 @@ DomainScenario = Literal["domain-il"]
 _READ_ERRORS = (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError)
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(MissingFileError):
     """A dataset is missing (or unreadable) and could not be downloaded."""
 
 
@@ -165,7 +166,7 @@ def subsample(n: int, keep: int | None, generator: torch.Generator) -> torch.Ten
 def check_subsample_options(train_per_task: int | None, test_per_task: int | None) -> None:
     for opt, value in [("train_per_task", train_per_task), ("test_per_task", test_per_task)]:
         if value is not None and value < 1:
-            raise ValueError(f"data.{opt} must be >= 1 (or null for all samples), got {value}")
+            raise OptionError(f"data.{opt} must be >= 1 (or null for all samples), got {value}")
 
 
 ImageSource = tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
@@ -215,7 +216,7 @@ class SplitImageStream(ContinualDataModule):
     ) -> None:
         n = self.total_classes
         if not 1 <= classes_per_task <= n or n % classes_per_task:
-            raise ValueError(f"data.classes_per_task must divide {n} ({self.dataset_name} has "
+            raise OptionError(f"data.classes_per_task must divide {n} ({self.dataset_name} has "
                              f"{n} classes), got {classes_per_task}")
         check_subsample_options(train_per_task, test_per_task)
         super().__init__(scenario=scenario, **kwargs)

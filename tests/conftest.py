@@ -94,6 +94,20 @@ def ddp_rank_states(tmp: Path, *extra: str) -> tuple[dict, dict]:
     return tuple(torch.load(dump / f"rank{r}.pt", weights_only=True)["net"] for r in (0, 1))
 
 
+def refused(capsys, call, *args, **kwargs) -> str:
+    """Call ``call(*args, **kwargs)`` (a CLI run) expecting bad input to be refused as the
+    command line does: exit status 2 and exactly one ``error: ...`` line on stderr, with no
+    traceback. Returns that line."""
+    capsys.readouterr()  # drop earlier output
+    with pytest.raises(SystemExit) as stop:
+        call(*args, **kwargs)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
+
+
 def read_results(cli) -> dict:
     with open(os.path.join(cli.trainer.log_dir, "results.json")) as f:
         return json.load(f)

@@ -2,11 +2,22 @@
 
 import glob
 import os
+import re
+import subprocess
 
 import pytest
 import torch
 
-from tests.conftest import read_results, run_cli
+from cl_lightning.cli import DEBUG_ENV
+from tests.conftest import (
+    ROOT,
+    one_thread_env,
+    read_results,
+    refused,
+    run_cli,
+    run_train,
+    train_command,
+)
 
 
 @pytest.mark.slow
@@ -85,19 +96,76 @@ def test_unknown_option_is_refused(tmp_path, capsys):
         (["--trainer.max_epochs", "3"], "max_epochs"),
     ],
 )
-def test_bad_values_fail_before_training_with_the_option_name(tmp_path, extra, match):
-    with pytest.raises(ValueError, match=match):
-        run_cli(tmp_path, *extra)
+def test_bad_values_fail_before_training_with_the_option_name(tmp_path, capsys, extra, match):
+    assert re.search(match, refused(capsys, run_cli, tmp_path, *extra))
+
+
+AGENT = ["--model.net", "cl_lightning.models.agent.MemoryAgent", "--model.net.num_tokens", "2",
+         "--model.net.memory_slots", "8", "--model.net.word_size", "8"]
+
+
+@pytest.mark.parametrize(
+    "extra, line",
+    [
+        (["--data.batch_size", "0"], "error: data.batch_size must be >= 1, got 0"),
+        (["--model.optimizer.lr", "-1"],
+         "error: model.optimizer: Invalid learning rate: -1.0; fix it in "
+         "model.optimizer.init_args"),
+        ([*AGENT, "--model.net.init_args.read_heads", "0"],
+         "error: model.net.read_heads must be >= 1, got 0"),
+        (["--model.support_fraction", "2"],
+         "error: model.support_fraction must be in [0.05, 0.95]"),
+        (["--ckpt_path", "missing.ckpt"], "error: ckpt_path: no file missing.ckpt"),
+        (["--ckpt_path", "GARBAGE"], "error: --ckpt_path GARBAGE: the file is not a readable"),
+        (["--model.net.recall_slots", "0", "--model.label_shuffle", "0.5"],
+         "error: model.label_shuffle > 0 needs model.meta"),
+    ],
+    ids=["batch-size", "negative-lr", "read-heads", "support-fraction", "missing-ckpt",
+         "garbage-ckpt", "shuffle-without-reader"],
+)
+def test_bad_input_is_one_error_line_and_exit_status_2(tmp_path, capsys, extra, line):
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"\x00not a checkpoint")
+    extra = [str(garbage) if e == "GARBAGE" else e for e in extra]
+    line = line.replace("GARBAGE", str(garbage))
+    if "--model.net.recall_slots" in extra:
+        extra = [*AGENT, *extra]
+    assert refused(capsys, run_cli, tmp_path, *extra).startswith(line)
 
 
 @pytest.mark.slow
-def test_checkpoint_from_another_stream_is_refused(tmp_path):
+def test_train_py_prints_one_line_and_exits_2_and_the_debug_variable_shows_the_traceback():
+    proc = run_train("--data.batch_size", "0")
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: data.batch_size must be >= 1, got 0"]
+    assert "Traceback" not in proc.stderr
+    debug = subprocess.run(train_command("--data.batch_size", "0"), cwd=ROOT, text=True,
+                           capture_output=True, env={**one_thread_env(), DEBUG_ENV: "1"})
+    assert debug.returncode == 1
+    assert "Traceback" in debug.stderr and "data.batch_size must be >= 1" in debug.stderr
+
+
+def test_a_bug_keeps_its_traceback(tmp_path):
+    """An exception that is not bad input (here a broken optimizer class) is not turned
+    into a one-line usage error."""
+    with pytest.raises(ZeroDivisionError):
+        run_cli(tmp_path, "--model.optimizer", "tests.test_cli.BrokenOptimizer")
+
+
+class BrokenOptimizer(torch.optim.SGD):
+    def __init__(self, params, lr: float = 0.1) -> None:
+        raise ZeroDivisionError("a bug")
+
+
+@pytest.mark.slow
+def test_checkpoint_from_another_stream_is_refused(tmp_path, capsys):
     fit = run_cli(tmp_path)
     ckpt = os.path.join(fit.trainer.log_dir, "checkpoints", "task00.ckpt")
-    with pytest.raises(ValueError, match="different stream"):
-        run_cli(tmp_path, "--ckpt_path", ckpt, "--data.stream_seed", "7")
-    with pytest.raises(ValueError, match="different model"):
-        run_cli(tmp_path, "--ckpt_path", ckpt, "--model.net.hidden", "[16]")
+    assert "different stream" in refused(capsys, run_cli, tmp_path, "--ckpt_path", ckpt,
+                                         "--data.stream_seed", "7")
+    assert "different model" in refused(capsys, run_cli, tmp_path, "--ckpt_path", ckpt,
+                                        "--model.net.hidden", "[16]")
 
 
 @pytest.mark.slow

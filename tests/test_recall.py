@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from cl_lightning.episodic_index import EpisodicIndex, fingerprint, nearest, same_item
 from cl_lightning.models.agent import MemoryAgent
 from cl_lightning.models.recall import VOTE_FLOOR, Recall, recall_weights, same_label_mass
-from tests.conftest import ddp_rank_states, read_results
+from tests.conftest import ddp_rank_states, read_results, refused
 
 SMALL_AGENT = dict(core_output=12, hidden_size=12, memory_slots=8, word_size=6,
                    read_heads=1, num_tokens=2, token_dim=8)
@@ -195,12 +195,12 @@ def test_recall_trains_reads_the_buffer_and_resumes_exactly_with_its_index(tiny_
     assert again["few_shot"]["heldout"] == fs["heldout"]
 
 
-def test_more_recall_slots_than_buffer_items_is_refused(tiny_run):
-    with pytest.raises(ValueError, match=r"model.net.recall_slots \(6\) is larger than the "
-                                         r"replay buffer \(capacity=5\)"):
-        tiny_run(*CLI_AGENT, "--model.net.recall_slots", "6",
-                 "--trainer.callbacks+=callbacks.replay.ExperienceReplay",
-                 "--trainer.callbacks.capacity", "5", "--trainer.callbacks.replay_batch_size", "4")
+def test_more_recall_slots_than_buffer_items_is_refused(tiny_run, capsys):
+    line = refused(capsys, tiny_run, *CLI_AGENT, "--model.net.recall_slots", "6",
+                   "--trainer.callbacks+=callbacks.replay.ExperienceReplay",
+                   "--trainer.callbacks.capacity", "5",
+                   "--trainer.callbacks.replay_batch_size", "4")
+    assert "model.net.recall_slots (6) is larger than the replay buffer (capacity=5)" in line
 
 
 
@@ -218,6 +218,7 @@ def test_two_process_ddp_recall_run_leaves_identical_parameters(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
-def test_context_and_recall_together_are_refused_before_training(tiny_run):
-    with pytest.raises(ValueError, match="model.context=true and a net that recalls"):
-        tiny_run(*CLI_AGENT, "--model.net.recall_slots", "2", "--model.context", "true")
+def test_context_and_recall_together_are_refused_before_training(tiny_run, capsys):
+    line = refused(capsys, tiny_run, *CLI_AGENT, "--model.net.recall_slots", "2",
+                   "--model.context", "true")
+    assert "model.context=true and a net that recalls" in line

@@ -34,7 +34,7 @@ from datamodules import (
 from datamodules.augment import random_crop_flip
 from datamodules.mnist import rotate_uint8
 from datamodules.vision import ImageTensorDataset
-from tests.conftest import QUIET_CPU, ROOT, tensorboard_logger
+from tests.conftest import QUIET_CPU, ROOT, refused, tensorboard_logger
 
 # ----- tiny datasets in their real formats ----------------------------------------------------
 
@@ -469,11 +469,11 @@ def test_corrupted_cifar_files_fail_torchvisions_md5_check_clearly(cifar10):
         built(SplitCIFAR10, cifar10[0])
 
 
-def test_cli_missing_data_stops_with_the_message(tmp_path):
-    with pytest.raises(DatasetNotFoundError, match="MNIST not found under"):
-        main(["fit", "--data", "datamodules.SplitMNIST", "--data.root", str(tmp_path / "none"),
-              "--data.download", "false", "--trainer.logger.save_dir", str(tmp_path),
-              "--trainer.enable_progress_bar", "false"])
+def test_cli_missing_data_stops_with_the_message(tmp_path, capsys):
+    args = ["fit", "--data", "datamodules.SplitMNIST", "--data.root", str(tmp_path / "none"),
+            "--data.download", "false", "--trainer.logger.save_dir", str(tmp_path),
+            "--trainer.enable_progress_bar", "false"]
+    assert "MNIST not found under" in refused(capsys, main, args)
 
 
 # ----- augmentation ---------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl_lightning.checks import require_at_least
+from cl_lightning.checks import OptionError, require_at_least
 from cl_lightning.models.backbones import Classifier
 from cl_lightning.models.dnc import DNC
 from cl_lightning.models.encoders import EncoderKind, build_encoder
@@ -60,7 +60,7 @@ class TokenClassifier(Classifier):
                  cnn_width: int = 20, readout: Readout = "last") -> None:
         super().__init__()
         if readout not in ("last", "mean"):
-            raise ValueError(f"model.net.readout must be 'last' or 'mean', got {readout!r}")
+            raise OptionError(f"model.net.readout must be 'last' or 'mean', got {readout!r}")
         self.encoder = build_encoder(input_shape, encoder, num_tokens, token_dim, cnn_width)
         self.readout = readout
         # Zero start (no random draw): the embedding is learned only when contexts are used.
@@ -89,7 +89,7 @@ class TokenClassifier(Classifier):
         votes ``(B, recall_size)`` (log of the read mass per label; zero without a
         recall, which like any constant changes no class's odds; see
         :mod:`cl_lightning.models.recall`)."""
-        raise ValueError(f"{type(self).__name__} has no memory to write recalled experiences "
+        raise OptionError(f"{type(self).__name__} has no memory to write recalled experiences "
                          "into; use MemoryAgent with model.net.init_args.recall_slots > 0")
 
     def features(self, x: torch.Tensor, context: Context | None = None,
@@ -104,7 +104,7 @@ class TokenClassifier(Classifier):
         read_context = context is not None and len(context[0]) > 0
         if recall is not None:
             if context is not None:
-                raise ValueError("a query reads either recalled neighbours or a context, "
+                raise OptionError("a query reads either recalled neighbours or a context, "
                                  "not both: set model.context false or recall_slots 0")
             state, read = self.recall_state(x, tokens, recall)
         elif read_context:
@@ -201,15 +201,15 @@ class MemoryAgent(TokenClassifier):
                          write_heads=write_heads)
         require_at_least(0, "model.net.", recall_slots=recall_slots)
         if recall_slots >= memory_slots:
-            raise ValueError(f"model.net.recall_slots ({recall_slots}) must be below "
+            raise OptionError(f"model.net.recall_slots ({recall_slots}) must be below "
                              f"memory_slots ({memory_slots}) so the query has slots to write; "
                              "lower recall_slots or raise memory_slots")
         if word_size < 2 and recall_slots:
-            raise ValueError("model.net.word_size must be >= 2 with recall_slots > 0 "
+            raise OptionError("model.net.word_size must be >= 2 with recall_slots > 0 "
                              "(a key part and a label part)")
         require_at_least(1e-3, "model.net.", recall_strength=recall_strength)
         if recall_key not in ("tokens", "mean", "input"):
-            raise ValueError(f"model.net.recall_key must be 'tokens', 'mean' or 'input', "
+            raise OptionError(f"model.net.recall_key must be 'tokens', 'mean' or 'input', "
                              f"got {recall_key!r}")
         self.recall_slots, self.recall_key = recall_slots, recall_key
         self.recall_size = num_classes if recall_slots else 0
@@ -250,7 +250,7 @@ class MemoryAgent(TokenClassifier):
     def recall_keys(self, x: torch.Tensor) -> torch.Tensor:
         """(N, *input_shape) -> (N, D): the key an item is stored and searched by."""
         if not self.recall_slots:
-            raise ValueError("model.net.recall_slots is 0: this MemoryAgent has no "
+            raise OptionError("model.net.recall_slots is 0: this MemoryAgent has no "
                              "episodic read; set recall_slots > 0")
         return self._keys(x)
 
@@ -260,7 +260,7 @@ class MemoryAgent(TokenClassifier):
             return super().recall_state(x, tokens, recall)
         b, k = recall.index.shape
         if k > self.recall_slots:
-            raise ValueError(f"{k} recalled neighbours do not fit recall_slots="
+            raise OptionError(f"{k} recalled neighbours do not fit recall_slots="
                              f"{self.recall_slots}")
         valid = recall.valid
         query = self._keys(x, tokens)  # (B, D)

@@ -10,6 +10,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from cl_lightning.checks import OptionError
+
 
 class Classifier(nn.Module):
     """Base of every model the learner builds: ``Model(input_shape, num_classes, **options)``
@@ -44,11 +46,11 @@ class MLP(Classifier):
     ) -> None:
         super().__init__()
         if any(h < 1 for h in hidden):
-            raise ValueError(f"model.net.hidden sizes must be >= 1, got {list(hidden)}")
+            raise OptionError(f"model.net.hidden sizes must be >= 1, got {list(hidden)}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"model.net.dropout must be in [0, 1), got {dropout}")
+            raise OptionError(f"model.net.dropout must be in [0, 1), got {dropout}")
         if init not in ("torch", "xavier"):
-            raise ValueError(f"model.net.init must be 'torch' or 'xavier', got {init!r}")
+            raise OptionError(f"model.net.init must be 'torch' or 'xavier', got {init!r}")
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
         for h in hidden:

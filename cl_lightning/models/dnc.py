@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cl_lightning.checks import OptionError
 from cl_lightning.models import dnc_addressing as addr
 
 
@@ -214,11 +215,11 @@ class DNC(nn.Module):
     ) -> None:
         super().__init__()
         if strength_activation not in ("softplus", "oneplus"):
-            raise ValueError(f"unknown strength_activation {strength_activation!r}")
+            raise OptionError(f"unknown strength_activation {strength_activation!r}")
         learned_sharpness = sharpness is True
         fixed = None if isinstance(sharpness, bool) else float(sharpness)
         if fixed is not None and fixed <= 0:
-            raise ValueError("a fixed sharpness exponent must be positive")
+            raise OptionError("a fixed sharpness exponent must be positive")
         self.input_size, self.output_size, self.hidden_size = input_size, output_size, hidden_size
         self.memory_slots, self.word_size = memory_slots, word_size
         self.read_heads, self.write_heads = read_heads, write_heads

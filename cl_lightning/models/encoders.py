@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from cl_lightning.checks import require_at_least
+from cl_lightning.checks import OptionError, require_at_least
 from cl_lightning.models.resnet import ResNet18Features
 
 EncoderKind = Literal["auto", "vector", "rows", "cnn"]
@@ -68,6 +68,6 @@ def build_encoder(input_shape: Sequence[int], kind: EncoderKind, num_tokens: int
         require_at_least(1, "model.net.", num_tokens=num_tokens, token_dim=token_dim)
         return VectorTokens(input_shape, num_tokens, token_dim)
     if len(input_shape) != 3:
-        raise ValueError(f"model.net.encoder={kind!r} needs image inputs (C, H, W), got "
+        raise OptionError(f"model.net.encoder={kind!r} needs image inputs (C, H, W), got "
                          f"{tuple(input_shape)}; use encoder 'vector'")
     return RowTokens(input_shape) if kind == "rows" else CNNTokens(input_shape, cnn_width)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl_lightning.checks import require_at_least
+from cl_lightning.checks import OptionError, require_at_least
 from cl_lightning.models.backbones import Classifier
 
 
@@ -65,7 +65,7 @@ class ResNet18(Classifier):
     def __init__(self, input_shape: Sequence[int], num_classes: int, width: int = 64) -> None:
         super().__init__()
         if len(input_shape) != 3:
-            raise ValueError(f"ResNet18 needs image inputs (C, H, W), got {tuple(input_shape)}")
+            raise OptionError(f"ResNet18 needs image inputs (C, H, W), got {tuple(input_shape)}")
         self.features = ResNet18Features(input_shape[0], width)
         self.head = nn.Linear(self.features.out_channels, num_classes)
 
