@@ -99,7 +99,7 @@ class ESMER(ExperienceReplay):
         self.ema: nn.Module | None = None
         self.mu = 0.0
         self.mu_norm = 0.0  # 1 - prod(a): the bias-correction denominator
-        self.steps = 0  # optimizer steps seen (the reference's global step)
+        self.steps = 0  # optimizer steps done, this one included (the reference's global step)
         self.task_steps = 0  # steps since the current task started
         self._generator = torch.Generator().manual_seed(ema_seed)
         self._pending_ema: dict[str, torch.Tensor] | None = None
@@ -185,6 +185,10 @@ class ESMER(ExperienceReplay):
         warmup = self.in_warmup(learner)
         super().after_step(learner, step)  # priorities + insertion filtered by self.admit
         admitted = self._admitted
+        # as the reference, the step counts this step before the decays use it: the first
+        # EMA update averages with decay 0.5 (min(1 - 1/(1 + 1), alpha)), not a copy
+        self.steps += 1
+        self.task_steps += 1
         if torch.rand((), generator=self._generator).item() < self.ema_update_prob:
             ema_update(self.semantic_memory(learner), learner.net,
                        ema_decay(self.steps, self.ema_alpha))
@@ -201,8 +205,6 @@ class ESMER(ExperienceReplay):
         learner.log("esmer/modulated_fraction", self._modulated, sync_dist=True, **log)
         learner.log("esmer/admitted_fraction", admitted.float().mean(), sync_dist=True, **log)
         learner.log("esmer/warmup", float(warmup), **log)
-        self.steps += 1
-        self.task_steps += 1
         self._l_s = self._ema_logits = None
 
     @staticmethod

@@ -5,7 +5,8 @@ Both are learner plugins (:mod:`cl_lightning.plugins`): they append a minibatch 
 and insert the step's current-task samples (raw, un-augmented inputs) after the optimizer
 step. The learner applies the stream's training augmentation to the whole batch, replayed
 samples included. Under DDP every rank keeps its own shard of ``capacity // world_size``
-items; the checkpoint holds the gathered buffer and loading re-shards it.
+items; the checkpoint holds the gathered buffer and loading re-shards it. A rank must hold at least
+one replay batch (:func:`shard_capacity`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 
 from cl_lightning.checks import OptionError, require_at_least
 from cl_lightning.plugins import LearnerPlugin, StepOutput
@@ -26,11 +28,28 @@ if TYPE_CHECKING:
 STORED_KEYS = ("x", "y", "task", "y_clean")
 
 
+def shard_capacity(name: str, capacity: int, replay_batch_size: int, world: int) -> int:
+    """Items each of ``world`` DDP ranks keeps: ``capacity // world``, so the ranks together
+    never hold more than ``capacity``. Refused when a rank could not fill one replay batch;
+    a warning when ``capacity`` is not a multiple of ``world`` (fewer items in total)."""
+    per_rank = capacity // world
+    if per_rank < replay_batch_size:
+        raise OptionError(
+            f"{name} (trainer.callbacks): capacity={capacity} over {world} processes is "
+            f"{per_rank} items per process, fewer than one replay batch "
+            f"(replay_batch_size={replay_batch_size}, per process); raise capacity to "
+            f">= {world * replay_batch_size} or lower replay_batch_size to <= {per_rank}")
+    if capacity % world:
+        rank_zero_warn(f"{name}: capacity={capacity} is not a multiple of the {world} "
+                       f"processes: each keeps {per_rank} items, {world * per_rank} in total")
+    return per_rank
+
+
 class ExperienceReplay(L.Callback, LearnerPlugin):
     """Experience replay (ER), optionally prioritized (Schaul et al. 2016).
 
     Args:
-        capacity: total buffer size (split evenly over DDP ranks).
+        capacity: total buffer size over all DDP ranks (each keeps ``capacity // world``).
         replay_batch_size: replayed samples appended to every training batch.
         policy: insertion policy: ``reservoir``, ``fifo`` or ``class_balanced``.
         sampling: ``uniform`` (without replacement) or ``prioritized``.
@@ -88,7 +107,8 @@ class ExperienceReplay(L.Callback, LearnerPlugin):
         world = max(trainer.world_size, 1)
         beta_steps = int(trainer.estimated_stepping_batches) if self.anneal_beta else 0
         self.buffer = ReplayBuffer(
-            capacity=max(self.capacity // world, self.replay_batch_size),
+            capacity=shard_capacity(type(self).__name__, self.capacity, self.replay_batch_size,
+                                    world),
             policy=self.policy, sampling=self.sampling, alpha=self.alpha, beta=self.beta,
             beta_final=1.0 if self.anneal_beta else self.beta, beta_steps=beta_steps,
             device=pl_module.device if self.buffer_device == "model" else "cpu",

@@ -171,9 +171,9 @@ class MetaLearning(nn.Module):
         """Whether :meth:`adapt` differentiates through the inner updates."""
         return not (self.first_order or detached)
 
-    def adapt(self, model: nn.Module, loss_fn: LossFn, detached: bool = False,
-              steps: int | None = None) -> list[Params]:
-        """Fast weights of the bound parameters after each inner step on ``loss_fn``.
+    def adapt(self, model: nn.Module, loss_fn: LossFn, detached: bool = False) -> list[Params]:
+        """Fast weights of the bound parameters after each of the ``steps`` inner steps on
+        ``loss_fn`` (one step size per step and parameter: the number of steps is fixed).
 
         Training (``detached=False``) starts from the real parameters, second order unless
         ``first_order``. ``detached=True`` (evaluation) starts from detached copies and is
@@ -191,7 +191,7 @@ class MetaLearning(nn.Module):
             def lr(k: int, name: str) -> float:
                 return float(torch.as_tensor(self.step_lr(k, name)).detach())
         with torch.enable_grad():
-            return inner_loop(start, loss_fn, steps or self.steps, lr, second_order)
+            return inner_loop(start, loss_fn, self.steps, lr, second_order)
 
     def outer_weights(self, epoch: int) -> Tensor:
         """Weight of each inner step's outer loss (only the last step without MSL)."""

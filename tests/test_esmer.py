@@ -104,6 +104,31 @@ def test_warmup_freezes_mu_and_admits_nothing_then_admits_low_loss():
     assert esmer.steps == 4 and esmer.task_steps == 4
 
 
+def test_step_counter_counts_the_step_before_the_decays_as_the_reference():
+    """First EMA update: decay min(1 - 1/(1 + 1), alpha) = 0.5 (an average, not a copy);
+    second: 2/3. The loss memory's first update likewise keeps half of mu = 0."""
+    torch.manual_seed(2)
+    net = nn.Linear(4, 3)
+    learner = fake_learner(net, batches=4)
+    esmer = ESMER(warmup_epochs=0.0, capacity=100, replay_batch_size=4, ema_update_prob=1.0)
+    esmer.buffer = ReplayBuffer(capacity=100)
+    esmer.on_task_start(learner, 0)
+    w0 = net.weight.detach().clone()
+    ema = esmer.semantic_memory(learner)  # a copy of the net as it is now
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with torch.no_grad():
+        l_s = F.cross_entropy(ema(x), y, reduction="none")
+        net.weight.add_(1.0)
+    esmer_step(esmer, learner, x, y)
+    torch.testing.assert_close(ema.weight, w0 + 0.5)
+    assert esmer.mu == pytest.approx(0.5 * filtered_batch_loss(l_s, 1.0))
+    with torch.no_grad():
+        net.weight.add_(2.0)  # w0 + 3
+    esmer_step(esmer, learner, x, y)
+    torch.testing.assert_close(ema.weight, w0 + 2 / 3 * 0.5 + 1 / 3 * 3)
+    assert esmer.steps == 2
+
+
 def test_weights_and_consistency_term_follow_the_definition():
     torch.manual_seed(1)
     learner = fake_learner(nn.Linear(4, 3), batches=1)

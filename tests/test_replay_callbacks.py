@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from callbacks.replay import DarkExperienceReplay, ExperienceReplay, append_replay
+from callbacks.replay import DarkExperienceReplay, ExperienceReplay, append_replay, shard_capacity
+from cl_lightning.checks import OptionError
 from cl_lightning.plugins import StepOutput
 from cl_lightning.replay import ReplayBuffer
 from tests.conftest import read_results, run_cli
@@ -119,3 +120,13 @@ def test_loss_average_modes(mode):
     total = (w * losses)[~r].mean() + (w * losses)[r].mean()  # the learner's combination
     expected = losses.mean() if mode == "union" else losses[:6].mean() + losses[6:].mean()
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_ranks_never_hold_more_than_the_capacity_and_a_too_small_shard_is_refused():
+    assert shard_capacity("ER", 200, 10, 8) == 25  # 8 x 25 = 200
+    with pytest.raises(OptionError, match=r"capacity=200 over 8 processes is 25 items per "
+                                          r"process.*raise capacity to >= 256 or lower "
+                                          r"replay_batch_size to <= 25"):
+        shard_capacity("ER", 200, 32, 8)
+    with pytest.warns(UserWarning, match="each keeps 66 items, 198 in total"):
+        assert shard_capacity("ER", 200, 10, 3) == 66

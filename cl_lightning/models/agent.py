@@ -159,7 +159,8 @@ class MemoryAgent(TokenClassifier):
         clip_value: clamp of the interface pre-activations.
         masking: key/memory masking (Csordas & Schmidhuber 2019).
         dealloc: zero freed slots (Csordas & Schmidhuber 2019).
-        sharpness: link-distribution sharpness (Csordas & Schmidhuber 2019).
+        sharpness: link-distribution sharpening (Csordas & Schmidhuber 2019): ``true``
+            learned, a positive float a fixed exponent, ``false`` off.
         compile_step: compile the DNC's time step with ``torch.compile`` (see
             :class:`~cl_lightning.models.dnc.DNC`): about 3x faster memory-as-context
             reading on a CPU, after a compile of tens of seconds at the start of the run.
@@ -188,7 +189,7 @@ class MemoryAgent(TokenClassifier):
         clip_value: float = 20.0,
         masking: bool = False,
         dealloc: bool = False,
-        sharpness: bool = False,
+        sharpness: bool | float = False,
         compile_step: bool = False,
         recall_slots: int = 0,
         recall_strength: float = 10.0,

@@ -219,7 +219,8 @@ class DNC(nn.Module):
         learned_sharpness = sharpness is True
         fixed = None if isinstance(sharpness, bool) else float(sharpness)
         if fixed is not None and fixed <= 0:
-            raise OptionError("a fixed sharpness exponent must be positive")
+            raise OptionError(f"model.net.sharpness must be true, false or a positive exponent, "
+                              f"got {sharpness}")
         self.input_size, self.output_size, self.hidden_size = input_size, output_size, hidden_size
         self.memory_slots, self.word_size = memory_slots, word_size
         self.read_heads, self.write_heads = read_heads, write_heads
