@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
+from rich.text import Text  # noqa: E402
 
 
 def accuracy_heatmap(rows: list[list[float]], title: str) -> Figure:
@@ -33,6 +34,14 @@ def accuracy_heatmap(rows: list[list[float]], title: str) -> Figure:
     return fig
 
 
+def print_whole(*renderables: Any) -> None:
+    """Print tables and text at their natural width: never squeezed or cut to a terminal's
+    (or, when stdout is a file, rich's default 80 columns) width."""
+    wide = Console(width=1_000_000)
+    for r in renderables:
+        Console(width=max(wide.measure(r).maximum, 1)).print(r)
+
+
 def format_matrix(rows: list[list[float]], name: str) -> str:
     """Plain-text accuracy matrix (any number of tasks; no terminal-width squeezing)."""
     head = "phase " + "".join(f"{'T' + str(j):>6}" for j in range(len(rows[0])))
@@ -44,8 +53,6 @@ def format_matrix(rows: list[list[float]], name: str) -> str:
 def print_matrix(rows: list[list[float]], summary: dict[str, Any], name: str,
                  others: dict[str, dict[str, Any]] | None = None) -> None:
     """Print the accuracy matrix and the summary metrics of every variant."""
-    console = Console(width=max(100, 8 + 6 * len(rows[0])))
-    console.print(format_matrix(rows, name), highlight=False)
     summ = Table(title="Summary (percent points)")
     keys = ["avg_accuracy", "avg_incremental_accuracy", "forgetting", "bwt", "fwt"]
     summ.add_column("variant")
@@ -53,13 +60,12 @@ def print_matrix(rows: list[list[float]], summary: dict[str, Any], name: str,
         summ.add_column(k, justify="right")
     for variant, s in {name: summary, **(others or {})}.items():
         summ.add_row(variant, *("-" if s[k] is None else f"{s[k]:.2f}" for k in keys))
-    console.print(summ)
+    print_whole(Text(format_matrix(rows, name)), summ)
 
 
 def print_row(accs: dict[str, list[float]], stage: str) -> None:
     """Print one evaluation (validate/test) of every task, per variant."""
     n = len(next(iter(accs.values())))
-    console = Console(width=max(100, 20 + 7 * n))
     table = Table(title=f"{stage}: accuracy per task (%)")
     table.add_column("variant")
     for j in range(n):
@@ -67,7 +73,7 @@ def print_row(accs: dict[str, list[float]], stage: str) -> None:
     table.add_column("avg", justify="right")
     for name, row in accs.items():
         table.add_row(name, *(f"{v:.1f}" for v in row), f"{sum(row) / len(row):.1f}")
-    console.print(table)
+    print_whole(table)
 
 
 def print_few_shot(means: dict[str, dict[str, dict[str, float | None]]]) -> None:
@@ -82,4 +88,4 @@ def print_few_shot(means: dict[str, dict[str, dict[str, float | None]]]) -> None
         table.add_column(k, justify="right")
     for where, res in rows:
         table.add_row(where, *("-" if res.get(k) is None else f"{res[k]:.1f}" for k in keys))
-    Console(width=max(100, 40 + 11 * len(keys))).print(table)
+    print_whole(table)

@@ -173,3 +173,11 @@ def test_single_task_stream(tmp_path):
     res = read_results(run_cli(tmp_path, "--data.num_tasks", "1"))
     assert len(res["accuracy_matrix"]) == 1 and len(res["accuracy_matrix"][0]) == 1
     assert res["avg_accuracy"] == pytest.approx(res["accuracy_matrix"][0][0])
+
+
+@pytest.mark.parametrize("value, learned, fixed", [("2.5", False, 2.5), ("true", True, None)])
+def test_a_fixed_sharpness_exponent_can_be_chosen_from_the_cli(tmp_path, value, learned, fixed):
+    cli = run_cli(tmp_path, *AGENT, "--model.net.init_args.sharpness", value,
+                  "--data.num_tasks", "1", "--data.epochs_per_task", "1")
+    core = cli.model.net.core
+    assert core.learned_sharpness is learned and core.fixed_sharpness == fixed

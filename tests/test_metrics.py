@@ -86,3 +86,22 @@ def test_option_checks_name_the_option():
     with pytest.raises(ValueError, match=r"ESMER r must be in \[0.0, 1.0\], got 1.5"):
         require_in_range(0.0, 1.0, "ESMER ", r=1.5)
     require_at_least(1, "x.", a=1)  # boundary accepted
+
+
+def test_terminal_tables_are_printed_whole_when_stdout_is_not_a_terminal(capsys):
+    """Under pytest stdout is captured (not a terminal): rich would squeeze every table
+    into 80 columns and cut names and columns with '…'."""
+    from callbacks.report import print_few_shot, print_matrix, print_row
+
+    summary = {"avg_accuracy": 91.2, "avg_incremental_accuracy": 93.1, "forgetting": 5.9,
+               "bwt": -5.1, "fwt": None}
+    long_name = "recall/domain_il_with_a_long_variant_name"
+    print_matrix([[90.0] * 20] * 20, summary, "domain_il", {long_name: summary})
+    keys = {f"{mode}/{n}": 50.0 for mode in ("before", "inner", "recall") for n in (1, 5, 10, 20)}
+    print_few_shot({"tasks": {"ema/domain_il": keys}, "heldout": {"domain_il": keys}})
+    print_row({"ema/class_il": [40.0] * 20}, "test")
+    out = capsys.readouterr().out
+    assert "…" not in out
+    for text in (long_name, "avg_incremental_accuracy", "ema/domain_il, trained tasks (mean)",
+                 *keys, "T19"):
+        assert text in out, text
