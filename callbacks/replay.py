@@ -5,8 +5,8 @@ Both are learner plugins (:mod:`cl_lightning.plugins`): they append a minibatch 
 and insert the step's current-task samples (raw, un-augmented inputs) after the optimizer
 step. The learner applies the stream's training augmentation to the whole batch, replayed
 samples included. Under DDP every rank keeps its own shard of ``capacity // world_size``
-items; the checkpoint holds the gathered buffer and loading re-shards it. A rank must hold at least
-one replay batch (:func:`shard_capacity`).
+items, so the ranks never hold more than ``capacity`` together (:func:`shard_capacity`);
+the checkpoint holds the gathered buffer and loading re-shards it.
 """
 
 from __future__ import annotations
@@ -30,18 +30,23 @@ STORED_KEYS = ("x", "y", "task", "y_clean")
 
 def shard_capacity(name: str, capacity: int, replay_batch_size: int, world: int) -> int:
     """Items each of ``world`` DDP ranks keeps: ``capacity // world``, so the ranks together
-    never hold more than ``capacity``. Refused when a rank could not fill one replay batch;
-    a warning when ``capacity`` is not a multiple of ``world`` (fewer items in total)."""
+    never hold more than ``capacity`` (the protocol's buffer size). Refused when a rank
+    would hold nothing; a warning with the numbers when a rank holds fewer items than one
+    replay batch (it then replays at most its whole shard per step) or when ``capacity``
+    is not a multiple of ``world`` (fewer items in total)."""
     per_rank = capacity // world
+    where = f"{name} (trainer.callbacks): capacity={capacity} over {world} processes"
+    if per_rank < 1:
+        raise OptionError(f"{where} leaves no item per process; raise capacity to >= {world}")
     if per_rank < replay_batch_size:
-        raise OptionError(
-            f"{name} (trainer.callbacks): capacity={capacity} over {world} processes is "
-            f"{per_rank} items per process, fewer than one replay batch "
-            f"(replay_batch_size={replay_batch_size}, per process); raise capacity to "
-            f">= {world * replay_batch_size} or lower replay_batch_size to <= {per_rank}")
+        rank_zero_warn(f"{where} is {per_rank} items per process, fewer than one replay batch "
+                       f"(replay_batch_size={replay_batch_size}, per process): each process "
+                       f"replays at most {per_rank} items per step. For full replay batches "
+                       f"raise capacity to >= {world * replay_batch_size} or lower "
+                       f"replay_batch_size to <= {per_rank}")
     if capacity % world:
-        rank_zero_warn(f"{name}: capacity={capacity} is not a multiple of the {world} "
-                       f"processes: each keeps {per_rank} items, {world * per_rank} in total")
+        rank_zero_warn(f"{where}: not a multiple, each process keeps {per_rank} items, "
+                       f"{world * per_rank} in total")
     return per_rank
 
 

@@ -122,11 +122,14 @@ def test_loss_average_modes(mode):
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_ranks_never_hold_more_than_the_capacity_and_a_too_small_shard_is_refused():
+def test_ranks_never_hold_more_than_the_capacity_together():
     assert shard_capacity("ER", 200, 10, 8) == 25  # 8 x 25 = 200
-    with pytest.raises(OptionError, match=r"capacity=200 over 8 processes is 25 items per "
-                                          r"process.*raise capacity to >= 256 or lower "
-                                          r"replay_batch_size to <= 25"):
-        shard_capacity("ER", 200, 32, 8)
-    with pytest.warns(UserWarning, match="each keeps 66 items, 198 in total"):
+    with pytest.warns(UserWarning, match=r"capacity=200 over 8 processes is 25 items per "
+                                         r"process.*replays at most 25 items per step.*raise "
+                                         r"capacity to >= 256 or lower replay_batch_size to "
+                                         r"<= 25"):
+        assert shard_capacity("ER", 200, 32, 8) == 25
+    with pytest.warns(UserWarning, match="each process keeps 66 items, 198 in total"):
         assert shard_capacity("ER", 200, 10, 3) == 66
+    with pytest.raises(OptionError, match="capacity=4 over 8 processes leaves no item"):
+        shard_capacity("ER", 4, 1, 8)
