@@ -17,7 +17,7 @@ is their mean ± std. It puts runs made by several calls, sessions or machines i
 table. Every run records ``run_table.json`` (its CLI arguments and wall time) next to its
 ``results.json``; a collected run without it shows no wall time.
 
-Example (the synthetic stream's numbers in the README):
+Example (the synthetic stream's numbers in docs/results.md):
 
     python benchmarks/run_table.py --seeds 0 1 2 --out benchmarks/results/synthetic.md \
       --run "one task=configs/synthetic_agent.yaml --data.init_args.num_tasks 1" \

@@ -1,7 +1,7 @@
 """ESMER: Error Sensitivity Modulation based Experience Replay (Sarfraz, Arani & Zonooz,
 ICLR 2023), as a learner plugin stacked on the replay buffer.
 
-Per training step (the reference semantics written down in ``../shared/DESIGN.md``):
+Per training step (the reference semantics, ``docs/usage.md`` section "ESMER"):
 
 - the semantic memory (an EMA copy of the working model) scores the current samples:
   ``l_s`` per-sample cross-entropy, no gradient;
@@ -32,6 +32,7 @@ from torch import nn
 
 from callbacks.replay import ExperienceReplay
 from cl_lightning.checks import OptionError, require_at_least, require_in_range
+from cl_lightning.distributed import world_and_rank
 from cl_lightning.esmer_math import (
     admission_mask,
     ema_decay,
@@ -192,7 +193,7 @@ class ESMER(ExperienceReplay):
         if torch.rand((), generator=self._generator).item() < self.ema_update_prob:
             ema_update(self.semantic_memory(learner), learner.net,
                        ema_decay(self.steps, self.ema_alpha))
-        if _world_size(learner) > 1:
+        if world_and_rank(learner.trainer)[0] > 1:
             self._sync_semantic_memory_buffers(learner)
         if not warmup:
             a = ema_decay(self.steps, self.loss_alpha)
@@ -212,7 +213,7 @@ class ESMER(ExperienceReplay):
         """The semantic-memory losses of the whole (all-rank) batch, so the loss memory
         ``mu`` is the same on every DDP rank and equals a one-process run's on that batch.
         l_s: (B,) -> (world * B,)."""
-        if _world_size(learner) == 1:
+        if world_and_rank(learner.trainer)[0] == 1:
             return l_s
         return learner.all_gather(l_s.detach()).reshape(-1)
 
@@ -255,7 +256,3 @@ class ESMER(ExperienceReplay):
                 self._pending_ema = state_dict["ema"]
             else:
                 self.ema.load_state_dict(state_dict["ema"])
-
-
-def _world_size(learner: ContinualLearner) -> int:
-    return getattr(learner.trainer, "world_size", 1)

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Subset
 
 from callbacks.report import accuracy_heatmap, plt, print_few_shot, print_matrix, print_row
 from cl_lightning.checks import OptionError
+from cl_lightning.distributed import gather_objects
 from cl_lightning.few_shot import evaluate_task, mean_over_tasks, pick_shots
 from cl_lightning.metrics import summarize
 from cl_lightning.plugins import LearnerPlugin
@@ -39,7 +40,7 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
         print_table: print the matrix and the summary at the end of fit (and the row of a
             validate/test run).
         few_shot_shots: labeled examples per class for the few-shot adaptation metric
-            (accuracy after adapting by inner loop / context / both; README "Rapid
+            (accuracy after adapting by inner loop / context / both; docs/usage.md "Rapid
             adaptation"); empty disables it.
         few_shot_every_task: measure it at every task end (default: after the last task).
         few_shot_seed: seed of the draws of the examples.
@@ -109,8 +110,8 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
         stream's held-out task (examples from its training set), after ``after_task``."""
         g = torch.Generator().manual_seed(self.few_shot_seed)
         dm = trainer.datamodule
-        kept = next((k for p in learner.plugins()
-                     if (k := p.kept_samples(learner)) is not None), None)
+        kept = every_ranks_samples(next((k for p in learner.plugins()
+                                         if (k := p.kept_samples(learner)) is not None), None))
         loaders = dm.eval_loaders(trainer.global_rank, trainer.world_size)
         per_task = []
         for t, loader in enumerate(loaders):
@@ -198,7 +199,7 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
             plt.close(fig)
 
     def results(self, learner: ContinualLearner) -> dict[str, Any]:
-        """The results.json document (schema in the README)."""
+        """The results.json document (schema in docs/usage.md)."""
         primary = learner.primary_variant
         dm = learner.trainer.datamodule
         return {
@@ -236,6 +237,18 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
 
 def trainer_joint(learner: ContinualLearner) -> bool:
     return bool(getattr(learner.trainer.datamodule, "joint", False))
+
+
+def every_ranks_samples(kept: dict[str, torch.Tensor] | None
+                        ) -> dict[str, torch.Tensor] | None:
+    """The kept samples of all ranks (each holds a shard of the buffer), the same on every
+    rank, so every rank draws the same support and takes part in the same collectives.
+    A collective under DDP: every rank calls it."""
+    parts = [p for p in gather_objects(None if kept is None else
+                                       {k: v.cpu() for k, v in kept.items()}) if p is not None]
+    if not parts:
+        return None
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def log_dir(trainer: L.Trainer) -> str:

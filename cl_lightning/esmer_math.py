@@ -1,6 +1,6 @@
 """The tensor math of ESMER (Sarfraz, Arani & Zonooz, ICLR 2023), as pure functions.
 
-Notation of ``../shared/DESIGN.md``: ``l_s`` per-sample loss of the semantic memory (the
+Notation of ``docs/usage.md`` (section "ESMER"): ``l_s`` per-sample loss of the semantic memory (the
 EMA model), ``mu`` the loss memory, ``beta`` the error-sensitivity threshold.
 """
 

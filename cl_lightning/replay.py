@@ -36,10 +36,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from cl_lightning.checks import OptionError
+from cl_lightning.distributed import gather_objects, world_and_rank
 from cl_lightning.replay_policies import (
     annealed_beta,
     as_range,
@@ -516,12 +516,9 @@ class ReplayBuffer:
         must be set) and returns the merged buffer with ``"shards": world_size`` on every rank.
         """
         local = self._local_state()
-        world_size, _ = _world_and_rank()
-        if world_size == 1:
+        if world_and_rank()[0] == 1:
             return local
-        gathered: list[Any] = [None] * world_size
-        dist.all_gather_object(gathered, local)
-        return merge_shards(gathered)
+        return merge_shards(gather_objects(local))
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore from :meth:`state_dict`. The buffer takes the saved config but keeps its
@@ -533,7 +530,7 @@ class ReplayBuffer:
         capacity grows to fit. If the shard count changed, shards get a deterministic reseed in
         place of the saved generator states.
         """
-        world_size, rank = _world_and_rank()
+        world_size, rank = world_and_rank()
         if world_size > 1 or int(state.get("shards", 1)) > 1:
             state = split_state(state, world_size)[rank]
         self._load_local(state)
@@ -629,12 +626,6 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def _world_and_rank() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
 
 
 def _chronological(state: Mapping[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from cl_lightning.distributed import gather_objects, world_and_rank
 
 
 def local_rng_states() -> dict[str, Any]:
@@ -42,11 +43,8 @@ def collect_rng_states() -> dict[str, Any]:
     ``on_save_checkpoint`` hooks.
     """
     states = local_rng_states()
-    world, _ = _world_and_rank()
-    if world > 1:
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, states)
-        states["per_rank"] = gathered
+    if world_and_rank()[0] > 1:
+        states["per_rank"] = gather_objects(states)
     return states
 
 
@@ -58,7 +56,7 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     than then) the saving rank's top-level states, which keeps a single-process resume
     exact and makes a changed world size deterministic.
     """
-    _, rank = _world_and_rank()
+    _, rank = world_and_rank()
     per_rank = states.get("per_rank")
     if per_rank and rank < len(per_rank):
         states = per_rank[rank]
@@ -72,9 +70,3 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     if "cuda" in states and torch.cuda.is_available():
         saved = states["cuda"]
         torch.cuda.set_rng_state_all(saved[: torch.cuda.device_count()])
-
-
-def _world_and_rank() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 
 from cl_lightning.checks import OptionError, require_at_least
+from cl_lightning.distributed import world_and_rank
 from datamodules.resumable import ResumableLoader
 
 Scenario = Literal["class-il", "task-il", "domain-il"]
@@ -262,7 +263,7 @@ class ContinualDataModule(L.LightningDataModule):
         """
         trainer = self.trainer
         epoch = trainer.current_epoch if trainer is not None else 0
-        world, rank = _world_and_rank(trainer)
+        world, rank = world_and_rank(trainer)
         dataset = self.train_dataset(self.current_phase)
         seed = self.resolved_shuffle_seed()
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
@@ -284,7 +285,7 @@ class ContinualDataModule(L.LightningDataModule):
         if self._shuffle_seed is None:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
             trainer = self.trainer
-            if _world_and_rank(trainer)[0] > 1:
+            if world_and_rank(trainer)[0] > 1:
                 seed = int(trainer.strategy.broadcast(seed, src=0))
             self._shuffle_seed = seed
         return self._shuffle_seed
@@ -339,12 +340,12 @@ class ContinualDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         return {"stream_definition": self.stream_definition(), "shuffle_seed": self._shuffle_seed,
-                "global_batch": self.batch_size * _world_and_rank(self.trainer)[0]}
+                "global_batch": self.batch_size * world_and_rank(self.trainer)[0]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.shuffle_seed is None and state_dict.get("shuffle_seed") is not None:
             self._shuffle_seed = int(state_dict["shuffle_seed"])  # an explicit option wins
-        world = _world_and_rank(self.trainer)[0]
+        world = world_and_rank(self.trainer)[0]
         saved_batch = state_dict.get("global_batch")
         if saved_batch is not None and saved_batch != self.batch_size * world:
             rank_zero_warn(
@@ -364,8 +365,3 @@ class ContinualDataModule(L.LightningDataModule):
                 "Resume with the data config the checkpoint was made with, "
                 "or start a new run without --ckpt_path."
             )
-
-
-def _world_and_rank(trainer: Any) -> tuple[int, int]:
-    """(world size, global rank) of a trainer; (1, 0) without one."""
-    return getattr(trainer, "world_size", 1), getattr(trainer, "global_rank", 0)

@@ -30,7 +30,7 @@ class LinearShiftStream(ContinualDataModule):
         input_dim: dimension of the inputs (and of the latent space).
         num_classes: number of classes (shared by every task).
         noise: standard deviation of the within-class noise (prototypes have unit variance
-            per dimension); calibrated so one task reaches 95-99% (README, "Results").
+            per dimension); calibrated so one task reaches 95-99% (docs/results.md).
         shift: standard deviation of each task's input shift.
         stream_seed: seed of the prototypes, the per-task maps and the samples.
         **kwargs: the options of :class:`ContinualDataModule` (scenario, epochs_per_task, ...).

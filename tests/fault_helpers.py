@@ -73,7 +73,8 @@ class DumpRankState(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         state: dict[str, Any] = {
-            "net": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}}
+            "net": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
+            "parameters": [name for name, _ in pl_module.named_parameters()]}
         for cb in trainer.callbacks:
             if getattr(cb, "ema", None) is not None:
                 state["ema"] = {k: v.detach().cpu().clone()

@@ -320,10 +320,10 @@ def test_each_rank_restores_its_own_rng_states(monkeypatch):
         torch.manual_seed(seed)
         states.append(rng.local_rng_states())
     saved = {**states[0], "per_rank": states}
-    monkeypatch.setattr(rng, "_world_and_rank", lambda: (2, 1))
+    monkeypatch.setattr(rng, "world_and_rank", lambda: (2, 1))
     rng.restore_rng_states(saved)
     assert torch.equal(torch.get_rng_state(), states[1]["torch"])
-    monkeypatch.setattr(rng, "_world_and_rank", lambda: (3, 2))  # more ranks than saved
+    monkeypatch.setattr(rng, "world_and_rank", lambda: (3, 2))  # more ranks than saved
     rng.restore_rng_states(saved)
     assert torch.equal(torch.get_rng_state(), states[0]["torch"])
 

@@ -1,5 +1,5 @@
-"""The README's code examples run as printed: a user's own stream and a user's own strategy,
-each taken from README.md, written to a module and used through the CLI."""
+"""The documented code examples run as printed: a user's own stream and a user's own
+strategy, each taken from docs/extending.md, written to a module and used through the CLI."""
 
 from __future__ import annotations
 
@@ -11,28 +11,30 @@ import torch
 from cl_lightning.cli import main
 from tests.conftest import QUIET_CPU, ROOT, read_results, run_cli, tensorboard_logger
 
+DOC = ROOT / "docs" / "extending.md"  # where the examples live
 
-def readme_python_block(after: str) -> str:
-    """The first ```python block of README.md after the line containing ``after``."""
-    text = (ROOT / "README.md").read_text()
+
+def doc_python_block(after: str) -> str:
+    """The first ```python block of docs/extending.md after the line containing ``after``."""
+    text = DOC.read_text()
     start = text.index(after)
     match = re.search(r"```python\n(.*?)```", text[start:], re.S)
-    assert match, f"no python block after {after!r} in README.md"
+    assert match, f"no python block after {after!r} in {DOC.name}"
     return match.group(1)
 
 
 @pytest.fixture
-def module_from_readme(tmp_path, monkeypatch):
-    """Write a README block to ``tmp_path/NAME.py`` and make it importable."""
+def module_from_docs(tmp_path, monkeypatch):
+    """Write a documented block to ``tmp_path/NAME.py`` and make it importable."""
     monkeypatch.syspath_prepend(str(tmp_path))
 
     def _write(name: str, after: str) -> None:
-        (tmp_path / f"{name}.py").write_text(readme_python_block(after))
+        (tmp_path / f"{name}.py").write_text(doc_python_block(after))
     return _write
 
 
-def test_readme_own_stream_trains_through_the_cli(tmp_path, module_from_readme):
-    module_from_readme("my_readme_stream", "**Your own stream**")
+def test_documented_own_stream_trains_through_the_cli(tmp_path, module_from_docs):
+    module_from_docs("my_doc_stream", "## Your own stream")
     g = torch.Generator().manual_seed(0)
     y = torch.arange(6).repeat_interleave(500)
     prototypes = 3 * torch.randn(6, 32, generator=g)
@@ -42,7 +44,7 @@ def test_readme_own_stream_trains_through_the_cli(tmp_path, module_from_readme):
     cli = main(["fit", *QUIET_CPU,
                 "--model.net", "cl_lightning.models.backbones.MLP", "--model.net.hidden", "[32]",
                 "--model.optimizer", "torch.optim.Adam", "--model.optimizer.lr", "0.01",
-                "--data", "my_readme_stream.MyStream",
+                "--data", "my_doc_stream.MyStream",
                 "--data.path", str(tmp_path / "my_data.pt"), "--data.epochs_per_task", "1",
                 "--data.batch_size", "32", "--evaluation.heatmap", "false",
                 *tensorboard_logger(tmp_path, "own")])
@@ -56,11 +58,11 @@ def test_readme_own_stream_trains_through_the_cli(tmp_path, module_from_readme):
     assert all((2 * a) == int(2 * a) for row in matrix for a in row)
 
 
-def test_readme_strategy_plugs_in_and_anchors_the_weights(tmp_path, module_from_readme):
-    module_from_readme("my_readme_strategy", "### Writing your own strategy")
+def test_documented_strategy_plugs_in_and_anchors_the_weights(tmp_path, module_from_docs):
+    module_from_docs("my_doc_strategy", "## Your own strategy")
     plain = read_results(run_cli(tmp_path / "plain"))
     anchored = read_results(run_cli(tmp_path / "anchored",
-                                    "--trainer.callbacks+=my_readme_strategy.L2Anchor",
+                                    "--trainer.callbacks+=my_doc_strategy.L2Anchor",
                                     "--trainer.callbacks.strength", "1.0"))
     # pulled towards the previous task's weights, the model forgets less of it
     assert anchored["forgetting"] < plain["forgetting"] - 20  # measured: 6.3 vs 42.2

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from cl_lightning.episodic_index import EpisodicIndex, fingerprint, nearest, same_item
 from cl_lightning.models.agent import MemoryAgent
 from cl_lightning.models.recall import VOTE_FLOOR, Recall, recall_weights, same_label_mass
-from tests.conftest import ddp_rank_states, read_results, refused
+from tests.conftest import read_results, refused
 
 SMALL_AGENT = dict(core_output=12, hidden_size=12, memory_slots=8, word_size=6,
                    read_heads=1, num_tokens=2, token_dim=8)
@@ -202,20 +202,6 @@ def test_more_recall_slots_than_buffer_items_is_refused(tiny_run, capsys):
                    "--trainer.callbacks.replay_batch_size", "4")
     assert "model.net.recall_slots (6) is larger than the replay buffer (capacity=5)" in line
 
-
-
-@pytest.mark.slow
-@pytest.mark.ddp
-def test_two_process_ddp_recall_run_leaves_identical_parameters(tmp_path):
-    """Each rank recalls from its own shard of the buffer; parameters that a step does not
-    use (the context label embedding, the recall layers before anything is stored) get
-    zero gradients, so DDP runs without find_unused_parameters."""
-    a, b = ddp_rank_states(tmp_path, *CLI_AGENT, "--model.net.recall_slots", "4",
-                           "--model.label_shuffle", "0.5", "--model.label_shuffle_replay", "true",
-                           *ER, "--data.num_tasks", "2", "--data.epochs_per_task", "1")
-    assert any(k.startswith("net.recall_") for k in a)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
 def test_context_and_recall_together_are_refused_before_training(tiny_run, capsys):
