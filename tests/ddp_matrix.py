@@ -16,8 +16,8 @@ import sys
 import torch
 
 from cl_lightning.cli import main
-from datamodules import SplitCIFAR10
-from tests.test_streams import UncheckedCIFAR10
+from datamodules import SplitCIFAR10, SplitCIFAR100
+from tests.test_streams import UncheckedCIFAR10, UncheckedCIFAR100
 
 DDP = ["--seed_everything", "0", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
        "--trainer.strategy", "ddp", "--trainer.enable_progress_bar", "false",
@@ -25,7 +25,8 @@ DDP = ["--seed_everything", "0", "--trainer.accelerator", "cpu", "--trainer.devi
 
 
 def run_all(runs: dict[str, list[str]], out: str) -> None:
-    SplitCIFAR10.dataset_cls = UncheckedCIFAR10  # the test's CIFAR files are synthetic
+    # the test's CIFAR files are synthetic: no md5 check
+    SplitCIFAR10.dataset_cls, SplitCIFAR100.dataset_cls = UncheckedCIFAR10, UncheckedCIFAR100
     for name, args in runs.items():
         main(["fit", *args, *DDP,
               "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, one_thread_env
-from tests.test_streams import write_cifar, write_mnist
+from tests.test_streams import write_cifar, write_mnist, write_tiny
 
 CONFIGS = ROOT / "configs"
 METHODS = CONFIGS / "methods"
@@ -37,7 +37,7 @@ def c(*files) -> list[str]:
     return [arg for f in files for arg in ("-c", str(CONFIGS / f))]
 
 
-def matrix_runs(mnist_root: str, cifar_root: str) -> dict[str, list[str]]:
+def matrix_runs(roots: dict[str, str]) -> dict[str, list[str]]:
     mlp = [*c("synthetic_mlp.yaml"), *TINY, "--model.net.hidden", "[16]"]
     runs = {
         # model classes x method configs on the tiny synthetic stream
@@ -58,21 +58,32 @@ def matrix_runs(mnist_root: str, cifar_root: str) -> dict[str, list[str]]:
         "default+derpp": [*c("synthetic.yaml"), *TINY, *SMALL_AGENT, *c("methods/derpp.yaml")],
         "dnc_full": [*c("synthetic_dnc_full.yaml"), *TINY],
     }
-    mnist = ["--data.root", mnist_root, "--data.download", "false"]
-    for stream in ("split_mnist", "permuted_mnist", "rotated_mnist"):
-        short = [] if stream == "split_mnist" else ["--data.num_tasks", "2"]
-        base = [*c(f"{stream}.yaml"), *mnist, *short]
-        runs[stream] = base
+    # every shipped stream config, alone and with each of its method configs, on small
+    # files in the real formats: the same models and options, fewer tasks and pixels
+    small_resnet = ["--model.net.init_args.width", "4"]
+    shrink = {
+        "split_mnist": ["--data.root", roots["mnist"]],
+        "permuted_mnist": ["--data.root", roots["mnist"], "--data.num_tasks", "2"],
+        "rotated_mnist": ["--data.root", roots["mnist"], "--data.num_tasks", "2"],
+        "split_cifar10": ["--data.root", roots["cifar10"], "--data.epochs_per_task", "1",
+                          "--data.classes_per_task", "5", *small_resnet],
+        "split_cifar100": ["--data.root", roots["cifar100"], "--data.epochs_per_task", "1",
+                           "--data.classes_per_task", "50", *small_resnet],
+        "split_tiny_imagenet": ["--data.root", roots["tiny"], "--data.epochs_per_task", "1",
+                                "--data.classes_per_task", "100", *small_resnet],
+    }
+    for stream, small in shrink.items():
+        small = [*small, "--data.download", "false"]
+        runs[stream] = [*c(f"{stream}.yaml"), *small]
         for method in sorted((CONFIGS / stream).glob("*.yaml")):
-            runs[f"{stream}/{method.stem}"] = [*base, *c(f"{stream}/{method.name}"), *short]
-    runs["split_mnist_agent"] = [*c("split_mnist_agent.yaml"), *mnist]
-    cifar = [*c("split_cifar10.yaml"), "--data.root", cifar_root, "--data.download", "false",
-             "--data.epochs_per_task", "1"]
-    runs["split_cifar10/derpp_200"] = [*cifar, *c("split_cifar10/derpp_200.yaml"),
-                                       "--model.net.init_args.width", "4"]
+            runs[f"{stream}/{method.stem}"] = [*c(f"{stream}.yaml", f"{stream}/{method.name}"),
+                                               *small]
+    runs["split_mnist_agent"] = [*c("split_mnist_agent.yaml"), *shrink["split_mnist"],
+                                 "--data.download", "false"]
     runs["split_cifar10/agent_cnn+esmer"] = [
-        *cifar, *c("split_cifar10/esmer_200.yaml", "methods/agent.yaml", "methods/agent_cnn.yaml"),
-        *SMALL_AGENT, "--model.net.init_args.cnn_width", "4", "--data.epochs_per_task", "1"]
+        *c("split_cifar10.yaml", "split_cifar10/esmer_200.yaml", "methods/agent.yaml",
+           "methods/agent_cnn.yaml"), *shrink["split_cifar10"][:-2], *SMALL_AGENT,
+        "--model.net.init_args.cnn_width", "4", "--data.download", "false"]
     return runs
 
 
@@ -85,9 +96,12 @@ def free_port() -> int:
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_every_model_and_method_and_shipped_config_runs_under_two_process_ddp(tmp_path):
-    write_mnist(str(tmp_path / "mnist"), train_per_class=20, test_per_class=4)
-    write_cifar(str(tmp_path / "cifar"), hundred=False, train_per_class=40, test_per_class=2)
-    runs = matrix_runs(str(tmp_path / "mnist"), str(tmp_path / "cifar"))
+    roots = {name: str(tmp_path / name) for name in ("mnist", "cifar10", "cifar100", "tiny")}
+    write_mnist(roots["mnist"], train_per_class=20, test_per_class=4)
+    write_cifar(roots["cifar10"], hundred=False, train_per_class=20, test_per_class=2)
+    write_cifar(roots["cifar100"], hundred=True, train_per_class=2, test_per_class=1)
+    write_tiny(roots["tiny"], train_per_class=1, val_per_class=1)
+    runs = matrix_runs(roots)
     spec = tmp_path / "runs.json"
     spec.write_text(json.dumps(runs))
     out = tmp_path / "out"
