@@ -155,7 +155,7 @@ class ESMER(ExperienceReplay):
             self._ema_logits = learner.train_logits(ema, step.inputs, step.batch["task"],
                                                     **step.model_kwargs)
         current = ~step.replay_mask
-        self._l_s = F.cross_entropy(self._ema_logits[current], step.batch["y"][current],
+        self._l_s = F.cross_entropy(self._ema_logits[current], step.targets[current],
                                     reduction="none")
         w = torch.ones_like(step.losses)
         mu = self.loss_memory

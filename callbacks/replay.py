@@ -262,11 +262,12 @@ class DarkExperienceReplay(ExperienceReplay):
             return {}
         logit_part, _ = self._parts(step)
         stored = self._sampled["logits"][: self._n_logit].to(step.logits.dtype)
-        return {"der_mse": self.der_alpha * F.mse_loss(step.logits[logit_part], stored)}
+        # stored logits are in the true label space; so is the comparison
+        return {"der_mse": self.der_alpha * F.mse_loss(step.true_logits[logit_part], stored)}
 
     def stored_items(self, step: StepOutput) -> dict[str, torch.Tensor]:
         items = super().stored_items(step)
-        items["logits"] = step.logits[~step.replay_mask]
+        items["logits"] = step.true_logits[~step.replay_mask]
         return items
 
 

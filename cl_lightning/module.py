@@ -355,7 +355,7 @@ class ContinualLearner(L.LightningModule):
         recall = self.train_recall(inputs, batch["x"]) if self.recalling else None
         model_kwargs = {} if recall is None else {"recall": recall}
         models: list[ModelFn] = [lambda x: self.net(x, **model_kwargs)]
-        targets = batch["y"]
+        targets, label_map = batch["y"], None
         if (support.any() or recall is not None) and self.label_shuffle > 0 \
                 and torch.rand(()) < self.label_shuffle:
             every = self.label_shuffle_replay
@@ -363,10 +363,11 @@ class ContinualLearner(L.LightningModule):
                        else self.stream.task_classes[self.current_task])
             mapping = label_permutation(classes, self.stream.num_classes, targets.device)
             keep = torch.zeros_like(replay) if every else replay
-            targets = torch.where(keep, targets, mapping[targets])
+            identity = torch.arange(len(mapping), device=mapping.device)
+            label_map = torch.where(keep[:, None], identity, mapping)  # (B, C), per sample
+            targets = label_map.gather(1, targets[:, None])[:, 0]
             if recall is not None:  # the relabelled queries recall through the same map
-                recall = recall._replace(y=torch.where(keep[:, None], recall.y,
-                                                       mapping[recall.y]))
+                recall = recall._replace(y=label_map.gather(1, recall.y))
                 model_kwargs["recall"] = recall
         if support.any():
             batch = {**batch, "support": support}
@@ -378,7 +379,8 @@ class ContinualLearner(L.LightningModule):
         logits = self.train_logits(models[-1], inputs, batch["task"])
         losses = F.cross_entropy(logits, targets, reduction="none")
         step = StepOutput(batch=batch, inputs=inputs, logits=logits, losses=losses,
-                          task=self.current_task, model_kwargs=model_kwargs)
+                          task=self.current_task, model_kwargs=model_kwargs,
+                          label_map=label_map)
         if recall is not None:
             self._log_recall(targets)
         weights = torch.ones_like(losses)

@@ -49,6 +49,9 @@ class StepOutput:
     model_kwargs: what the working model read besides the inputs (``{"recall": ...}``);
         a plugin that runs another model on ``inputs`` passes the same (e.g.
         ``learner.train_logits(model, step.inputs, task, **step.model_kwargs)``)
+    label_map: (B, C) in a shuffled-label episode: row i maps each true label to the label
+        sample i was trained on (``targets[i] == label_map[i, batch["y"][i]]``); None
+        otherwise. :attr:`targets` and :attr:`true_logits` follow it.
     """
 
     batch: dict[str, torch.Tensor]
@@ -59,6 +62,22 @@ class StepOutput:
     weights: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    label_map: torch.Tensor | None = None
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """(B,) the labels this step's loss used: ``batch["y"]``, through ``label_map`` in
+        a shuffled-label episode (what a model reading ``model_kwargs`` should predict)."""
+        y = self.batch["y"]
+        return y if self.label_map is None else self.label_map.gather(1, y[:, None])[:, 0]
+
+    @property
+    def true_logits(self) -> torch.Tensor:
+        """(B, C) ``logits`` with columns in the true label space: column c holds the
+        logit of the label c was trained as (``logits`` itself outside an episode)."""
+        if self.label_map is None:
+            return self.logits
+        return self.logits.gather(1, self.label_map)
 
     @property
     def replay_mask(self) -> torch.Tensor:
@@ -83,6 +102,7 @@ class StepOutput:
             task=self.task,
             weights=None if self.weights is None else self.weights.detach(),
             extras={k: v.detach() for k, v in self.extras.items()},
+            label_map=self.label_map,
         )
 
 

@@ -129,6 +129,25 @@ def test_step_counter_counts_the_step_before_the_decays_as_the_reference():
     assert esmer.steps == 2
 
 
+def test_semantic_memory_is_scored_on_the_labels_the_step_trains_in_a_shuffled_episode():
+    """The EMA reads what the working model reads (the shuffled labels' episode), so its
+    error l_s is measured against the labels this step trains on, not the true ones."""
+    torch.manual_seed(3)
+    learner = fake_learner(nn.Linear(4, 3), batches=1)
+    esmer = ESMER(warmup_epochs=0.0, capacity=50, replay_batch_size=2, ema_update_prob=0.0)
+    esmer.buffer = ReplayBuffer(capacity=50)
+    esmer.on_task_start(learner, 0)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    label_map = torch.tensor([2, 0, 1]).repeat(6, 1)
+    logits = learner.net(x)
+    step = StepOutput(batch={"x": x, "y": y, "task": torch.zeros_like(y)}, inputs=x,
+                      logits=logits, losses=torch.ones(6), task=0, label_map=label_map)
+    esmer.sample_weights(learner, step)
+    with torch.no_grad():
+        expected = F.cross_entropy(esmer.ema(x), label_map[0][y], reduction="none")
+    torch.testing.assert_close(esmer._l_s, expected)
+
+
 def test_weights_and_consistency_term_follow_the_definition():
     torch.manual_seed(1)
     learner = fake_learner(nn.Linear(4, 3), batches=1)

@@ -58,6 +58,28 @@ def test_der_pp_loss_terms_match_their_definition():
     assert mse == pytest.approx(0.3 * F.mse_loss(logits[6:10], stored["logits"][ids]).item())
 
 
+def test_der_pp_keeps_and_compares_logits_in_the_true_label_space_in_shuffled_episodes():
+    """In a shuffled-label episode sample i is trained on label_map[i, y]: its stored
+    logits are un-permuted (column c = the logit of the label c was trained as), and the
+    replayed samples' logits are un-permuted before the MSE against stored ones."""
+    der = DarkExperienceReplay(capacity=20, replay_batch_size=2, der_alpha=1.0, der_beta=0.0)
+    der.buffer = ReplayBuffer(capacity=20, seed=0)
+    stored = {**batch(4, 50), "logits": torch.randn(4, 3)}
+    der.buffer.add(stored)
+    ext = der.extend_batch(LEARNER, batch(3))  # 3 current + 2 replayed
+    swap = torch.tensor([1, 0, 2])  # true 0 -> trained 1, 1 -> 0
+    label_map = swap.repeat(5, 1)
+    logits = torch.randn(5, 3)
+    step = StepOutput(batch=ext, inputs=ext["x"], logits=logits, losses=torch.ones(5), task=0,
+                      label_map=label_map)
+    assert torch.equal(step.targets, swap[ext["y"]])
+    unswapped = logits[:, [1, 0, 2]]
+    ids = ext["x"][3:, 0].long() - 50
+    mse = der.extra_losses(LEARNER, step)["der_mse"]
+    assert mse == pytest.approx(F.mse_loss(unswapped[3:], stored["logits"][ids]).item())
+    assert torch.equal(der.stored_items(step)["logits"], unswapped[:3])
+
+
 def test_er_inserts_current_samples_only():
     er = ExperienceReplay(capacity=100, replay_batch_size=4)
     er.buffer = ReplayBuffer(capacity=100, seed=0)
