@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from cl_lightning.checks import OptionError, require_at_least, require_in_range
 from cl_lightning.episodic_index import EpisodicIndex, fingerprint, nearest, same_item
+from cl_lightning.local_adaptation import LocalAdaptation
 from cl_lightning.meta import MetaLearning, Params, label_permutation
 from cl_lightning.models.backbones import MLP, Classifier
 from cl_lightning.models.recall import Recall, same_label_mass
@@ -70,6 +71,10 @@ class ContinualLearner(L.LightningModule):
         recall_refresh: with a net that recalls (``MemoryAgent(recall_slots > 0)``), every
             key of the replay buffer's index is recomputed after this many training steps;
             in between only new items are encoded.
+        local_adaptation: with a net that recalls, also evaluate every model with its head
+            adapted, per query, on the query's recalled neighbours
+            (:class:`~cl_lightning.local_adaptation.LocalAdaptation`, MbPA-style), as the
+            variants ``local/<mode>`` (and ``ema/local/<mode>``); None: off.
     """
 
     def __init__(
@@ -85,6 +90,7 @@ class ContinualLearner(L.LightningModule):
         label_shuffle: float = 0.0,
         label_shuffle_replay: bool = False,
         recall_refresh: int = 50,
+        local_adaptation: LocalAdaptation | None = None,
     ) -> None:
         super().__init__()
         if stream is None:
@@ -122,6 +128,12 @@ class ContinualLearner(L.LightningModule):
             raise OptionError("model.context=true and a net that recalls (recall_slots > 0) "
                              "both set the memory a query starts from; set model.context "
                              "false or model.net.init_args.recall_slots 0")
+        if local_adaptation is not None and not (
+                self.recalling and isinstance(getattr(self.net, "head", None), nn.Linear)):
+            raise OptionError("model.local_adaptation needs a net that recalls "
+                              "(model.net.init_args.recall_slots > 0) with a linear head; "
+                              "remove model.local_adaptation or set recall_slots")
+        self.local_adaptation = local_adaptation
         self.meta, self.context, self.support_fraction = meta, context, support_fraction
         if meta is not None:
             meta.bind(self.net)
@@ -210,12 +222,14 @@ class ContinualLearner(L.LightningModule):
                              self.recall_index.prints)
 
     def reader(self, model: nn.Module | ModelFn | None = None, store: Store | None = None,
-               index: tuple[torch.Tensor, torch.Tensor] | None = None,
+               index: tuple[torch.Tensor, torch.Tensor] | None = None, local: bool = False,
                **kwargs: Any) -> ModelFn:
         """``x -> logits`` of ``model`` (default the net) that recalls from ``store``
         (default the replay buffer, as it is now) when the net recalls; else the model as
         it is. ``index``: the store's :meth:`index_store`, if already computed (else it is
-        computed once, on the first call)."""
+        computed once, on the first call). ``local``: each query's head is first adapted
+        on its recalled neighbours (``model.local_adaptation``; their features are read
+        the same way, each recalling its own neighbours)."""
         model = self.net if model is None else model
         store = self.store() if store is None and self.recalling else store
         if not self.recalling or store is None:
@@ -227,7 +241,16 @@ class ContinualLearner(L.LightningModule):
             if not cached:
                 cached.append(self.index_store(store))
             keys, prints = cached[0]
-            return model(x, recall=self.retrieve(x, x, store, keys, prints), **kwargs)
+            recall = self.retrieve(x, x, store, keys, prints)
+            if not local:
+                return model(x, recall=recall, **kwargs)
+            near = recall.x  # the distinct neighbours, each read with its own recall
+            near_feats = model.features(near, recall=self.retrieve(near, near, store, keys,
+                                                                   prints))
+            assert self.local_adaptation is not None
+            return self.local_adaptation.logits(
+                model.head, model.features(x, recall=recall, **kwargs),
+                near_feats[recall.index], recall.y, recall.valid)
 
         return read
 
@@ -518,13 +541,21 @@ class ContinualLearner(L.LightningModule):
     @torch.no_grad()
     def eval_step(self, batch: dict[str, torch.Tensor]) -> None:
         """Update every variant's per-task accuracy with one test batch."""
-        for prefix, model in self.eval_models().items():
+        for prefix, model in self.eval_variants():
             if prefix not in self._eval_readers:
-                self._eval_readers[prefix] = self.reader(model)
+                self._eval_readers[prefix] = self.reader(model, local=prefix.endswith("local/"))
             logits = self._eval_readers[prefix](batch["x"])
             for mode in self.eval_modes():
                 shown = self.mode_logits(logits, batch["task"], mode)
                 self._metric(prefix + mode).update(shown.argmax(1), batch["y"], batch["task"])
+
+    def eval_variants(self) -> list[tuple[str, nn.Module]]:
+        """(variant prefix, model) of every evaluated variant: each of :meth:`eval_models`,
+        and with ``local_adaptation`` each again as ``<prefix>local/``."""
+        models = list(self.eval_models().items())
+        if self.local_adaptation is not None:
+            models += [(f"{prefix}local/", model) for prefix, model in models]
+        return models
 
     def compute_eval(self) -> dict[str, list[float]]:
         """Per-task accuracy (percent) of every variant, synced across ranks; then reset."""
