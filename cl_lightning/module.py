@@ -26,8 +26,8 @@ from cl_lightning.models.backbones import MLP, Classifier
 from cl_lightning.models.recall import Recall, same_label_mass
 from cl_lightning.plugins import LearnerPlugin, StepOutput
 from cl_lightning.rng import collect_rng_states, restore_rng_states
+from cl_lightning.stream import StreamInfo
 from cl_lightning.task_accuracy import TaskAccuracy
-from datamodules.base import StreamInfo
 
 NetFactory = Callable[[Sequence[int], int], Classifier]
 """Builds the classifier from ``(input_shape, num_classes)``; in a config, a ``class_path``

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
@@ -25,21 +25,8 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 
 from cl_lightning.checks import OptionError, require_at_least
 from cl_lightning.distributed import world_and_rank
+from cl_lightning.stream import SCENARIOS, Scenario, StreamInfo
 from datamodules.resumable import ResumableLoader
-
-Scenario = Literal["class-il", "task-il", "domain-il"]
-SCENARIOS: tuple[str, ...] = ("class-il", "task-il", "domain-il")
-
-
-@dataclass(frozen=True)
-class StreamInfo:
-    """What the learner must know about a stream; linked into the model by the CLI."""
-
-    scenario: str
-    num_tasks: int
-    num_classes: int
-    input_shape: tuple[int, ...]
-    task_classes: tuple[tuple[int, ...], ...]  # classes of each task, in stream order
 
 
 @dataclass

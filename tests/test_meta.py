@@ -10,7 +10,7 @@ from cl_lightning.meta import MetaLearning, inner_loop, multi_step_weights, sele
 from cl_lightning.models.agent import LSTMClassifier, MemoryAgent
 from cl_lightning.models.backbones import MLP
 from cl_lightning.module import ContinualLearner
-from datamodules.base import StreamInfo
+from cl_lightning.stream import StreamInfo
 
 
 class Tiny(nn.Module):
