@@ -208,19 +208,40 @@ class ExperienceReplay(L.Callback, LearnerPlugin):
 class DarkExperienceReplay(ExperienceReplay):
     """DER++ (Buzzega et al., NeurIPS 2020): replay stored logits and labels.
 
-    Each step appends two independent buffer minibatches: on the first the working model's
-    logits are pulled to the stored ones (``der_alpha`` x MSE), on the second it is trained
-    with cross-entropy on the stored labels (``der_beta`` x CE). The buffer stores each
-    sample's logits from the step it was seen in. ``der_beta = 0`` is plain DER.
+    The loss of a step, with ``(x', z')`` and ``(x'', y'')`` two independent buffer
+    minibatches (``z'`` the logits stored with ``x'`` when it was seen)::
+
+        loss = mean CE(f(x), y)                        # the current batch (the learner)
+             + der_alpha * mean (f(x') - z')^2         # extra_losses: "der_mse"
+             + der_beta  * mean CE(f(x''), y'')        # sample_weights on the replayed CE
+
+    The learner computes ``mean CE`` over the current and over the replayed samples; this
+    plugin gives the ``x'`` samples weight 0 in the replayed CE and rescales the ``x''``
+    ones to ``der_beta`` times their mean. ``der_beta = 0`` is plain DER. Each term is
+    its own mean (``loss_average='separate'``, the only form defined), and both minibatches
+    are drawn uniformly (prioritized sampling is not defined for DER++).
 
     Args:
         der_alpha: weight of the logit-matching MSE term.
         der_beta: weight of the cross-entropy term on the second replay minibatch.
-        **kwargs: the options of :class:`ExperienceReplay`.
+        loss_average: must be ``separate``.
+        sampling: must be ``uniform``.
+        **kwargs: the other options of :class:`ExperienceReplay`.
     """
 
-    def __init__(self, der_alpha: float = 0.1, der_beta: float = 0.5, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, der_alpha: float = 0.1, der_beta: float = 0.5,
+                 loss_average: Literal["union", "separate"] = "separate",
+                 sampling: Literal["uniform", "prioritized"] = "uniform",
+                 **kwargs: Any) -> None:
+        where = "DarkExperienceReplay (trainer.callbacks): "
+        if loss_average != "separate":
+            raise OptionError(f"{where}loss_average must be 'separate' (each DER++ term is its "
+                              f"own mean), got {loss_average!r}; remove the option")
+        if sampling != "uniform":
+            raise OptionError(f"{where}sampling must be 'uniform' (prioritized sampling is not "
+                              f"defined for DER++), got {sampling!r}; use ExperienceReplay "
+                              "for prioritized replay")
+        super().__init__(loss_average=loss_average, sampling=sampling, **kwargs)
         require_at_least(0, "", der_alpha=der_alpha, der_beta=der_beta)
         self.der_alpha, self.der_beta = der_alpha, der_beta
         self._n_logit = 0

@@ -155,3 +155,11 @@ def test_ranks_never_hold_more_than_the_capacity_together():
         assert shard_capacity("ER", 200, 10, 3) == 66
     with pytest.raises(OptionError, match="capacity=4 over 8 processes leaves no item"):
         shard_capacity("ER", 4, 1, 8)
+
+
+@pytest.mark.parametrize("option, value", [("loss_average", "union"),
+                                           ("sampling", "prioritized")])
+def test_der_pp_refuses_the_er_options_it_does_not_define(option, value):
+    with pytest.raises(OptionError, match=f"DarkExperienceReplay .*{option} must be"):
+        DarkExperienceReplay(**{option: value})
+    assert DarkExperienceReplay().loss_average == "separate"
