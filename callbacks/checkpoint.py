@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cl_lightning.checkpoint_io import AtomicCheckpointIO
 from cl_lightning.checks import require_at_least
+from cl_lightning.lightning_private import stop_after_this_step
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -128,7 +129,7 @@ class TaskCheckpoint(ModelCheckpoint):
             self.stopped_by = requested
             # Lightning's own flag: the loops raise SIGTERMException at the end of the step
             # (or of the epoch), after every hook of the step has run
-            trainer._signal_connector.received_sigterm = True
+            stop_after_this_step(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:

@@ -25,7 +25,7 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from cl_lightning.checks import UsageError
+from cl_lightning.checks import MissingFileError, UsageError
 
 __all__ = ["AtomicCheckpointIO", "UnreadableCheckpointError", "atomic_write_bytes"]
 
@@ -119,6 +119,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if not os.path.isfile(str(path)):
                 raise
             raise UnreadableCheckpointError(unreadable_message(str(path), err)) from err
+
+
+def check_readable_checkpoint(path: str) -> None:
+    """Fail with a one-line message if ``path`` is missing or not a readable checkpoint
+    (memory-mapped, so a large file is not read into memory)."""
+    if not os.path.isfile(path):
+        raise MissingFileError(f"ckpt_path: no file {path}; give the path of a .ckpt file, "
+                               "or 'last' to resume the newest run of this experiment")
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # zip/pickle/EOF errors of a damaged file
+        raise UnreadableCheckpointError(unreadable_message(path, err)) from err
 
 
 def unreadable_message(path: str, err: BaseException) -> str:

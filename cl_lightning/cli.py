@@ -20,7 +20,6 @@ from typing import Any
 
 import yaml
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -28,8 +27,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.checkpoint import TaskCheckpoint
 from callbacks.evaluation import ContinualEvaluation
-from cl_lightning.checkpoint_io import UnreadableCheckpointError, unreadable_message
+from cl_lightning.checkpoint_io import check_readable_checkpoint
 from cl_lightning.checks import MissingFileError, OptionError, find_usage_error, one_line
+from cl_lightning.lightning_private import continue_logger_version, requested_logger_version
 from cl_lightning.module import ContinualLearner
 from datamodules.base import ContinualDataModule
 
@@ -55,8 +55,10 @@ class ContinualCLI(LightningCLI):
         parser.link_arguments("data", "model.stream", apply_on="instantiate",
                               compute_fn=lambda dm: dm.info)
 
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         dm: ContinualDataModule = self.datamodule
+        cfg = self.config_init.get(str(self.subcommand), self.config_init)
+        config = {**(cfg.get("trainer") or {}), **kwargs}
         given = config.get("max_epochs")
         if given not in (None, -1, dm.max_epochs):
             raise OptionError(
@@ -67,9 +69,8 @@ class ContinualCLI(LightningCLI):
         if config.get("reload_dataloaders_every_n_epochs", 0) not in (0, 1):
             raise OptionError("trainer.reload_dataloaders_every_n_epochs must be 1: the stream "
                              "serves a new task's loader at task boundaries; remove the option.")
-        config["max_epochs"] = dm.max_epochs
-        config["reload_dataloaders_every_n_epochs"] = 1
-        trainer = super()._instantiate_trainer(config, callbacks)
+        trainer = super().instantiate_trainer(
+            **kwargs, max_epochs=dm.max_epochs, reload_dataloaders_every_n_epochs=1)
         for cb in trainer.callbacks:
             if isinstance(cb, ContinualEvaluation):
                 cb.run_config = self._config_dict()
@@ -83,18 +84,13 @@ class ContinualCLI(LightningCLI):
         except Exception as err:  # the config is a report, never a reason to fail a run
             return {"error": f"config could not be dumped: {err}"}
 
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads an explicit --ckpt_path file here already (for hyperparameters)
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then check an explicit ``--ckpt_path`` file before anything reads it
+        (LightningCLI loads its hyperparameters right after parsing)."""
+        super().parse_arguments(parser, args)
         path = (self.config.get(str(self.config.get("subcommand")), {}) or {}).get("ckpt_path")
-        if path not in (None, "last", "auto", "best") and not os.path.isfile(path):
-            raise MissingFileError(f"ckpt_path: no file {path}; give the path of a .ckpt file, "
-                                   "or 'last' to resume the newest run of this experiment")
-        try:
-            super()._parse_ckpt_path()
-        except Exception as err:
-            if not path or not os.path.isfile(path):
-                raise
-            raise UnreadableCheckpointError(unreadable_message(path, err)) from err
+        if path not in (None, "last", "auto", "best"):
+            check_readable_checkpoint(path)
 
     def before_fit(self) -> None:
         # LightningCLI calls fit with the instantiated config (config_init), so the
@@ -116,7 +112,7 @@ class ContinualCLI(LightningCLI):
         if task_ckpt is not None and task_ckpt.dirpath is not None:
             pattern = os.path.join(task_ckpt.dirpath, "last.ckpt")
         elif isinstance(logger, TensorBoardLogger):
-            version = logger._version  # None unless trainer.logger.version was given
+            version = requested_logger_version(logger)  # None unless version was given
             folder = ("version_*" if version is None
                       else version if isinstance(version, str) else f"version_{version}")
             pattern = os.path.join(logger.root_dir, folder, "checkpoints", "last.ckpt")
@@ -134,10 +130,10 @@ class ContinualCLI(LightningCLI):
                 "trainer.logger's save_dir/name/version against the run to resume."
             )
         path = found[-1]
-        if (isinstance(logger, TensorBoardLogger) and logger._version is None
+        if (isinstance(logger, TensorBoardLogger) and requested_logger_version(logger) is None
                 and (task_ckpt is None or task_ckpt.dirpath is None)):
             version = os.path.basename(os.path.dirname(os.path.dirname(path)))
-            logger._version = version  # keep logging into the resumed run's directory
+            continue_logger_version(logger, version)  # log into the resumed run's directory
         return path
 
 

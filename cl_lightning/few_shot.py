@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cl_lightning.lightning_private import attached_trainer
+
 if TYPE_CHECKING:
     from cl_lightning.module import ContinualLearner, ModelFn
 
@@ -60,7 +62,7 @@ def accuracy(learner: ContinualLearner, model: ModelFn,
             shown = learner.mode_logits(logits, batch["task"], mode)
             counts[i] += (shown.argmax(1) == batch["y"]).sum()
         counts[-1] += len(batch["y"])
-    if learner._trainer is not None:
+    if attached_trainer(learner) is not None:
         counts = learner.trainer.strategy.reduce(counts, reduce_op="sum")
     total = max(float(counts[-1]), 1.0)
     return {mode: 100.0 * float(counts[i]) / total for i, mode in enumerate(modes)}

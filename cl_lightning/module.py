@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from cl_lightning.checks import OptionError, require_at_least, require_in_range
 from cl_lightning.episodic_index import EpisodicIndex, fingerprint, nearest, same_item
+from cl_lightning.lightning_private import attached_trainer
 from cl_lightning.local_adaptation import LocalAdaptation
 from cl_lightning.meta import MetaLearning, Params, label_permutation
 from cl_lightning.models.backbones import MLP, Classifier
@@ -156,7 +157,7 @@ class ContinualLearner(L.LightningModule):
     def train_inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The datamodule's training augmentation of ``batch["x"]`` (the batch keeps the raw
         inputs, e.g. for a buffer)."""
-        dm = self.trainer.datamodule if self._trainer is not None else None
+        dm = self.trainer.datamodule if attached_trainer(self) is not None else None
         return batch["x"] if dm is None else dm.augment(batch["x"])
 
     def train_logits(self, model: nn.Module | ModelFn, inputs: torch.Tensor,
@@ -170,7 +171,7 @@ class ContinualLearner(L.LightningModule):
 
     # ----- plugins -----------------------------------------------------------------------
     def plugins(self) -> list[LearnerPlugin]:
-        if self._trainer is None:
+        if attached_trainer(self) is None:
             return []
         found = [cb for cb in self.trainer.callbacks if isinstance(cb, LearnerPlugin)]
         return sorted(found, key=lambda p: p.plugin_order)
