@@ -19,7 +19,8 @@ import torch
 from cl_lightning.lightning_private import attached_trainer
 
 if TYPE_CHECKING:
-    from cl_lightning.module import ContinualLearner, ModelFn
+    from cl_lightning.learner_types import ModelFn
+    from cl_lightning.module import ContinualLearner
 
 MODES: dict[str, tuple[bool, bool]] = {
     "inner": (True, False),

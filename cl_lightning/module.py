@@ -1,12 +1,13 @@
 """ContinualLearner: the LightningModule that trains any classifier on a task stream.
 
 It owns the loss of one training step and the evaluation of one batch; strategies plug in
-through :mod:`cl_lightning.plugins` (the protocol is written down there, once).
+through :mod:`cl_lightning.plugins` (the protocol is written down there, once). The episodic
+read lives in :mod:`cl_lightning.recalling`, the MAML/context adaptation in
+:mod:`cl_lightning.adaptation` (both mixed in).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,18 +15,18 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-from torch.func import functional_call
 
+from cl_lightning.adaptation import Adaptation
 from cl_lightning.checks import OptionError, require_at_least, require_in_range
-from cl_lightning.episodic_index import EpisodicIndex, fingerprint, nearest, same_item
+from cl_lightning.episodic_index import EpisodicIndex
+from cl_lightning.learner_types import ModelFn
 from cl_lightning.lightning_private import attached_trainer
 from cl_lightning.local_adaptation import LocalAdaptation
-from cl_lightning.meta import MetaLearning, Params, label_permutation
+from cl_lightning.meta import MetaLearning
 from cl_lightning.models.backbones import MLP, Classifier
-from cl_lightning.models.recall import Recall, same_label_mass
 from cl_lightning.plugins import LearnerPlugin, StepOutput
+from cl_lightning.recalling import Recalling
 from cl_lightning.rng import collect_rng_states, restore_rng_states
 from cl_lightning.stream import StreamInfo
 from cl_lightning.task_accuracy import TaskAccuracy
@@ -33,16 +34,9 @@ from cl_lightning.task_accuracy import TaskAccuracy
 NetFactory = Callable[[Sequence[int], int], Classifier]
 """Builds the classifier from ``(input_shape, num_classes)``; in a config, a ``class_path``
 whose other ``init_args`` are the model's options."""
-ModelFn = Callable[..., torch.Tensor]
-"""``(x, **kwargs) -> logits``: a model, or an adapted one (kwargs such as ``recall`` go to
-the net)."""
-Support = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-"""A support set ``(inputs, labels, task ids)``."""
-Store = dict[str, torch.Tensor]
-"""Labelled items a model may recall from: ``x`` (raw inputs), ``y``, ``task``."""
 
 
-class ContinualLearner(L.LightningModule):
+class ContinualLearner(Recalling, Adaptation, L.LightningModule):
     """Trains ``net`` on the current task, with per-sample losses and strategy plugins.
 
     Args:
@@ -76,6 +70,9 @@ class ContinualLearner(L.LightningModule):
             adapted, per query, on the query's recalled neighbours
             (:class:`~cl_lightning.local_adaptation.LocalAdaptation`, MbPA-style), as the
             variants ``local/<mode>`` (and ``ema/local/<mode>``); None: off.
+        use_head_fast_path: when only the head adapts in the inner loop and the net is a
+            head on features, compute the support features once (same values and
+            gradients as the generic path, which ``false`` selects).
     """
 
     def __init__(
@@ -92,6 +89,7 @@ class ContinualLearner(L.LightningModule):
         label_shuffle_replay: bool = False,
         recall_refresh: int = 50,
         local_adaptation: LocalAdaptation | None = None,
+        use_head_fast_path: bool = True,
     ) -> None:
         super().__init__()
         if stream is None:
@@ -136,6 +134,7 @@ class ContinualLearner(L.LightningModule):
                               "remove model.local_adaptation or set recall_slots")
         self.local_adaptation = local_adaptation
         self.meta, self.context, self.support_fraction = meta, context, support_fraction
+        self.use_head_fast_path = use_head_fast_path
         if meta is not None:
             meta.bind(self.net)
         self._default_meta: list[MetaLearning] = []  # few-shot inner loop when meta is None
@@ -176,197 +175,10 @@ class ContinualLearner(L.LightningModule):
         found = [cb for cb in self.trainer.callbacks if isinstance(cb, LearnerPlugin)]
         return sorted(found, key=lambda p: p.plugin_order)
 
-    # ----- recall (episodic read from the replay buffer) ------------------------------------
-    @property
-    def recalling(self) -> bool:
-        """Whether the net reads retrieved neighbours (``recall_slots > 0``)."""
-        return getattr(self.net, "recall_slots", 0) > 0
-
-    def store(self) -> Store | None:
-        """The long-term store: the first plugin's kept samples (None if none keeps any)."""
-        return next((k for p in self.plugins() if (k := p.kept_samples(self)) is not None),
-                    None)
-
-    @torch.no_grad()
-    def retrieve(self, inputs: torch.Tensor, raw: torch.Tensor, store: Store,
-                 keys: torch.Tensor, prints: torch.Tensor | None = None) -> Recall:
-        """Each query's ``recall_slots`` nearest stored items by the net's key (cosine),
-        never the query itself (an identical stored input is skipped).
-
-        inputs: (B, ...) what the model sees; raw: (B, ...) the un-augmented inputs;
-        keys: (S, D) the store's keys; prints: (S,) their fingerprints, if known."""
-        k = self.net.recall_slots
-        query = self.net.recall_keys(inputs).float()
-        prints = fingerprint(store["x"]) if prints is None else prints
-        exclude = same_item(fingerprint(raw), prints.to(raw.device))
-        index, _, valid = nearest(query, keys, k, exclude)
-        used, inverse = torch.unique(index, return_inverse=True)
-        x = store["x"].to(inputs.device)[used]
-        y = store["y"].to(inputs.device)[index]
-        return Recall(x, inverse, y, valid)
-
-    @torch.no_grad()
-    def index_store(self, store: Store) -> tuple[torch.Tensor, torch.Tensor]:
-        """The keys ``(S, D)`` (the net's current weights) and fingerprints ``(S,)`` of a
-        store's items, for :meth:`retrieve`."""
-        return self.net.recall_keys(store["x"]).float(), fingerprint(store["x"])
-
-    def train_recall(self, inputs: torch.Tensor, raw: torch.Tensor) -> Recall | None:
-        """The recall of a training batch from the replay buffer (None before anything is
-        stored); the buffer's index is kept current on its refresh schedule."""
-        store = self.store()
-        if store is None:
-            return None
-        store_x = store["x"].to(self.device)
-        keys = self.recall_index.sync(store_x, self.net.recall_keys)
-        return self.retrieve(inputs, raw, {**store, "x": store_x}, keys,
-                             self.recall_index.prints)
-
-    def reader(self, model: nn.Module | ModelFn | None = None, store: Store | None = None,
-               index: tuple[torch.Tensor, torch.Tensor] | None = None, local: bool = False,
-               **kwargs: Any) -> ModelFn:
-        """``x -> logits`` of ``model`` (default the net) that recalls from ``store``
-        (default the replay buffer, as it is now) when the net recalls; else the model as
-        it is. ``index``: the store's :meth:`index_store`, if already computed (else it is
-        computed once, on the first call). ``local``: each query's head is first adapted
-        on its recalled neighbours (``model.local_adaptation``; their features are read
-        the same way, each recalling its own neighbours)."""
-        model = self.net if model is None else model
-        store = self.store() if store is None and self.recalling else store
-        if not self.recalling or store is None:
-            return lambda x: model(x, **kwargs)
-        store = {k: v.to(self.device) for k, v in store.items()}
-        cached = [] if index is None else [index]
-
-        def read(x: torch.Tensor) -> torch.Tensor:
-            if not cached:
-                cached.append(self.index_store(store))
-            keys, prints = cached[0]
-            recall = self.retrieve(x, x, store, keys, prints)
-            if not local:
-                return model(x, recall=recall, **kwargs)
-            near = recall.x  # the distinct neighbours, each read with its own recall
-            near_feats = model.features(near, recall=self.retrieve(near, near, store, keys,
-                                                                   prints))
-            assert self.local_adaptation is not None
-            return self.local_adaptation.logits(
-                model.head, model.features(x, recall=recall, **kwargs),
-                near_feats[recall.index], recall.y, recall.valid)
-
-        return read
-
-    def check_recall(self) -> None:
-        """Fail early where recall cannot work: more neighbours than the buffer holds."""
-        if not self.recalling:
-            return
-        k = self.net.recall_slots
-        keepers = [p for p in self.plugins() if hasattr(p, "capacity")]
-        if not keepers:
-            rank_zero_warn(
-                f"model.net.recall_slots={k} but no strategy keeps samples to recall from "
-                "(add a replay method, e.g. -c configs/methods/er.yaml): the agent recalls "
-                "only in the few-shot evaluation")
-            return
-        capacity = keepers[0].capacity
-        if k > capacity:
-            raise OptionError(
-                f"model.net.recall_slots ({k}) is larger than the replay buffer "
-                f"(capacity={capacity}): lower recall_slots or raise the capacity")
-
     @property
     def current_task(self) -> int:
         """The phase being trained (the task index in a sequential stream)."""
         return self.trainer.datamodule.phase_of_epoch(self.trainer.current_epoch)
-
-    # ----- adaptation (MAML inner loop, memory as context) --------------------------------
-    @property
-    def adapting(self) -> bool:
-        return self.meta is not None or self.context
-
-    def inner_learner(self) -> MetaLearning:
-        """The inner loop: ``meta`` if set, else default MAML settings (few-shot eval)."""
-        if self.meta is not None:
-            return self.meta
-        if not self._default_meta:
-            self._default_meta.append(MetaLearning())
-            self._default_meta[0].bind(self.net)
-        return self._default_meta[0]
-
-    def support_mask(self, replay: torch.Tensor) -> torch.Tensor:
-        """(B,) bool: the first ``support_fraction`` of the current-task samples (the batch
-        is shuffled), at least one, leaving at least one query; none if not adapting."""
-        current = (~replay).nonzero().squeeze(1)
-        mask = torch.zeros_like(replay)
-        if self.adapting and len(current) >= 2:
-            n = min(max(round(self.support_fraction * len(current)), 1), len(current) - 1)
-            mask[current[:n]] = True
-        return mask
-
-    def adapted_models(self, support: Support, inner: bool, context: bool,
-                       context_mask: torch.Tensor | None = None,
-                       detached: bool = False, recall: Recall | None = None,
-                       support_recall: Recall | None = None) -> list[ModelFn]:
-        """The model after adapting on ``support``, as ``x -> logits`` (unmasked), once per
-        inner step (one entry without an inner loop).
-
-        inner: run the MAML inner loop on the support loss (weight space).
-        context: queries start from the memory state after reading the support (token
-            space), where ``context_mask`` (None: every query).
-        detached: evaluation: the adapted parameters start from detached copies (first
-            order; no gradient reaches them).
-        recall: the queries' recalled neighbours (the whole batch the models are called
-            on); support_recall: the support's, read by the inner loop's support loss.
-        """
-        xs, ys, ts = support
-        kwargs: dict[str, Any] = {}
-        if context:
-            kwargs = {"context": (xs, ys), "context_mask": context_mask}
-        if recall is not None:
-            kwargs["recall"] = recall
-        support_kw = {} if support_recall is None else {"recall": support_recall}
-
-        def model_at(params: Params, **kw: Any) -> ModelFn:
-            return lambda x, **more: functional_call(self.net, params, (x,), {**kw, **more},
-                                                     strict=False)
-
-        if not inner:
-            return [model_at({}, **kwargs)]
-        meta = self.inner_learner()  # bound to self.net
-        if self.head_fast_path and all(n.startswith("head.") for n in meta.names):
-            # forward == head(features(x)): the support features are computed once and
-            # only the head runs in the inner loop (same values and gradients)
-            feats = self.net.features(xs, **support_kw)
-
-            def head(params: Params, features: torch.Tensor) -> torch.Tensor:
-                own = {n.removeprefix("head."): v for n, v in params.items()}
-                return functional_call(self.net.head, own, (features,))
-
-            def head_at(params: Params, **kw: Any) -> ModelFn:
-                return lambda x, **more: head(params, self.net.features(x, **kw, **more))
-
-            def support_loss(params: Params) -> torch.Tensor:
-                logits = head(params, feats)
-                return F.cross_entropy(self.train_logits(lambda _: logits, xs, ts), ys)
-
-            return [head_at(p, **kwargs) for p in meta.adapt(self.net, support_loss, detached)]
-
-        # cuDNN RNNs have no double backward
-        no_cudnn = meta.second_order(detached) and xs.is_cuda
-
-        def support_loss(params: Params) -> torch.Tensor:
-            off = torch.backends.cudnn.flags(enabled=False) if no_cudnn else None
-            with off or contextlib.nullcontext():
-                return F.cross_entropy(
-                    self.train_logits(model_at(params, **support_kw), xs, ts), ys)
-
-        return [model_at(p, **kwargs) for p in meta.adapt(self.net, support_loss, detached)]
-
-    @property
-    def head_fast_path(self) -> bool:
-        """Whether the net declares ``forward(x, **kw) == head(features(x, **kw))``."""
-        return getattr(self.net, "head_on_features", False) and self._head_fast_path
-
-    _head_fast_path = True  # tests switch it off to compare with the generic path
 
     # ----- training ----------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
@@ -377,22 +189,14 @@ class ContinualLearner(L.LightningModule):
         replay = batch.get("replay", torch.zeros_like(batch["y"], dtype=torch.bool))
         support = self.support_mask(replay)
         recall = self.train_recall(inputs, batch["x"]) if self.recalling else None
+        label_map = self.episode_label_map(replay, bool(support.any()) or recall is not None)
+        targets = batch["y"]
+        if label_map is not None:  # a shuffled-label episode: labels and recalls relabelled
+            targets = label_map.gather(1, targets[:, None])[:, 0]
+            if recall is not None:
+                recall = recall._replace(y=label_map.gather(1, recall.y))
         model_kwargs = {} if recall is None else {"recall": recall}
         models: list[ModelFn] = [lambda x: self.net(x, **model_kwargs)]
-        targets, label_map = batch["y"], None
-        if (support.any() or recall is not None) and self.label_shuffle > 0 \
-                and torch.rand(()) < self.label_shuffle:
-            every = self.label_shuffle_replay
-            classes = (range(self.stream.num_classes) if every
-                       else self.stream.task_classes[self.current_task])
-            mapping = label_permutation(classes, self.stream.num_classes, targets.device)
-            keep = torch.zeros_like(replay) if every else replay
-            identity = torch.arange(len(mapping), device=mapping.device)
-            label_map = torch.where(keep[:, None], identity, mapping)  # (B, C), per sample
-            targets = label_map.gather(1, targets[:, None])[:, 0]
-            if recall is not None:  # the relabelled queries recall through the same map
-                recall = recall._replace(y=label_map.gather(1, recall.y))
-                model_kwargs["recall"] = recall
         if support.any():
             batch = {**batch, "support": support}
             models = self.adapted_models(
@@ -418,7 +222,7 @@ class ContinualLearner(L.LightningModule):
         if replay.any():
             terms["loss_replay"] = (weights * losses)[replay].mean()
         if len(models) > 1 and self.meta is not None and self.meta.multi_step_loss:
-            terms.update(self._multi_step_terms(models, inputs, targets, batch["task"], terms,
+            terms.update(self.multi_step_terms(models, inputs, targets, batch["task"], terms,
                                                 query | replay))
         for p in plugins:
             step.extras.update(p.extra_losses(self, step))
@@ -432,36 +236,6 @@ class ContinualLearner(L.LightningModule):
             self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=bs,
                      sync_dist=True)
         return {"loss": total, "step": step.detached()}
-
-    def _log_recall(self, targets: torch.Tensor) -> None:
-        """Accumulate ``recall/same_label_mass`` (logged per epoch): the primed read's mass
-        on slots that hold the query's label (how often memory reads land on the right
-        experiences)."""
-        last = getattr(self.net, "last_recall", None)
-        if last is None or len(last[0]) != len(targets):
-            return
-        weights, labels = last
-        mass = same_label_mass(weights, labels, targets).sum()
-        total = torch.stack([mass, mass.new_tensor(float(len(targets)))])
-        self._recall_mass = total if self._recall_mass is None else self._recall_mass + total
-
-    def _multi_step_terms(self, models: list[ModelFn], inputs: torch.Tensor,
-                          targets: torch.Tensor, task: torch.Tensor,
-                          terms: dict[str, torch.Tensor],
-                          outer: torch.Tensor) -> dict[str, torch.Tensor]:
-        """MAML++ multi-step loss: the last step's terms scaled by its weight, plus the
-        weighted outer losses of the earlier inner steps (``loss_msl``)."""
-        assert self.meta is not None
-        w = self.meta.outer_weights(self.current_epoch).to(inputs.dtype)
-        scaled = {k: v * w[-1] for k, v in terms.items()}
-        early = [  # full batch: a context mask is per sample of the whole batch
-            w[k] * F.cross_entropy(self.train_logits(models[k], inputs, task)[outer],
-                                   targets[outer])
-            for k in range(len(models) - 1) if w[k] > 0
-        ]
-        if early:
-            scaled["loss_msl"] = torch.stack(early).sum()
-        return scaled
 
     def _check_finite(self, total: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
         if torch.isfinite(total):

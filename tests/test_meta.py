@@ -229,8 +229,8 @@ def test_head_fast_path_equals_the_generic_inner_loop(context):
     out = []
     for fast in (True, False):
         learner = ContinualLearner(net=lambda s, c: _tiny_agent(torch.float32), stream=info,
-                                   meta=MetaLearning(steps=3, lr=0.5), context=context)
-        learner._head_fast_path = fast
+                                   meta=MetaLearning(steps=3, lr=0.5), context=context,
+                                   use_head_fast_path=fast)
         assert learner.head_fast_path is fast
         models = learner.adapted_models((xs, ys, torch.zeros(4, dtype=torch.long)), True,
                                         context)

@@ -1,0 +1,146 @@
+"""The learner's episodic read: the replay buffer as the store a recalling net reads.
+
+A net that recalls (``MemoryAgent(recall_slots > 0)``) is given, for every query, the
+``recall_slots`` nearest stored items (:mod:`cl_lightning.episodic_index`); this mixin of
+:class:`~cl_lightning.module.ContinualLearner` finds the store, keeps its index current,
+retrieves, and builds the readers that evaluation and the few-shot metric call (with
+``local_adaptation``, a reader whose head first adapts on each query's neighbours).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from cl_lightning.checks import OptionError
+from cl_lightning.episodic_index import EpisodicIndex, fingerprint, nearest, same_item
+from cl_lightning.learner_types import ModelFn, Store
+from cl_lightning.local_adaptation import LocalAdaptation
+from cl_lightning.models.recall import Recall, same_label_mass
+from cl_lightning.plugins import LearnerPlugin
+
+
+class Recalling:
+    """Mixin: retrieval from the replay buffer for a net that recalls."""
+
+    net: nn.Module
+    device: torch.device
+    recall_index: EpisodicIndex
+    local_adaptation: LocalAdaptation | None
+    _recall_mass: torch.Tensor | None
+
+    def plugins(self) -> list[LearnerPlugin]:  # provided by the learner
+        raise NotImplementedError
+
+    @property
+    def recalling(self) -> bool:
+        """Whether the net reads retrieved neighbours (``recall_slots > 0``)."""
+        return getattr(self.net, "recall_slots", 0) > 0
+
+    def store(self) -> Store | None:
+        """The long-term store: the first plugin's kept samples (None if none keeps any)."""
+        return next((k for p in self.plugins() if (k := p.kept_samples(self)) is not None),
+                    None)
+
+    @torch.no_grad()
+    def retrieve(self, inputs: torch.Tensor, raw: torch.Tensor, store: Store,
+                 keys: torch.Tensor, prints: torch.Tensor | None = None) -> Recall:
+        """Each query's ``recall_slots`` nearest stored items by the net's key (cosine),
+        never the query itself (an identical stored input is skipped).
+
+        inputs: (B, ...) what the model sees; raw: (B, ...) the un-augmented inputs;
+        keys: (S, D) the store's keys; prints: (S,) their fingerprints, if known."""
+        k = self.net.recall_slots
+        query = self.net.recall_keys(inputs).float()
+        prints = fingerprint(store["x"]) if prints is None else prints
+        exclude = same_item(fingerprint(raw), prints.to(raw.device))
+        index, _, valid = nearest(query, keys, k, exclude)
+        used, inverse = torch.unique(index, return_inverse=True)
+        x = store["x"].to(inputs.device)[used]
+        y = store["y"].to(inputs.device)[index]
+        return Recall(x, inverse, y, valid)
+
+    @torch.no_grad()
+    def index_store(self, store: Store) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys ``(S, D)`` (the net's current weights) and fingerprints ``(S,)`` of a
+        store's items, for :meth:`retrieve`."""
+        return self.net.recall_keys(store["x"]).float(), fingerprint(store["x"])
+
+    def train_recall(self, inputs: torch.Tensor, raw: torch.Tensor) -> Recall | None:
+        """The recall of a training batch from the replay buffer (None before anything is
+        stored); the buffer's index is kept current on its refresh schedule."""
+        store = self.store()
+        if store is None:
+            return None
+        store_x = store["x"].to(self.device)
+        keys = self.recall_index.sync(store_x, self.net.recall_keys)
+        return self.retrieve(inputs, raw, {**store, "x": store_x}, keys,
+                             self.recall_index.prints)
+
+    def reader(self, model: nn.Module | ModelFn | None = None, store: Store | None = None,
+               index: tuple[torch.Tensor, torch.Tensor] | None = None, local: bool = False,
+               **kwargs: Any) -> ModelFn:
+        """``x -> logits`` of ``model`` (default the net) that recalls from ``store``
+        (default the replay buffer, as it is now) when the net recalls; else the model as
+        it is. ``index``: the store's :meth:`index_store`, if already computed (else it is
+        computed once, on the first call). ``local``: each query's head is first adapted
+        on its recalled neighbours (``model.local_adaptation``; their features are read
+        the same way, each recalling its own neighbours)."""
+        model = self.net if model is None else model
+        store = self.store() if store is None and self.recalling else store
+        if not self.recalling or store is None:
+            return lambda x: model(x, **kwargs)
+        store = {k: v.to(self.device) for k, v in store.items()}
+        cached = [] if index is None else [index]
+
+        def read(x: torch.Tensor) -> torch.Tensor:
+            if not cached:
+                cached.append(self.index_store(store))
+            keys, prints = cached[0]
+            recall = self.retrieve(x, x, store, keys, prints)
+            if not local:
+                return model(x, recall=recall, **kwargs)
+            near = recall.x  # the distinct neighbours, each read with its own recall
+            near_feats = model.features(near, recall=self.retrieve(near, near, store, keys,
+                                                                   prints))
+            assert self.local_adaptation is not None
+            return self.local_adaptation.logits(
+                model.head, model.features(x, recall=recall, **kwargs),
+                near_feats[recall.index], recall.y, recall.valid)
+
+        return read
+
+    def check_recall(self) -> None:
+        """Fail early where recall cannot work: more neighbours than the buffer holds."""
+        if not self.recalling:
+            return
+        k = self.net.recall_slots
+        keepers = [p for p in self.plugins() if hasattr(p, "capacity")]
+        if not keepers:
+            rank_zero_warn(
+                f"model.net.recall_slots={k} but no strategy keeps samples to recall from "
+                "(add a replay method, e.g. -c configs/methods/er.yaml): the agent recalls "
+                "only in the few-shot evaluation")
+            return
+        capacity = keepers[0].capacity
+        if k > capacity:
+            raise OptionError(
+                f"model.net.recall_slots ({k}) is larger than the replay buffer "
+                f"(capacity={capacity}): lower recall_slots or raise the capacity")
+
+
+    def _log_recall(self, targets: torch.Tensor) -> None:
+        """Accumulate ``recall/same_label_mass`` (logged per epoch): the primed read's mass
+        on slots that hold the query's label (how often memory reads land on the right
+        experiences)."""
+        last = getattr(self.net, "last_recall", None)
+        if last is None or len(last[0]) != len(targets):
+            return
+        weights, labels = last
+        mass = same_label_mass(weights, labels, targets).sum()
+        total = torch.stack([mass, mass.new_tensor(float(len(targets)))])
+        self._recall_mass = total if self._recall_mass is None else self._recall_mass + total
+
