@@ -24,7 +24,8 @@ the caller with ``capacity = total_capacity // world_size`` and, ideally, ``seed
 rank. ``load_state_dict()`` takes back this rank's part: with the same number of ranks, exactly
 the shard it saved (contents, counters and generator: an exact resume); with another number,
 a round-robin share. :func:`merge_shards` and :func:`split_state` do the conversion as pure
-functions on state dicts.
+functions on state dicts. They live in :mod:`cl_lightning.replay_shards`, with the layout of a
+state (:class:`~cl_lightning.replay_shards.BufferState`), and can be imported from here too.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import Any, get_type_hints
 
 import numpy as np
 import torch
@@ -52,14 +54,61 @@ from cl_lightning.replay_policies import (
     reservoir_slots,
     uniform_indices,
 )
+from cl_lightning.replay_shards import STATE_FORMAT, BufferState, merge_shards, split_state
 
-__all__ = ["ReplayBuffer", "merge_shards", "split_state"]
+__all__ = ["BufferConfig", "ReplayBuffer", "merge_shards", "split_state"]
 
 POLICIES = ("reservoir", "fifo", "class_balanced")
 SAMPLINGS = ("uniform", "prioritized")
 RESERVED_KEYS = ("index", "weight")
-STATE_FORMAT = 1
 _EMPTY_DRAWS = np.empty(0, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class BufferConfig:
+    """The options of a :class:`ReplayBuffer`: every constructor argument except ``device``,
+    with the meaning documented there. A buffer's checkpoint state records them as
+    ``config`` (:meth:`to_dict`).
+
+    Raises:
+        OptionError: An unknown ``policy`` or ``sampling``, ``capacity < 1`` or
+            ``beta_steps < 0``.
+    """
+
+    capacity: int
+    policy: str
+    sampling: str
+    alpha: float
+    beta: float
+    beta_final: float
+    beta_steps: int
+    eps: float
+    seed: int
+    label_key: str
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise OptionError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.sampling not in SAMPLINGS:
+            raise OptionError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if int(self.capacity) < 1:
+            raise OptionError(f"capacity must be >= 1, got {self.capacity}")
+        if int(self.beta_steps) < 0:
+            raise OptionError(f"beta_steps must be >= 0, got {self.beta_steps}")
+        for name, kind in _OPTION_TYPES.items():  # e.g. a float capacity becomes an int
+            object.__setattr__(self, name, kind(getattr(self, name)))
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> BufferConfig:
+        """The options in ``config`` (a :meth:`to_dict` result); other keys are ignored."""
+        return cls(**{field.name: config[field.name] for field in fields(cls)})
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{option: value}``, in the order of the constructor arguments."""
+        return asdict(self)
+
+
+_OPTION_TYPES: dict[str, type] = get_type_hints(BufferConfig)
 
 
 class ReplayBuffer:
@@ -108,7 +157,7 @@ class ReplayBuffer:
     ) -> None:
         self.device = _resolve_device(device)
         self._configure(
-            dict(
+            BufferConfig(
                 capacity=capacity,
                 policy=policy,
                 sampling=sampling,
@@ -127,40 +176,14 @@ class ReplayBuffer:
     # -----------------------------------------------------------------------------------------
     # configuration and bookkeeping
     # -----------------------------------------------------------------------------------------
-    def _configure(self, config: Mapping[str, Any]) -> None:
-        if config["policy"] not in POLICIES:
-            raise OptionError(f"policy must be one of {POLICIES}, got {config['policy']!r}")
-        if config["sampling"] not in SAMPLINGS:
-            raise OptionError(f"sampling must be one of {SAMPLINGS}, got {config['sampling']!r}")
-        if int(config["capacity"]) < 1:
-            raise OptionError(f"capacity must be >= 1, got {config['capacity']}")
-        if int(config["beta_steps"]) < 0:
-            raise OptionError(f"beta_steps must be >= 0, got {config['beta_steps']}")
-        self.capacity = int(config["capacity"])
-        self.policy = str(config["policy"])
-        self.sampling = str(config["sampling"])
-        self.alpha = float(config["alpha"])
-        self.beta = float(config["beta"])
-        self.beta_final = float(config["beta_final"])
-        self.beta_steps = int(config["beta_steps"])
-        self.eps = float(config["eps"])
-        self.seed = int(config["seed"])
-        self.label_key = str(config["label_key"])
+    def _configure(self, config: BufferConfig) -> None:
+        """Make every option an attribute of the same name (``self.capacity``, ...)."""
+        for name, value in config.to_dict().items():
+            setattr(self, name, value)
 
     def config(self) -> dict[str, Any]:
-        """The constructor arguments, except ``device``."""
-        return dict(
-            capacity=self.capacity,
-            policy=self.policy,
-            sampling=self.sampling,
-            alpha=self.alpha,
-            beta=self.beta,
-            beta_final=self.beta_final,
-            beta_steps=self.beta_steps,
-            eps=self.eps,
-            seed=self.seed,
-            label_key=self.label_key,
-        )
+        """The constructor arguments, except ``device`` (:meth:`BufferConfig.to_dict`)."""
+        return {field.name: getattr(self, field.name) for field in fields(BufferConfig)}
 
     def _reset(self) -> None:
         self._data: dict[str, Tensor] | None = None
@@ -536,64 +559,62 @@ class ReplayBuffer:
         self._load_local(state)
 
     def _local_state(self) -> dict[str, Any]:
+        """This rank's own state (no gather), as a plain dict."""
         size = self._size
         data = None
         if self._data is not None:
             data = {
                 key: store[:size].detach().to("cpu", copy=True) for key, store in self._data.items()
             }
-        return {
-            "format": STATE_FORMAT,
-            "config": self.config(),
-            "size": size,
-            "num_seen": self.num_seen,
-            "fifo_ptr": self._fifo_ptr,
-            "sample_calls": self._sample_calls,
-            "max_priority": self._max_priority,
-            "data": data,
-            "priority": None if self._priority is None else torch.tensor(self._priority[:size]),
-            "class_seen": torch.from_numpy(self._class_seen.copy()),
-            "generator_state": self._generator.get_state(),
-            "generator_seed": None,
-            "shards": 1,
-        }
+        return BufferState(
+            config=self.config(),
+            size=size,
+            num_seen=self.num_seen,
+            fifo_ptr=self._fifo_ptr,
+            sample_calls=self._sample_calls,
+            max_priority=self._max_priority,
+            data=data,
+            priority=None if self._priority is None else torch.tensor(self._priority[:size]),
+            class_seen=torch.from_numpy(self._class_seen.copy()),
+            generator_state=self._generator.get_state(),
+        ).to_dict()
 
     def _load_local(self, state: Mapping[str, Any]) -> None:
         if int(state.get("format", STATE_FORMAT)) != STATE_FORMAT:
             raise ValueError(f"ReplayBuffer: unsupported state format {state.get('format')}")
-        size = int(state["size"])
-        config = dict(state["config"])
-        config["capacity"] = max(int(config["capacity"]), size)
-        self._configure(config)
+        saved = BufferState.from_dict(state)
+        size = saved.size
+        # a re-split shard may hold more than its share of the capacity: grow to fit
+        capacity = max(int(saved.config["capacity"]), size)
+        self._configure(BufferConfig.from_dict(dict(saved.config, capacity=capacity)))
         self._reset()
-        self._restore_generator(state)
+        self._restore_generator(saved)
         self._size = size
-        self.num_seen = int(state["num_seen"])
-        self._fifo_ptr = int(state["fifo_ptr"])
-        self._sample_calls = int(state["sample_calls"])
-        self._max_priority = float(state["max_priority"])
-        if state["data"] is not None:
-            self._allocate(state["data"])
+        self.num_seen = saved.num_seen
+        self._fifo_ptr = saved.fifo_ptr
+        self._sample_calls = saved.sample_calls
+        self._max_priority = saved.max_priority
+        if saved.data is not None:
+            self._allocate(saved.data)
             assert self._data is not None
-            for key, value in state["data"].items():
+            for key, value in saved.data.items():
                 self._data[key][:size].copy_(value)
-        if self._priority is not None and state["priority"] is not None:
-            self._priority[:size] = state["priority"].to(torch.float64).numpy()
-        self._restore_class_tables(state)
+        if self._priority is not None and saved.priority is not None:
+            self._priority[:size] = saved.priority.to(torch.float64).numpy()
+        self._restore_class_tables(saved)
 
-    def _restore_generator(self, state: Mapping[str, Any]) -> None:
-        saved = state.get("generator_state")
-        if saved is not None:
-            self._generator.set_state(saved.clone())
+    def _restore_generator(self, state: BufferState) -> None:
+        if state.generator_state is not None:
+            self._generator.set_state(state.generator_state.clone())
             return
-        seed = state.get("generator_seed")
+        seed = state.generator_seed
         if seed is None:
             seed = self.seed
             warnings.warn("ReplayBuffer: state has no generator state; reseeding", stacklevel=3)
         self._generator.manual_seed(int(seed))
 
-    def _restore_class_tables(self, state: Mapping[str, Any]) -> None:
-        seen = state["class_seen"].to(torch.int64).numpy()
+    def _restore_class_tables(self, state: BufferState) -> None:
+        seen = state.class_seen.to(torch.int64).numpy()
         if self.policy == "class_balanced" and self._data is not None and self._size:
             labels = self._data[self.label_key][: self._size].to("cpu", torch.int64).numpy()
             self._stored_labels[: self._size] = labels
@@ -626,203 +647,3 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def _chronological(state: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of ``state`` whose FIFO contents run oldest first (pointer at ``size``)."""
-    state = dict(state)
-    cfg = state["config"]
-    size, ptr = int(state["size"]), int(state["fifo_ptr"])
-    if cfg["policy"] != "fifo" or ptr == 0 or size < int(cfg["capacity"]):
-        return state
-    order = (ptr + torch.arange(size)) % size
-    if state["data"] is not None:
-        state["data"] = {key: value[order] for key, value in state["data"].items()}
-    if state["priority"] is not None:
-        state["priority"] = state["priority"][order]
-    state["fifo_ptr"] = 0
-    return state
-
-
-def _check_compatible(states: list[Mapping[str, Any]]) -> None:
-    ignore = ("capacity", "seed")
-    ref = {k: v for k, v in states[0]["config"].items() if k not in ignore}
-    for i, state in enumerate(states[1:], start=1):
-        cfg = {k: v for k, v in state["config"].items() if k not in ignore}
-        if cfg != ref:
-            raise ValueError(f"merge_shards: shard {i} config {cfg} differs from shard 0 {ref}")
-    keys = {tuple(s["data"]) for s in states if s["data"] is not None}
-    if len(keys) > 1:
-        raise ValueError(f"merge_shards: shards store different keys {sorted(keys)}")
-
-
-def _sum_padded(arrays: list[Tensor]) -> Tensor:
-    length = max((a.numel() for a in arrays), default=0)
-    total = torch.zeros(length, dtype=torch.int64)
-    for a in arrays:
-        total[: a.numel()] += a.to(torch.int64)
-    return total
-
-
-def merge_shards(states: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """Merge per-rank buffer states into one buffer state.
-
-    Contents and priorities are concatenated in shard order, each shard's FIFO contents oldest
-    first. ``capacity``, ``size``, ``num_seen`` and per-class seen counts are summed.
-    ``sample_calls``, the beta-annealing clock that every rank advances together, and
-    ``max_priority`` take the max. Every shard's generator state is kept in
-    ``"generator_states"``. ``"shards"`` records ``len(states)``.
-    """
-    if not states:
-        raise ValueError("merge_shards: need at least one state")
-    _check_compatible(states)
-    parts = [_chronological(s) for s in states]
-    filled = [p for p in parts if p["data"] is not None]
-    data = None
-    if filled:
-        keys = list(filled[0]["data"])
-        data = {k: torch.cat([p["data"][k] for p in filled]) for k in keys}
-    priority = None
-    if parts[0]["priority"] is not None:
-        priority = torch.cat([p["priority"] for p in parts])
-    config = dict(parts[0]["config"])
-    config["capacity"] = sum(int(p["config"]["capacity"]) for p in parts)
-    size = sum(int(p["size"]) for p in parts)
-    return {
-        "format": STATE_FORMAT,
-        "config": config,
-        "size": size,
-        "num_seen": sum(int(p["num_seen"]) for p in parts),
-        "fifo_ptr": size % config["capacity"],
-        "sample_calls": max(int(p["sample_calls"]) for p in parts),
-        "max_priority": max(float(p["max_priority"]) for p in parts),
-        "data": data,
-        "priority": priority,
-        "class_seen": _sum_padded([p["class_seen"] for p in parts]),
-        "generator_state": parts[0]["generator_state"],
-        "generator_states": [p["generator_state"] for p in parts],
-        "generator_seed": None,
-        "shards": len(parts),
-        # what split_state needs to give every rank back exactly its shard
-        "shard_meta": [_shard_meta(s) for s in states],
-    }
-
-
-def _shard_meta(state: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "capacity": int(state["config"]["capacity"]),
-        "seed": int(state["config"]["seed"]),
-        "size": int(state["size"]),
-        "num_seen": int(state["num_seen"]),
-        "fifo_ptr": int(state["fifo_ptr"]),
-        "sample_calls": int(state["sample_calls"]),
-        "max_priority": float(state["max_priority"]),
-        "class_seen": state["class_seen"].clone(),
-    }
-
-
-def split_state(state: Mapping[str, Any], world_size: int) -> list[dict[str, Any]]:
-    """Split a (merged) buffer state into ``world_size`` shard states.
-
-    A state merged from ``world_size`` shards (the same number of ranks as when it was saved)
-    splits back into exactly those shards: contents in their slots, counters, FIFO pointer,
-    priorities and generator states, so a DDP resume continues as if never stopped.
-
-    Otherwise items are dealt round-robin: item ``i`` goes to shard ``i % world_size``, so
-    every item lands in exactly one shard. Each shard gets capacity
-    ``max(capacity // world_size, ceil(size / world_size))``, so no item is ever dropped.
-    ``num_seen`` and per-class seen counts are split so they sum to the original, with the
-    remainder going to the lowest ranks. ``sample_calls`` and ``max_priority`` are copied. A
-    shard gets its old generator state when the shard count is unchanged, otherwise a
-    deterministic fresh seed. A single, unmerged state with ``world_size == 1`` comes back as
-    is (exact resume).
-    """
-    if world_size < 1:
-        raise ValueError(f"split_state: world_size must be >= 1, got {world_size}")
-    if world_size == 1 and int(state.get("shards", 1)) == 1:
-        return [dict(state)]
-    meta = state.get("shard_meta")
-    if meta is not None and len(meta) == world_size == int(state.get("shards", 1)):
-        return _original_shards(state, meta)
-    state = _chronological(state)
-    size = int(state["size"])
-    capacity = max(int(state["config"]["capacity"]) // world_size, -(-size // world_size), 1)
-    return [_shard(state, rank, world_size, capacity) for rank in range(world_size)]
-
-
-def _original_shards(state: Mapping[str, Any], meta: list[dict[str, Any]]
-                     ) -> list[dict[str, Any]]:
-    """Undo :func:`merge_shards` exactly (the shards were concatenated in order, each FIFO
-    shard rotated oldest-first)."""
-    out, start = [], 0
-    for rank, m in enumerate(meta):
-        size, ptr = m["size"], m["fifo_ptr"]
-        rows = torch.arange(start, start + size)
-        start += size
-        config = dict(state["config"], capacity=m["capacity"], seed=m["seed"])
-        if config["policy"] == "fifo" and ptr != 0 and size >= m["capacity"]:
-            rows = rows[(torch.arange(size) - ptr) % size]  # back to the saved slot order
-        data = None
-        if state["data"] is not None and size:
-            data = {key: value[rows].clone() for key, value in state["data"].items()}
-        priority = None if state["priority"] is None else state["priority"][rows].clone()
-        out.append({
-            "format": STATE_FORMAT,
-            "config": config,
-            "size": size,
-            "num_seen": m["num_seen"],
-            "fifo_ptr": ptr,
-            "sample_calls": m["sample_calls"],
-            "max_priority": m["max_priority"],
-            "data": data,
-            "priority": priority,
-            "class_seen": m["class_seen"].clone(),
-            "generator_state": state["generator_states"][rank],
-            "generator_seed": None,
-            "shards": 1,
-        })
-    return out
-
-
-def _split_count(total: Tensor | int, rank: int, world_size: int) -> Any:
-    """Share of ``total`` (int or int tensor) for ``rank``; shares sum to ``total``."""
-    base, rem = total // world_size, total % world_size
-    return base + (rem > rank) * 1
-
-
-def _shard(state: Mapping[str, Any], rank: int, world_size: int, capacity: int) -> dict[str, Any]:
-    rows = torch.arange(rank, int(state["size"]), world_size)
-    size = rows.numel()
-    config = dict(state["config"], capacity=capacity)
-    data = None
-    if state["data"] is not None:
-        data = {key: value[rows].clone() for key, value in state["data"].items()}
-    priority = None if state["priority"] is None else state["priority"][rows].clone()
-    generator_state, generator_seed = _shard_generator(state, rank, world_size)
-    return {
-        "format": STATE_FORMAT,
-        "config": config,
-        "size": size,
-        "num_seen": int(_split_count(int(state["num_seen"]), rank, world_size)),
-        "fifo_ptr": size % capacity,
-        "sample_calls": int(state["sample_calls"]),
-        "max_priority": float(state["max_priority"]),
-        "data": data,
-        "priority": priority,
-        "class_seen": _split_count(state["class_seen"].to(torch.int64), rank, world_size),
-        "generator_state": generator_state,
-        "generator_seed": generator_seed,
-        "shards": 1,
-    }
-
-
-def _shard_generator(
-    state: Mapping[str, Any], rank: int, world_size: int
-) -> tuple[Tensor | None, int | None]:
-    per_shard = state.get("generator_states")
-    if per_shard is not None and len(per_shard) == world_size:
-        return per_shard[rank], None
-    if world_size == 1:
-        return state["generator_state"], None
-    seed = int(state["config"]["seed"]) * 1_000_003 + rank * 7919 + int(state["num_seen"])
-    return None, seed % (2**63)

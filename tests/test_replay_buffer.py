@@ -528,3 +528,20 @@ def test_contents_is_a_read_only_view_that_draws_nothing():
     after = buf.state_dict()
     assert torch.equal(before["generator_state"], after["generator_state"])
     assert before["sample_calls"] == after["sample_calls"]
+
+
+@pytest.mark.parametrize("items", [0, 1, 2])
+def test_a_nearly_empty_buffer_splits_over_more_ranks_and_each_shard_loads(items: int) -> None:
+    """Resuming a buffer with fewer items than ranks: some shards are empty, every item is
+    in exactly one shard, and each shard loads into a working buffer."""
+    buf = ReplayBuffer(capacity=10, seed=0)
+    if items:
+        buf.add({"x": torch.arange(2.0 * items).view(items, 2),
+                 "y": torch.zeros(items, dtype=torch.long)})
+    parts = split_state(buf.state_dict(), 4)
+    assert [p["size"] for p in parts] == [1] * items + [0] * (4 - items)
+    for part in parts:
+        shard = ReplayBuffer(capacity=10, seed=0)
+        shard.load_state_dict(part)
+        shard.add({"x": torch.ones(1, 2), "y": torch.ones(1, dtype=torch.long)})
+        assert len(shard) == part["size"] + 1 and len(shard.sample(4)["y"]) == len(shard)
