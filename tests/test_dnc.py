@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cl_lightning.models import dnc_addressing as addr
+from cl_lightning.models import dnc_kernels as kernels
 from cl_lightning.models.dnc import DNC, DNCState, DNCTrace
 
 TOL = 1e-5
@@ -109,7 +110,7 @@ def test_content_weighting_is_distribution() -> None:
         assert w.shape == (3, 5, 7)
         assert_weighting(w, exact_sum=True)
     torch.testing.assert_close(
-        addr.fused_content_weighting(memory, keys, torch.ones(3, 5)),
+        kernels.fused_content_weighting(memory, keys, torch.ones(3, 5)),
         addr.content_weighting(memory, keys, torch.ones(3, 5)),
     )
 
@@ -243,7 +244,7 @@ def test_link_invariants_and_fused_equivalence(write_heads: int) -> None:
     for _ in range(6):
         w = random_distribution(b, write_heads, n)
         reads = random_distribution(b, r, n)
-        new_link, fwd, bwd = addr.fused_link_read(link, prec, w, reads)
+        new_link, fwd, bwd = kernels.fused_link_read(link, prec, w, reads)
         ref_link = addr.update_link(link, prec, w)
         ref_fwd, ref_bwd = addr.directional_weightings(ref_link, reads)
         torch.testing.assert_close(new_link, ref_link)
@@ -259,79 +260,135 @@ def test_link_invariants_and_fused_equivalence(write_heads: int) -> None:
         assert_weighting(bwd)
 
 
-def test_fused_link_gradients_match_autograd() -> None:
-    b, wr, r, n = 2, 2, 3, 5
-    base = torch.rand(b, wr, n, n, dtype=torch.float64) * 0.2
-    base.diagonal(dim1=-2, dim2=-1).zero_()
-    inputs = [
-        base,
-        random_distribution(b, wr, n).double(),
-        random_distribution(b, wr, n).double(),
-        random_distribution(b, r, n).double(),
-    ]
-    inputs = [t.requires_grad_() for t in inputs]
-    ref_link = addr.update_link(*inputs[:3])
-    ref = (ref_link, *addr.directional_weightings(ref_link, inputs[3]))
-    fused = addr.fused_link_read(*inputs)
-    upstream = [torch.randn_like(t) for t in ref]
-    ref_grads = torch.autograd.grad(ref, inputs, upstream)
-    fused_grads = torch.autograd.grad(fused, inputs, upstream)
-    for got, want in zip(fused_grads, ref_grads, strict=True):
-        torch.testing.assert_close(got, want)
-    assert torch.autograd.gradcheck(addr.fused_link_read, inputs)
+# ------------------------------------------------- fused kernels equal the reference math
+#
+# Every kernel of dnc_kernels against the reference composition it replaces, on shapes that
+# take each of its branches, in float64 to KERNEL_TOL and in float32 to torch's float32
+# defaults: values; first-order gradients for the same random upstream gradients, both from
+# the hand-written backward and with create_graph=True (the path second-order MAML takes);
+# a second-order gradient through the latter. Then gradcheck against finite differences and
+# gradgradcheck.
+
+KERNEL_TOL = dict(atol=1e-12, rtol=1e-10)
+"""float64 tolerance of a kernel against its reference: only the summation order differs."""
 
 
-def _double(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    return [t.double().requires_grad_() for t in tensors]
+def _double(*tensors: torch.Tensor, grad: bool = True) -> list[torch.Tensor]:
+    return [t.double().requires_grad_(grad) for t in tensors]
 
 
-def test_fused_content_and_erase_match_reference() -> None:
-    memory, keys, strengths = _double(torch.randn(2, 6, 4), torch.randn(2, 3, 4), torch.rand(2, 3))
-    ref = addr.content_weighting(memory, keys, strengths)
-    fused = addr.fused_content_weighting(memory, keys, strengths)
-    upstream = torch.randn_like(ref)
-    torch.testing.assert_close(fused, ref)
-    for got, want in zip(
-        torch.autograd.grad(fused, [memory, keys, strengths], upstream),
-        torch.autograd.grad(ref, [memory, keys, strengths], upstream),
-        strict=True,
-    ):
-        torch.testing.assert_close(got, want)
-    weights = _double(random_distribution(2, 1, 6))[0]
-    erase, values, psi = _double(torch.rand(2, 1, 4), torch.randn(2, 1, 4), torch.rand(2, 6))
-    for retention in (None, psi):
-        args = (memory, weights, erase, values, retention)
-        ref = addr.erase_and_write(*args)
-        fused = addr.fused_erase_and_write(*args)
-        torch.testing.assert_close(fused, ref)
-        inputs = [t for t in args if t is not None]
-        upstream = torch.randn_like(ref)
-        for got, want in zip(
-            torch.autograd.grad(fused, inputs, upstream),
-            torch.autograd.grad(ref, inputs, upstream),
-            strict=True,
-        ):
-            torch.testing.assert_close(got, want)
+def _link_read_reference(link, prev_precedence, write_weights, prev_read_weights):
+    """``update_link`` then ``directional_weightings``: what ``fused_link_read`` replaces."""
+    new_link = addr.update_link(link, prev_precedence, write_weights)
+    return (new_link, *addr.directional_weightings(new_link, prev_read_weights))
 
 
-def test_fused_ops_gradcheck_and_gradgradcheck() -> None:
-    memory, keys, strengths = _double(torch.randn(2, 4, 3), torch.randn(2, 2, 3), torch.rand(2, 2))
-    weights = _double(random_distribution(2, 1, 4))[0]
-    erase, values, psi = _double(torch.rand(2, 1, 3), torch.randn(2, 1, 3), torch.rand(2, 4))
-    link = torch.rand(2, 2, 4, 4, dtype=torch.float64) * 0.2
-    link.diagonal(dim1=-2, dim2=-1).zero_()
-    link_args = [link.requires_grad_()] + _double(
-        random_distribution(2, 2, 4), random_distribution(2, 2, 4), random_distribution(2, 2, 4)
+def _content_inputs(heads: int) -> tuple:
+    """memory ``(2, 5, 3)``, keys ``(2, heads, 3)``, strengths ``(2, heads)``."""
+    return tuple(_double(torch.randn(2, 5, 3), torch.randn(2, heads, 3), torch.rand(2, heads) * 3))
+
+
+def _erase_inputs(write_heads: int, with_psi: bool) -> tuple:
+    """memory, write weights, erase and write vectors, and the retention ``psi`` or None."""
+    memory, weights, erase, values, psi = _double(
+        torch.randn(2, 5, 3),
+        random_distribution(2, write_heads, 5),
+        torch.rand(2, write_heads, 3),
+        torch.randn(2, write_heads, 3),
+        torch.rand(2, 5),
     )
-    cases = [
-        (addr.fused_content_weighting, (memory, keys, strengths)),
-        (addr.fused_erase_and_write, (memory, weights, erase, values, psi)),
-        (addr.fused_link_read, tuple(link_args)),
-    ]
-    for fn, args in cases:
-        assert torch.autograd.gradcheck(fn, args)
-        # Second order (e.g. MAML) stays exact; random projections keep this fast.
-        assert torch.autograd.gradgradcheck(fn, args, fast_mode=True)
+    return memory, weights, erase, values, psi if with_psi else None
+
+
+def _link_inputs(write_heads: int, read_heads: int, constant_state: bool = False) -> tuple:
+    """link (zero diagonal), precedence, write weights, previous read weights. With
+    ``constant_state`` only the write weights need a gradient, as at a sequence's first step."""
+    link = torch.rand(2, write_heads, 5, 5) * 0.2
+    link.diagonal(dim1=-2, dim2=-1).zero_()
+    (write_weights,) = _double(random_distribution(2, write_heads, 5))
+    link, precedence, reads = _double(
+        link,
+        random_distribution(2, write_heads, 5),
+        random_distribution(2, read_heads, 5),
+        grad=not constant_state,
+    )
+    return link, precedence, write_weights, reads
+
+
+def _second_order(first: tuple, inputs: list, probes: list) -> list[torch.Tensor]:
+    """Gradient of ``sum(first_i * probe_i)`` for the ``inputs`` (zeros where it is constant)."""
+    total = sum((g * p).sum() for g, p in zip(first, probes, strict=True))
+    if not total.requires_grad:  # e.g. a link update is linear in the write weights
+        return [torch.zeros_like(t) for t in inputs]
+    return torch.autograd.grad(total, inputs, allow_unused=True, materialize_grads=True)
+
+
+KERNEL_CASES = {
+    # name: (kernel, reference composition, inputs)
+    "content-1-head": (
+        kernels.fused_content_weighting, addr.content_weighting, lambda: _content_inputs(1)
+    ),
+    "content-3-heads": (
+        kernels.fused_content_weighting, addr.content_weighting, lambda: _content_inputs(3)
+    ),
+    "erase-1-head": (
+        kernels.fused_erase_and_write, addr.erase_and_write, lambda: _erase_inputs(1, False)
+    ),
+    "erase-1-head-psi": (
+        kernels.fused_erase_and_write, addr.erase_and_write, lambda: _erase_inputs(1, True)
+    ),
+    "erase-2-heads-psi": (
+        kernels.fused_erase_and_write, addr.erase_and_write, lambda: _erase_inputs(2, True)
+    ),
+    "link-1-write-1-read": (
+        kernels.fused_link_read, _link_read_reference, lambda: _link_inputs(1, 1)
+    ),
+    "link-2-writes-3-reads": (
+        kernels.fused_link_read, _link_read_reference, lambda: _link_inputs(2, 3)
+    ),
+    "link-constant-state": (
+        kernels.fused_link_read, _link_read_reference, lambda: _link_inputs(2, 2, True)
+    ),
+}
+
+
+def test_every_fused_kernel_has_a_reference_case() -> None:
+    public = {name for name in vars(kernels) if name.startswith("fused_")}
+    assert public == {kernel.__name__ for kernel, _, _ in KERNEL_CASES.values()}
+
+
+@pytest.mark.parametrize("case", list(KERNEL_CASES))
+def test_fused_kernel_equals_reference(case: str) -> None:
+    kernel, reference, make_inputs = KERNEL_CASES[case]
+    args = make_inputs()
+    for dtype, tol in ((torch.float64, KERNEL_TOL), (torch.float32, {})):
+        typed = [
+            t.detach().to(dtype).requires_grad_(t.requires_grad) if t is not None else None
+            for t in args
+        ]
+        got, want = kernel(*typed), reference(*typed)
+        got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, **tol)
+        inputs = [t for t in typed if t is not None and t.requires_grad]
+        upstream = [torch.randn_like(t) for t in want]
+        for create_graph in (False, True):
+            grads = [
+                torch.autograd.grad(
+                    out, inputs, upstream, retain_graph=True, create_graph=create_graph
+                )
+                for out in (got, want)
+            ]
+            for a, b in zip(*grads, strict=True):
+                torch.testing.assert_close(a, b, **tol)
+        probes = [torch.randn_like(t) for t in inputs]
+        second = [_second_order(first, inputs, probes) for first in grads]
+        for a, b in zip(*second, strict=True):
+            torch.testing.assert_close(a, b, **tol)
+    assert torch.autograd.gradcheck(kernel, args)
+    # Second order (e.g. MAML) stays exact; random projections keep this fast.
+    assert torch.autograd.gradgradcheck(kernel, args, fast_mode=True)
 
 
 def test_dnc_second_order_gradients_fused_equal_plain() -> None:

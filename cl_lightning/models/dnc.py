@@ -5,7 +5,8 @@ controller reads ``x_t ⊕ r_{t-1}``, one linear layer emits the interface vecto
 written (usage → allocation → write weighting → erase/add → temporal links) and then read
 (content, forward and backward weightings mixed by the read modes), and the output is
 ``y_t = Linear(h_t ⊕ r_t)``. The addressing maths lives in
-:mod:`cl_lightning.models.dnc_addressing`.
+:mod:`cl_lightning.models.dnc_addressing`, its fused kernels in
+:mod:`cl_lightning.models.dnc_kernels`.
 
 Optional extensions from Csordás & Schmidhuber (ICLR 2019), all off by default:
 
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 
 from cl_lightning.checks import OptionError
 from cl_lightning.models import dnc_addressing as addr
+from cl_lightning.models import dnc_kernels as kernels
 
 
 class DNCState(NamedTuple):
@@ -183,7 +185,7 @@ class DNC(nn.Module):
         sharpness: link-distribution sharpening; ``True`` learned, a float a fixed exponent.
         strength_activation: ``"softplus"`` (DeepMind reference code) or ``"oneplus"``
             (``1 + softplus``, Nature paper and Csordás & Schmidhuber).
-        fused: use the ``fused_*`` functions of :mod:`~cl_lightning.models.dnc_addressing`
+        fused: use the ``fused_*`` functions of :mod:`~cl_lightning.models.dnc_kernels`
             (content look-up without mask, one-head erase/add, link update + directional
             reads): same values and gradients, hand-written first-order backward passes.
         stop_write_gradient: as the reference, usage treats the previous write weights as
@@ -331,7 +333,7 @@ class DNC(nn.Module):
         write_weights = addr.write_weighting(
             write_content, allocation, iface.allocation_gates, iface.write_gates
         )
-        erase_and_write = addr.fused_erase_and_write if self.fused else addr.erase_and_write
+        erase_and_write = kernels.fused_erase_and_write if self.fused else addr.erase_and_write
         memory = erase_and_write(
             state.memory,
             write_weights,
@@ -340,7 +342,7 @@ class DNC(nn.Module):
             psi if self.dealloc else None,
         )
         if self.fused:
-            link, forward, backward = addr.fused_link_read(
+            link, forward, backward = kernels.fused_link_read(
                 state.link, state.precedence, write_weights, state.read_weights
             )
         else:
@@ -380,7 +382,7 @@ class DNC(nn.Module):
     ) -> Tensor:
         """Content weighting ``(B, H, N)``, fused when possible."""
         if self.fused and mask is None:
-            return addr.fused_content_weighting(memory, keys, strengths)
+            return kernels.fused_content_weighting(memory, keys, strengths)
         return addr.content_weighting(memory, keys, strengths, mask)
 
     def _controller(self, x_gates: Tensor, state: DNCState) -> tuple[Tensor, Tensor]:

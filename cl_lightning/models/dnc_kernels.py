@@ -1,0 +1,280 @@
+"""Fused autograd kernels for the DNC step, equal to the reference math.
+
+Each kernel computes the values and gradients of a composition of functions from
+:mod:`cl_lightning.models.dnc_addressing` (the readable reference math), equal up to float
+rounding, with a hand-written backward pass that makes far fewer passes over the large
+``(B, N, W)`` memory and ``(B, Wr, N, N)`` link tensors, which dominate CPU time in eager mode.
+:class:`~cl_lightning.models.dnc.DNC` uses them by default (``fused=True``).
+
+Kernels and the reference composition each one equals:
+
+* :func:`fused_content_weighting`:
+  :func:`~cl_lightning.models.dnc_addressing.content_weighting` without a mask.
+* :func:`fused_erase_and_write`: :func:`~cl_lightning.models.dnc_addressing.erase_and_write`;
+  fused for one write head, with several heads it runs the reference function.
+* :func:`fused_link_read`: :func:`~cl_lightning.models.dnc_addressing.update_link`, then
+  :func:`~cl_lightning.models.dnc_addressing.directional_weightings` on the new link.
+
+When a backward pass is itself differentiated (``create_graph=True``, e.g. second-order
+MAML), the kernels differentiate through the reference function instead, so higher-order
+gradients stay exact. ``tests/test_dnc.py`` holds every kernel equal to its reference
+composition: values, first-order gradients (hand-written and ``create_graph=True``) and
+second-order gradients in float64 and float32, then ``gradcheck`` and ``gradgradcheck``.
+
+Shape letters are those of :mod:`cl_lightning.models.dnc_addressing`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from cl_lightning.models.dnc_addressing import (
+    EPSILON,
+    content_weighting,
+    directional_weightings,
+    erase_and_write,
+    update_link,
+)
+
+
+def _reference_grads(reference, inputs: tuple, grads: tuple) -> tuple:
+    """Differentiable gradients of ``reference(*inputs)`` for ``grads`` (one per output).
+
+    The inputs are first aliased by a view: gradients are then captured right at this
+    function's inputs, even when one input depends on another through the outer graph (e.g.
+    keys computed from earlier reads of the same memory), while the returned gradients stay
+    connected to the real inputs for the next order of differentiation.
+    """
+    wanted = [i for i, t in enumerate(inputs) if isinstance(t, Tensor) and t.requires_grad]
+    with torch.enable_grad():
+        inputs = tuple(t.view_as(t) if i in wanted else t for i, t in enumerate(inputs))
+        outputs = reference(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    found = torch.autograd.grad(
+        outputs, [inputs[i] for i in wanted], grads, create_graph=True, allow_unused=True
+    )
+    result = [None] * len(inputs)
+    for i, g in zip(wanted, found, strict=True):
+        result[i] = g
+    return tuple(result)
+
+
+class _CosineSoftmax(torch.autograd.Function):
+    """:func:`content_weighting` without a mask."""
+
+    @staticmethod
+    def forward(ctx, memory, keys, strengths, eps):
+        dot = torch.bmm(keys, memory.transpose(1, 2))
+        mem_norm = torch.linalg.vector_norm(memory, dim=-1).square_().add_(eps).sqrt_()
+        key_norm = torch.sqrt(keys.pow(2).sum(-1) + eps)
+        denom = key_norm.unsqueeze(-1) * mem_norm.unsqueeze(1) + eps
+        similarity = dot / denom
+        weights = torch.softmax(similarity * strengths.unsqueeze(-1), dim=-1)
+        ctx.eps = eps
+        ctx.save_for_backward(
+            memory, keys, strengths, mem_norm, key_norm, denom, similarity, weights
+        )
+        return weights
+
+    @staticmethod
+    def backward(ctx, g_weights):
+        memory, keys, strengths, mem_norm, key_norm, denom, similarity, weights = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _reference_grads(
+                content_weighting, (memory, keys, strengths, None, ctx.eps), (g_weights,)
+            )[:3] + (None,)
+        g_logits = weights * (g_weights - (g_weights * weights).sum(-1, keepdim=True))
+        g_strengths = (g_logits * similarity).sum(-1)
+        g_dot = g_logits * strengths.unsqueeze(-1) / denom
+        g_denom = -g_dot * similarity
+        g_mem_norm = (g_denom * key_norm.unsqueeze(-1)).sum(1)
+        g_key_norm = (g_denom * mem_norm.unsqueeze(1)).sum(-1)
+        if keys.shape[1] == 1:  # an outer product: CPU bmm is slow with an inner size of 1
+            g_memory = g_dot.transpose(1, 2).expand_as(memory) * keys
+        else:
+            g_memory = torch.bmm(g_dot.transpose(1, 2), keys)
+        g_memory.addcmul_(memory, (g_mem_norm / mem_norm).unsqueeze(-1).expand_as(memory))
+        g_keys = torch.bmm(g_dot, memory).addcmul_(keys, (g_key_norm / key_norm).unsqueeze(-1))
+        return g_memory, g_keys, g_strengths, None
+
+
+def fused_content_weighting(
+    memory: Tensor, keys: Tensor, strengths: Tensor, eps: float = EPSILON
+) -> Tensor:
+    """Same as :func:`content_weighting` without a mask; ``(B, N, W), (B, H, W), (B, H)``
+    in, ``(B, H, N)`` out."""
+    return _CosineSoftmax.apply(memory, keys, strengths, eps)
+
+
+def _erase_write_one_head(memory, weights, erase, values, psi):
+    """:func:`erase_and_write` with the write-head axis squeezed (reference for the fused op)."""
+    return erase_and_write(
+        memory, weights.unsqueeze(1), erase.unsqueeze(1), values.unsqueeze(1), psi
+    )
+
+
+class _EraseWrite(torch.autograd.Function):
+    """:func:`erase_and_write` for a single write head (squeezed head axis)."""
+
+    @staticmethod
+    def forward(ctx, memory, weights, erase, values, psi):
+        weights_col = weights.unsqueeze(-1).expand_as(memory)
+        out = torch.mul(weights_col, erase.unsqueeze(1)).neg_().add_(1.0)
+        if psi is not None:
+            out.mul_(psi.unsqueeze(-1).expand_as(memory))
+        out.mul_(memory).addcmul_(weights_col, values.unsqueeze(1))
+        ctx.save_for_backward(memory, weights, erase, values, psi)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        memory, weights, erase, values, psi = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _reference_grads(_erase_write_one_head, ctx.saved_tensors, (grad,))
+        grad_mem = grad * memory
+        # Row-vector products: PyTorch's CPU bmm is slow for a (B, N, W) @ (B, W, 1) shape.
+        grad_mem_e = torch.bmm(erase.unsqueeze(1), grad_mem.transpose(1, 2)).squeeze(1)
+        g_values = torch.bmm(weights.unsqueeze(1), grad).squeeze(1)
+        g_weights = torch.bmm(values.unsqueeze(1), grad.transpose(1, 2)).squeeze(1)
+        g_psi = None
+        erase_scale = weights
+        if psi is not None:
+            g_psi = grad_mem.sum(-1) - weights * grad_mem_e
+            grad_mem_e = grad_mem_e * psi
+            erase_scale = weights * psi
+        g_weights = g_weights - grad_mem_e
+        g_erase = torch.bmm(erase_scale.unsqueeze(1), grad_mem).squeeze(1).neg_()
+        # grad_mem is no longer needed: reuse its buffer.
+        weights_col = weights.unsqueeze(-1).expand_as(memory)
+        g_memory = torch.mul(weights_col, erase.unsqueeze(1), out=grad_mem).neg_().add_(1.0)
+        if psi is not None:
+            g_memory.mul_(psi.unsqueeze(-1).expand_as(memory))
+        return g_memory.mul_(grad), g_weights, g_erase, g_values, g_psi
+
+
+def fused_erase_and_write(
+    memory: Tensor,
+    write_weights: Tensor,
+    erase_vectors: Tensor,
+    write_vectors: Tensor,
+    psi: Tensor | None = None,
+) -> Tensor:
+    """Same as :func:`erase_and_write`; fused for one write head, plain otherwise."""
+    if write_weights.shape[1] != 1:
+        return erase_and_write(memory, write_weights, erase_vectors, write_vectors, psi)
+    return _EraseWrite.apply(
+        memory, write_weights[:, 0], erase_vectors[:, 0], write_vectors[:, 0], psi
+    )
+
+
+def _link_read_reference(link, prev_precedence, write_weights, prev_read_weights):
+    """:func:`update_link` + :func:`directional_weightings`, outputs in the fused op's layout."""
+    new_link = update_link(link, prev_precedence, write_weights)
+    forward, backward = directional_weightings(new_link, prev_read_weights)
+    return new_link, forward.transpose(1, 2), backward.transpose(1, 2)
+
+
+class _FusedLinkRead(torch.autograd.Function):
+    """:func:`update_link` followed by :func:`directional_weightings`, with a hand-written
+    backward that touches each ``N x N`` matrix as few times as possible.
+
+    Autograd on the composite needs about twice as many passes over the ``(B, Wr, N, N)``
+    tensors (broadcast reductions, a copy for the zeroed diagonal, one gradient accumulation
+    per use of the link). Only tensors that exist anyway (old and new link) are saved. Work is
+    done on ``(B * Wr, N, N)`` views; row-broadcast operands are expanded explicitly because
+    PyTorch's CPU kernels are several times slower on a trailing broadcast dimension.
+    """
+
+    @staticmethod
+    def forward(ctx, link, prev_precedence, write_weights, prev_read_weights):
+        batch, num_writes, n, _ = link.shape
+        num_reads = prev_read_weights.shape[1]
+        flat_link = link.reshape(-1, n, n)
+        w = write_weights.reshape(-1, n)
+        new_link = _link_scale(w, flat_link.shape).mul_(flat_link)
+        new_link.addcmul_(w.unsqueeze(-1).expand_as(new_link), prev_precedence.reshape(-1, 1, n))
+        new_link.diagonal(dim1=-2, dim2=-1).zero_()
+        reads = _per_write_head(prev_read_weights, num_writes)
+        forward = torch.bmm(reads, new_link.transpose(1, 2))
+        backward = torch.bmm(reads, new_link)
+        out_shape = (batch, num_writes, num_reads, n)
+        new_link = new_link.view_as(link)
+        ctx.save_for_backward(link, prev_precedence, write_weights, prev_read_weights, new_link)
+        return new_link, forward.view(out_shape), backward.view(out_shape)
+
+    @staticmethod
+    def backward(ctx, g_link, g_forward, g_backward):
+        if torch.is_grad_enabled():
+            return _reference_grads(
+                _link_read_reference, ctx.saved_tensors[:4], (g_link, g_forward, g_backward)
+            )
+        link, prec, w, prev_reads, new_link = ctx.saved_tensors
+        batch, num_writes, num_reads, n = g_forward.shape
+        link, new_link = link.reshape(-1, n, n), new_link.reshape(-1, n, n)
+        prec, w = prec.reshape(-1, n), w.reshape(-1, n)
+        reads = _per_write_head(prev_reads, num_writes)
+        # Incoming gradients may be strided views; CPU bmm falls back to a per-sample loop then.
+        g_forward = g_forward.reshape(-1, num_reads, n).contiguous()
+        g_backward = g_backward.reshape(-1, num_reads, n).contiguous()
+        g_reads = None
+        if ctx.needs_input_grad[3]:
+            g_reads = torch.bmm(g_forward, new_link) + torch.bmm(
+                g_backward, new_link.transpose(1, 2)
+            )
+            g_reads = g_reads.view(batch, num_writes, num_reads, n).sum(1)
+        # Total gradient of the new link: from later steps and from both directional reads.
+        left = torch.cat([g_forward, reads], dim=1).transpose(1, 2)
+        right = torch.cat([reads, g_backward], dim=1)
+        grad = torch.baddbmm(g_link.reshape(-1, n, n), left, right)
+        # The new link's diagonal is constant zero: drop its gradient with O(N) corrections.
+        g_diag = grad.diagonal(dim1=-2, dim2=-1)
+        g_link_prev = g_prec = g_write = buffer = None
+        if ctx.needs_input_grad[2]:
+            buffer = grad * link
+            g_write = torch.bmm(prec.unsqueeze(1), grad.transpose(1, 2)).squeeze(1)
+            g_write = g_write - g_diag * prec - buffer.sum(-1) - buffer.sum(-2)
+            g_write = g_write.view(batch, num_writes, n)
+        if ctx.needs_input_grad[1]:
+            g_prec = torch.bmm(w.unsqueeze(1), grad).squeeze(1) - g_diag * w
+            g_prec = g_prec.view(batch, num_writes, n)
+        if ctx.needs_input_grad[0]:
+            # Reuse the (cache-hot) product buffer for the scale instead of a fresh one.
+            g_link_prev = _link_scale(w, grad.shape, out=buffer).mul_(grad)
+            g_link_prev.diagonal(dim1=-2, dim2=-1).zero_()
+            g_link_prev = g_link_prev.view(batch, num_writes, n, n)
+        return g_link_prev, g_prec, g_write, g_reads
+
+
+def _link_scale(w: Tensor, shape: torch.Size, out: Tensor | None = None) -> Tensor:
+    """``(1 - w_i - w_j)`` as a ``(B', N, N)`` tensor from ``w: (B', N)`` (into ``out``)."""
+    return torch.sub((1.0 - w).unsqueeze(-1).expand(shape), w.unsqueeze(-2), out=out)
+
+
+def _per_write_head(read_weights: Tensor, num_writes: int) -> Tensor:
+    """``(B, R, N)`` read weights repeated for each write head as ``(B * Wr, R, N)``."""
+    if num_writes == 1:
+        return read_weights
+    batch, num_reads, n = read_weights.shape
+    expanded = read_weights.unsqueeze(1).expand(batch, num_writes, num_reads, n)
+    return expanded.reshape(-1, num_reads, n)
+
+
+def fused_link_read(
+    link: Tensor, prev_precedence: Tensor, write_weights: Tensor, prev_read_weights: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Same values and gradients as :func:`update_link` + :func:`directional_weightings`, faster.
+
+    Args:
+        link: ``(B, Wr, N, N)`` previous link matrices (zero diagonal).
+        prev_precedence: ``(B, Wr, N)`` previous precedence weightings.
+        write_weights: ``(B, Wr, N)`` current write weightings.
+        prev_read_weights: ``(B, R, N)`` read weightings of the previous step.
+
+    Returns:
+        ``(new_link, forward, backward)``: ``(B, Wr, N, N)``, ``(B, R, Wr, N)``, ``(B, R, Wr, N)``.
+    """
+    new_link, forward, backward = _FusedLinkRead.apply(
+        link, prev_precedence, write_weights, prev_read_weights
+    )
+    return new_link, forward.transpose(1, 2), backward.transpose(1, 2)
