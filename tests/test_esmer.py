@@ -71,6 +71,14 @@ def fake_learner(net, batches=4):
                            eval_modes=lambda: ["domain_il"], primary_variant="domain_il")
 
 
+def started_esmer(learner, **options):
+    """An ESMER callback with an empty buffer of its capacity, at the start of task 0."""
+    esmer = ESMER(**options)
+    esmer.buffer = ReplayBuffer(capacity=options["capacity"])
+    esmer.on_task_start(learner, 0)
+    return esmer
+
+
 def esmer_step(esmer, learner, x, y):
     batch = esmer.extend_batch(learner, {"x": x, "y": y, "task": torch.zeros_like(y)})
     logits = learner.net(batch["x"])
@@ -86,9 +94,8 @@ def test_warmup_freezes_mu_and_admits_nothing_then_admits_low_loss():
     torch.manual_seed(0)
     net = nn.Linear(4, 3)
     learner = fake_learner(net, batches=4)
-    esmer = ESMER(warmup_epochs=0.5, capacity=100, replay_batch_size=4, ema_update_prob=1.0)
-    esmer.buffer = ReplayBuffer(capacity=100)
-    esmer.on_task_start(learner, 0)
+    esmer = started_esmer(learner, warmup_epochs=0.5, capacity=100, replay_batch_size=4,
+                          ema_update_prob=1.0)
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     for _ in range(2):  # warm-up: ceil(0.5 * 4) = 2 steps
         esmer_step(esmer, learner, x, y)
@@ -110,9 +117,8 @@ def test_step_counter_counts_the_step_before_the_decays_as_the_reference():
     torch.manual_seed(2)
     net = nn.Linear(4, 3)
     learner = fake_learner(net, batches=4)
-    esmer = ESMER(warmup_epochs=0.0, capacity=100, replay_batch_size=4, ema_update_prob=1.0)
-    esmer.buffer = ReplayBuffer(capacity=100)
-    esmer.on_task_start(learner, 0)
+    esmer = started_esmer(learner, warmup_epochs=0.0, capacity=100, replay_batch_size=4,
+                          ema_update_prob=1.0)
     w0 = net.weight.detach().clone()
     ema = esmer.semantic_memory(learner)  # a copy of the net as it is now
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
@@ -134,9 +140,8 @@ def test_semantic_memory_is_scored_on_the_labels_the_step_trains_in_a_shuffled_e
     error l_s is measured against the labels this step trains on, not the true ones."""
     torch.manual_seed(3)
     learner = fake_learner(nn.Linear(4, 3), batches=1)
-    esmer = ESMER(warmup_epochs=0.0, capacity=50, replay_batch_size=2, ema_update_prob=0.0)
-    esmer.buffer = ReplayBuffer(capacity=50)
-    esmer.on_task_start(learner, 0)
+    esmer = started_esmer(learner, warmup_epochs=0.0, capacity=50, replay_batch_size=2,
+                          ema_update_prob=0.0)
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
     label_map = torch.tensor([2, 0, 1]).repeat(6, 1)
     logits = learner.net(x)
