@@ -77,10 +77,10 @@ class ContinualCLI(LightningCLI):
         return trainer
 
     def _config_dict(self) -> dict[str, Any]:
-        try:
-            parser = self._parser(self.subcommand)
-            cfg = self.config.get(str(self.subcommand), self.config)
-            return yaml.safe_load(parser.dump(cfg, skip_none=False, skip_check=True))
+        try:  # the top-level parser dumps every subcommand's config; keep this one's
+            full = yaml.safe_load(self.parser.dump(self.config, skip_none=False,
+                                                   skip_check=True))
+            return full.get(str(self.subcommand), full)
         except Exception as err:  # the config is a report, never a reason to fail a run
             return {"error": f"config could not be dumped: {err}"}
 

@@ -14,8 +14,15 @@ any of them.
 - ``LightningModule._trainer``: whether a module is attached to a trainer; the public
   ``module.trainer`` raises when it is not (a learner used outside a fit, in tests or
   the few-shot evaluation of a loaded model).
-- ``LightningCLI._instantiate_trainer`` is not overridden: the CLI uses the public
-  ``instantiate_trainer(**kwargs)``.
+- ``ModelCheckpoint``'s protected saving steps, used by its subclass
+  :class:`~callbacks.checkpoint.TaskCheckpoint`: ``_should_skip_saving_checkpoint``,
+  ``_monitor_candidates``, ``_save_topk_checkpoint``, ``_save_last_checkpoint``,
+  ``_save_checkpoint`` and ``_last_global_step_saved``. A task-end (and a signal-time)
+  save must go through the same naming, ``last.ckpt`` bookkeeping and atomic write as
+  Lightning's own epoch-end save; ``ModelCheckpoint`` has no public "save now" method.
+  They are listed in :data:`MODEL_CHECKPOINT_STEPS`.
+- ``LightningCLI._instantiate_trainer`` and ``_parse_ckpt_path`` are not overridden: the
+  CLI uses the public ``instantiate_trainer(**kwargs)`` and ``parse_arguments``.
 """
 
 from __future__ import annotations
@@ -23,6 +30,10 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch.loggers import TensorBoardLogger
+
+MODEL_CHECKPOINT_STEPS = ("_should_skip_saving_checkpoint", "_monitor_candidates",
+                          "_save_topk_checkpoint", "_save_last_checkpoint", "_save_checkpoint")
+"""The protected ``ModelCheckpoint`` methods that ``TaskCheckpoint`` calls."""
 
 
 def requested_logger_version(logger: TensorBoardLogger) -> int | str | None:

@@ -7,6 +7,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from cl_lightning.lightning_private import (
+    MODEL_CHECKPOINT_STEPS,
     attached_trainer,
     continue_logger_version,
     requested_logger_version,
@@ -41,6 +42,36 @@ def test_the_sigterm_flag_exists_and_is_what_the_loops_read():
     assert trainer._signal_connector.received_sigterm is False
     stop_after_this_step(trainer)
     assert trainer._signal_connector.received_sigterm is True
+
+
+def test_model_checkpoints_protected_saving_steps_exist_with_the_arguments_we_pass(tmp_path):
+    import inspect
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    expected = {"_should_skip_saving_checkpoint": ["trainer"],
+                "_monitor_candidates": ["trainer"],
+                "_save_topk_checkpoint": ["trainer", "monitor_candidates"],
+                "_save_last_checkpoint": ["trainer", "monitor_candidates"],
+                "_save_checkpoint": ["trainer", "filepath"]}
+    assert set(expected) == set(MODEL_CHECKPOINT_STEPS)
+    for name, params in expected.items():
+        method = getattr(ModelCheckpoint, name)
+        assert list(inspect.signature(method).parameters)[1:] == params, name
+    assert ModelCheckpoint(dirpath=str(tmp_path))._last_global_step_saved == 0
+
+
+def test_task_checkpoint_calls_no_other_protected_model_checkpoint_method():
+    """Every ``self._x`` that TaskCheckpoint uses and ModelCheckpoint defines is listed."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    tree = ast.parse((ROOT / "callbacks" / "checkpoint.py").read_text())
+    used = {node.attr for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+            and node.value.id == "self" and node.attr.startswith("_")
+            and not node.attr.startswith("__") and callable(getattr(ModelCheckpoint,
+                                                                    node.attr, None))}
+    assert used <= set(MODEL_CHECKPOINT_STEPS), used - set(MODEL_CHECKPOINT_STEPS)
 
 
 def test_no_private_lightning_attribute_is_used_outside_the_private_module():
