@@ -81,19 +81,6 @@ def run_train(*extra: str, ddp_devices: int | None = None) -> subprocess.Complet
                           capture_output=True, text=True, timeout=600, env=one_thread_env())
 
 
-def ddp_rank_states(tmp: Path, *extra: str) -> tuple[dict, dict]:
-    """Run :func:`train_command` with 2 DDP processes and ``extra``; each rank dumps its
-    learner's state at the end of fit (``tests.fault_helpers.DumpRankState``). Returns the
-    two ranks' state dicts of the learner."""
-    dump = tmp / "dump"
-    dump.mkdir()
-    proc = run_train(*extra, "--trainer.callbacks+=tests.fault_helpers.DumpRankState",
-                     "--trainer.callbacks.folder", str(dump),
-                     "--trainer.logger.save_dir", str(tmp), ddp_devices=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tuple(torch.load(dump / f"rank{r}.pt", weights_only=True)["net"] for r in (0, 1))
-
-
 def refused(capsys, call, *args, **kwargs) -> str:
     """Call ``call(*args, **kwargs)`` (a CLI run) expecting bad input to be refused as the
     command line does: exit status 2 and exactly one ``error: ...`` line on stderr, with no

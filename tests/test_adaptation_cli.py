@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from tests.conftest import ddp_rank_states, read_results
+from tests.conftest import read_results
 
 AGENT = ["--model.net", "cl_lightning.models.agent.MemoryAgent",
          "--model.net.memory_slots", "8", "--model.net.word_size", "4",
@@ -48,13 +48,3 @@ def test_without_kept_samples_trained_tasks_have_no_adapted_accuracy(tiny_run):
     assert set(tasks) == {"before", "inner/3"}  # an MLP reads no context
     assert tasks["inner/3"] == [None, None, None]
     assert fs["heldout"]["domain_il"]["inner/3"] is not None  # its own training set
-
-
-@pytest.mark.slow
-@pytest.mark.ddp
-def test_two_process_ddp_meta_step_leaves_identical_parameters(tmp_path):
-    a, b = ddp_rank_states(tmp_path, *META, *ER, "--data.num_tasks", "2",
-                           "--data.epochs_per_task", "1")
-    assert a.keys() == b.keys() and any(k.startswith("meta.step_lrs.") for k in a)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
