@@ -110,8 +110,7 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
         stream's held-out task (examples from its training set), after ``after_task``."""
         g = torch.Generator().manual_seed(self.few_shot_seed)
         dm = trainer.datamodule
-        kept = every_ranks_samples(next((k for p in learner.plugins()
-                                         if (k := p.kept_samples(learner)) is not None), None))
+        kept = every_ranks_samples(learner.store())
         loaders = dm.eval_loaders(trainer.global_rank, trainer.world_size)
         per_task = []
         for t, loader in enumerate(loaders):
