@@ -21,7 +21,15 @@ import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import (
+    ConcatDataset,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    Subset,
+    TensorDataset,
+    default_collate,
+)
 
 from cl_lightning.checks import OptionError, require_at_least
 from cl_lightning.distributed import world_and_rank
@@ -59,6 +67,44 @@ class TaskView(Dataset):
         if self.labels is not None:
             item["y"], item["y_clean"] = self.labels[i], y
         return item
+
+    def __getitems__(self, indices: list[int]) -> Batch | list[dict[str, Any]]:
+        """A whole batch in a few tensor ops when the dataset can gather one (see
+        :func:`gather_pairs`), else one item per index. The batch equals the default
+        collation of ``__getitem__``'s items bit for bit."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        pairs = gather_pairs(self.base, index)
+        if pairs is None:
+            return [self[i] for i in indices]
+        x, y = pairs
+        batch = Batch(x=x, y=y, task=torch.full((len(index),), self.task, dtype=torch.long))
+        if self.labels is not None:
+            batch["y"], batch["y_clean"] = self.labels[index], y
+        return batch
+
+
+class Batch(dict):
+    """A batch a dataset's ``__getitems__`` has already collated (see :func:`collate`)."""
+
+
+def collate(data: Any) -> Any:
+    """The stream loaders' ``collate_fn``: a :class:`Batch` passes as a plain dict, a list
+    of items is collated by torch's default."""
+    return dict(data) if isinstance(data, Batch) else default_collate(data)
+
+
+def gather_pairs(dataset: Dataset, index: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(x, y)`` of the items at ``index`` (k,) as two tensors, gathered at once: a
+    dataset with a ``batch(index)`` method, or a two-tensor ``TensorDataset``. None for
+    any other dataset (the caller then fetches item by item)."""
+    batch = getattr(dataset, "batch", None)
+    if callable(batch):
+        return batch(index)
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        x, y = dataset.tensors
+        return x[index], y[index].long()
+    return None
 
 
 def symmetric_noise(
@@ -264,6 +310,7 @@ class ContinualDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=False,
             generator=torch.Generator().manual_seed(seed + epoch),  # worker seeds
+            collate_fn=collate,
         )
 
     def resolved_shuffle_seed(self) -> int:
@@ -287,6 +334,7 @@ class ContinualDataModule(L.LightningDataModule):
                 Subset(view, range(rank, len(view), world_size)),
                 batch_size=self.eval_batch_size,
                 num_workers=self.num_workers,
+                collate_fn=collate,
             )
             for view in self._test_views
         ]

@@ -142,17 +142,22 @@ class ImageTensorDataset(Dataset):
         """Normalised (and permuted) float images at ``index`` (one or a batch)."""
         x = self.images[index].float().mul_(self.scale).sub_(self.shift)
         if self.pixel_perm is not None:
-            x = x.flatten(-3)[..., self.pixel_perm].view_as(x)
+            x = x.flatten(-3).index_select(-1, self.pixel_perm).view_as(x)
         return x
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self._images(i), int(self.targets[i])
 
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (k, C, H, W) and targets (k,) at ``index`` (k,) in a few tensor ops;
+        image ``j`` equals ``self[index[j]][0]`` bit for bit."""
+        return self._images(index), self.targets[index]
+
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
-        """A whole batch in a few tensor ops (the DataLoader calls this instead of one
-        ``__getitem__`` per item); items equal ``__getitem__``'s bit for bit."""
-        index = torch.as_tensor(indices, dtype=torch.long)
-        return list(zip(self._images(index).unbind(0), self.targets[index].tolist(), strict=True))
+        """A list of items from one :meth:`batch` (the DataLoader calls this instead of
+        one ``__getitem__`` per item)."""
+        x, y = self.batch(torch.as_tensor(indices, dtype=torch.long))
+        return list(zip(x.unbind(0), y.tolist(), strict=True))
 
 
 def subsample(n: int, keep: int | None, generator: torch.Generator) -> torch.Tensor:

@@ -693,3 +693,34 @@ def test_image_dataset_batched_items_equal_single_items(perm):
     if perm:
         expected = expected.flatten()[pixel_perm].view(3, 4, 5)
     torch.testing.assert_close(batch[3][0], expected)
+
+
+@pytest.mark.parametrize("kind", ["image", "tensor", "noisy", "per-item"])
+def test_task_view_batch_equals_collated_items(kind):
+    """A stream loader's batch, gathered at once by ``TaskView.__getitems__``, equals the
+    default collation of the single items bit for bit (keys, dtypes, values), for image
+    and tensor datasets, with noisy labels, and through a ``Subset`` (the eval loaders);
+    a dataset that cannot gather falls back to one item per index."""
+    from torch.utils.data import DataLoader, Subset, TensorDataset, default_collate
+
+    from datamodules.base import TaskView, collate
+
+    g = torch.Generator().manual_seed(1)
+    if kind == "tensor" or kind == "per-item":
+        base = TensorDataset(torch.randn(9, 3, generator=g), torch.arange(9) % 4)
+        if kind == "per-item":
+            base = Subset(base, range(9))  # no batch(): item by item
+    else:
+        images = torch.randint(0, 256, (9, 1, 4, 4), dtype=torch.uint8, generator=g)
+        base = ImageTensorDataset(images, torch.arange(9) % 4, (0.1,), (0.3,),
+                                  pixel_perm=torch.randperm(16, generator=g))
+    labels = torch.randint(0, 4, (9,), generator=g) if kind == "noisy" else None
+    view = TaskView(base, task=2, labels=labels)
+    indices = [4, 0, 8, 4, 1]
+    expected = default_collate([view[i] for i in indices])
+    for got in (collate(view.__getitems__(indices)),
+                next(iter(DataLoader(Subset(view, indices), batch_size=5, collate_fn=collate)))):
+        assert list(got) == list(expected)
+        for key, value in expected.items():
+            assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+    assert isinstance(view.__getitems__(indices), list) == (kind == "per-item")
