@@ -19,7 +19,9 @@ from torch import nn
 
 from cl_lightning.adaptation import Adaptation
 from cl_lightning.checks import OptionError, require_at_least, require_in_range
+from cl_lightning.distributed import gather_objects
 from cl_lightning.episodic_index import EpisodicIndex
+from cl_lightning.epoch_means import EpochMeans, epoch_means
 from cl_lightning.learner_types import ModelFn
 from cl_lightning.lightning_private import attached_trainer
 from cl_lightning.local_adaptation import LocalAdaptation
@@ -142,7 +144,7 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
         self._task_started: int | None = None
         self.recall_index = EpisodicIndex(recall_refresh)
         self._eval_readers: dict[str, ModelFn] = {}  # per evaluation pass
-        self._recall_mass: torch.Tensor | None = None  # (sum of same-label mass, count)
+        self._epoch_means = EpochMeans()  # loss terms (and recall mass), logged per epoch
 
     # ----- model -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -230,11 +232,11 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
         total = torch.stack(list(terms.values())).sum()
         self._check_finite(total, terms)
         bs = int(query.sum())
-        self.log("train/loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs,
-                 sync_dist=True)  # epoch means over every rank's samples
-        for name, value in terms.items():
-            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=bs,
-                     sync_dist=True)
+        for name, value in {"loss": total, **terms}.items():
+            self._epoch_means.add(f"train/{name}", value * bs, bs)
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # when loggers write
+            self.log("train/loss_step", total, on_step=True, on_epoch=False, prog_bar=True,
+                     batch_size=bs, sync_dist=True)
         return {"loss": total, "step": step.detached()}
 
     def _check_finite(self, total: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
@@ -268,17 +270,26 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
                 p.on_task_start(self, task)
 
     def on_train_epoch_end(self) -> None:
-        if self.recalling:  # every rank takes part in the sum
-            mass = self._recall_mass
-            mass = torch.zeros(2, device=self.device) if mass is None else mass
-            total = self.trainer.strategy.reduce(mass, reduce_op="sum")
-            if total[1] > 0:
-                self.log("recall/same_label_mass", total[0] / total[1])
-            self._recall_mass = None
+        self._log_epoch_means()
         dm = self.trainer.datamodule
         if (self.trainer.current_epoch + 1) % dm.epochs_per_task == 0:
             for p in self.plugins():
                 p.on_task_end(self, self.current_task)
+
+    def _log_epoch_means(self) -> None:
+        """Log the epoch's sample-weighted means of the loss terms (``train/loss_epoch``,
+        ``train/loss_current``, ...) and of ``recall/same_label_mass``, over every rank's
+        samples (all ranks take part)."""
+        names, reduce = self._epoch_means.names(), None
+        if self.trainer.world_size > 1:
+            names = sorted(set().union(*gather_objects(names)))
+            def reduce(t: torch.Tensor) -> torch.Tensor:
+                return self.trainer.strategy.reduce(t, reduce_op="sum")
+        for name, value in epoch_means(self._epoch_means, names, self.device, reduce).items():
+            self.log("train/loss_epoch" if name == "train/loss" else name, value,
+                     on_step=False, on_epoch=True, prog_bar=name == "train/loss",
+                     sync_dist=True)  # equal on every rank; keeps Lightning from warning
+        self._epoch_means.reset()
 
     def configure_optimizers(self) -> Any:
         optimizer = _build("model.optimizer", self.optimizer_factory, self.parameters())

@@ -17,6 +17,7 @@ from torch import nn
 
 from cl_lightning.checks import OptionError
 from cl_lightning.episodic_index import EpisodicIndex, fingerprint, nearest, same_item
+from cl_lightning.epoch_means import EpochMeans
 from cl_lightning.learner_types import ModelFn, Store
 from cl_lightning.local_adaptation import LocalAdaptation
 from cl_lightning.models.recall import Recall, same_label_mass
@@ -30,7 +31,7 @@ class Recalling:
     device: torch.device
     recall_index: EpisodicIndex
     local_adaptation: LocalAdaptation | None
-    _recall_mass: torch.Tensor | None
+    _epoch_means: EpochMeans
 
     def plugins(self) -> list[LearnerPlugin]:  # provided by the learner
         raise NotImplementedError
@@ -140,7 +141,6 @@ class Recalling:
         if last is None or len(last[0]) != len(targets):
             return
         weights, labels = last
-        mass = same_label_mass(weights, labels, targets).sum()
-        total = torch.stack([mass, mass.new_tensor(float(len(targets)))])
-        self._recall_mass = total if self._recall_mass is None else self._recall_mass + total
+        self._epoch_means.add("recall/same_label_mass",
+                              same_label_mass(weights, labels, targets).sum(), len(targets))
 
