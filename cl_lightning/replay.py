@@ -14,7 +14,10 @@ dtypes NumPy lacks (bfloat16), torch indexing is used.
 Cost per call:
 
 - ``add``: O(B), with no Python loop, for ``reservoir`` and ``fifo``. ``class_balanced`` loops
-  over the batch and scans the stored labels, O(B * capacity).
+  over the batch and scans the stored labels, O(B * capacity). Items with the stored keys,
+  dtypes, shapes and device skip most validation, and a full reservoir buffer without an
+  ``admit`` mask takes a shortcut with fewer calls. Both give the same result, draw for draw,
+  as the general path (``ReplayBuffer._fast_paths = False``).
 - uniform ``sample``: ``randperm`` below 2048 stored items, O(n log n) above.
 - prioritized ``sample``: O(capacity).
 
@@ -46,6 +49,7 @@ from cl_lightning.replay_policies import (
     annealed_beta,
     as_range,
     class_balanced_slots,
+    drop_overwritten,
     fifo_slots,
     importance_weights,
     last_writer_rows,
@@ -141,6 +145,10 @@ class ReplayBuffer:
     per-item shapes.
     """
 
+    # False sends every add through the general path: full validation (``_check_items``) and
+    # the policy functions of :mod:`~cl_lightning.replay_policies`. Tests compare the two.
+    _fast_paths: bool = True
+
     def __init__(
         self,
         capacity: int = 10000,
@@ -195,8 +203,14 @@ class ReplayBuffer:
         # priorities are float64 on the CPU; multinomial reads them through torch.from_numpy
         self._priority = np.zeros(self.capacity) if self._prioritized else None
         self._item_spec: dict[str, tuple[torch.Size, torch.dtype]] = {}
+        # (key, per-item shape, dtype, ndim with the batch dim): what _matching_batch accepts
+        self._fast_spec: tuple[tuple[str, torch.Size, torch.dtype, int], ...] = ()
         self._numpy_views: dict[str, np.ndarray] = {}  # CPU stores that NumPy can write to
+        # (key, NumPy view or None, store) in storage order: how _write and sample reach a key
+        self._access: tuple[tuple[str, np.ndarray | None, Tensor], ...] = ()
+        self._numpy_stores = False  # every store has a NumPy view
         self._on_cpu = self.device.type == "cpu"
+        self._reservoir_fast_path = self._fast_paths and self.policy == "reservoir"
         self._stored_labels = np.zeros(self.capacity, dtype=np.int64)
         self._class_count = np.zeros(0, dtype=np.int64)
         self._class_seen = np.zeros(0, dtype=np.int64)
@@ -260,26 +274,100 @@ class ReplayBuffer:
             was not admitted, was rejected by the policy, or was overwritten by a later item
             of the same batch.
         """
-        items, batch = self._check_items(items)
-        admitted = self._admitted_positions(admit, batch)
+        batch = self._matching_batch(items)
+        if batch < 0:  # first add, or items that need a detach, move, cast or an error
+            items, batch = self._check_items(items)
+        elif admit is None and self._size >= self.capacity and self._reservoir_fast_path:
+            return self._add_to_full_reservoir(items, batch)
+        admitted = None if admit is None else self._admitted_positions(admit, batch)
         count = batch if admitted is None else admitted.size
         if self._data is None:
             self._allocate(items)
         if count == 0:
             return self._to_device(torch.full((batch,), -1, dtype=torch.int64))
         slots = self._assign_slots(items, admitted, count)
-        rows = last_writer_rows(slots)  # positions among the admitted items
+        # positions among the admitted items; slots becomes -1 wherever nothing is written
+        rows = drop_overwritten(slots)
         dst = slots[rows]
-        if admitted is not None:
+        if admitted is None:
+            result = slots
+        else:
             rows = admitted[rows]  # positions in the batch
+            result = np.full(batch, -1, dtype=np.int64)
+            result[admitted] = slots
         self._write(items, batch, rows, dst)
         self.num_seen += count
-        result = np.full(batch, -1, dtype=np.int64)
-        result[rows] = dst
         return self._to_device(torch.from_numpy(result))
+
+    def _add_to_full_reservoir(self, items: Mapping[str, Tensor], batch: int) -> Tensor:
+        """:meth:`add` for the usual case in training: reservoir policy, full buffer, no
+        ``admit`` mask, items that :meth:`_matching_batch` accepted.
+
+        The same draws, slots, writes and result as the general path (see
+        :func:`~cl_lightning.replay_policies.reservoir_slots` with no fill phase), with fewer
+        calls: the slot arithmetic runs in place on the draws, the stores are not touched
+        unless an item is admitted, which late in a stream is rare, and admitted rows are
+        copied straight into the NumPy views of CPU stores.
+        """
+        seen = self.num_seen
+        draws = torch.rand(batch, dtype=torch.float64, generator=self._generator).numpy()
+        draws *= np.arange(seen + 1, seen + batch + 1)  # j_i = floor(u_i * (n_i + 1))
+        slots = draws.astype(np.int64)
+        slots[slots >= self.capacity] = -1
+        rows = drop_overwritten(slots)
+        if rows.size and not self._numpy_stores:
+            self._write(items, batch, rows, slots[rows])
+        elif rows.size == 1:  # the usual admission late in a stream: plain row copies
+            row = int(rows[0])
+            slot = int(slots[row])
+            for key, view, _ in self._access:
+                view[slot] = items[key].numpy()[row]
+            if self._priority is not None:
+                self._priority[slot] = self._max_priority
+        elif rows.size:
+            dst = slots[rows]
+            for key, view, _ in self._access:
+                view[dst] = items[key].numpy()[rows]
+            if self._priority is not None:
+                self._priority[dst] = self._max_priority
+        self.num_seen = seen + batch
+        return self._to_device(torch.from_numpy(slots))
 
     def _to_device(self, value: Tensor) -> Tensor:
         return value if self._on_cpu else value.to(self.device)
+
+    def _matching_batch(self, items: Mapping[str, Tensor]) -> int:
+        """The batch size if ``items`` can be stored as it is, else ``-1``.
+
+        "As it is" means: storage exists, ``items`` is a plain ``dict`` with exactly the
+        stored keys, and every value is a plain tensor on ``device`` with the stored dtype and
+        per-item shape, no grad, and one common non-zero batch size. That is every add of a
+        training loop after the first; it costs a few attribute reads per key. Anything else
+        returns ``-1`` and goes through :meth:`_check_items`, which detaches, moves, casts or
+        raises, so both give the same result for every input they both accept.
+        """
+        spec = self._fast_spec
+        if not spec or type(items) is not dict or len(items) != len(spec):
+            return -1
+        device = self.device
+        batch = -1
+        for key, shape, dtype, ndim in spec:
+            value = items.get(key)
+            if (
+                type(value) is not Tensor
+                or value.dtype is not dtype
+                or value.requires_grad
+                or value.device != device
+            ):
+                return -1
+            size = value.shape
+            if len(size) != ndim or size[1:] != shape:
+                return -1
+            if size[0] != batch:
+                if batch >= 0:
+                    return -1
+                batch = size[0]
+        return batch if batch > 0 else -1
 
     def _check_items(self, items: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], int]:
         """Validate keys, batch size, shapes and dtypes; return detached items on ``device``."""
@@ -352,6 +440,15 @@ class ReplayBuffer:
         self._numpy_views = {
             key: store.numpy() for key, store in self._data.items() if _numpy_writable(store)
         }
+        if self._fast_paths:
+            self._fast_spec = tuple(
+                (key, shape, dtype, len(shape) + 1)
+                for key, (shape, dtype) in self._item_spec.items()
+            )
+        self._access = tuple(
+            (key, self._numpy_views.get(key), store) for key, store in self._data.items()
+        )
+        self._numpy_stores = len(self._numpy_views) == len(self._data)
 
     def _check_labels(self, items: Mapping[str, Tensor]) -> None:
         labels = items.get(self.label_key)
@@ -424,9 +521,7 @@ class ReplayBuffer:
         dst_range = as_range(dst)
         target = dst if dst_range is None else slice(*dst_range)
         torch_src = torch_dst = None
-        assert self._data is not None
-        for key, store in self._data.items():
-            view = self._numpy_views.get(key)
+        for key, view, store in self._access:
             if view is not None:  # CPU: NumPy indexing costs about half of torch's per call
                 value = items[key].numpy()
                 view[target] = value if src is None else value[src]
@@ -466,23 +561,22 @@ class ReplayBuffer:
         else:
             index_np = uniform_indices(self._size, n, self._generator)
         self._sample_calls += 1
-        index = self._to_device(torch.from_numpy(index_np))
+        index = torch.from_numpy(index_np)
+        if not self._on_cpu:
+            index = index.to(self.device)
+        # rows ``index`` of every store. On the CPU NumPy's ``take`` does it single-threaded:
+        # torch's ``index_select`` splits large gathers over OpenMP threads and can stall for
+        # milliseconds when other processes hold the cores.
         batch = {
-            key: self._gather(key, store, index_np, index) for key, store in self._data.items()
+            key: store.index_select(0, index)
+            if view is None
+            else torch.from_numpy(view.take(index_np, axis=0))
+            for key, view, store in self._access
         }
         batch["index"] = index
         if weight is not None:
             batch["weight"] = self._to_device(torch.from_numpy(weight.astype(np.float32)))
         return batch
-
-    def _gather(self, key: str, store: Tensor, index_np: np.ndarray, index: Tensor) -> Tensor:
-        """Rows ``index`` of ``store``. On the CPU NumPy's ``take`` does it single-threaded:
-        torch's ``index_select`` splits large gathers over OpenMP threads and can stall for
-        milliseconds when other processes hold the cores."""
-        view = self._numpy_views.get(key)
-        if view is not None:
-            return torch.from_numpy(np.take(view, index_np, axis=0))
-        return store.index_select(0, index)
 
     def _sample_prioritized(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """``(n,)`` slots drawn with replacement, ``P(i) = p_i / sum p``, and their weights."""

@@ -164,6 +164,26 @@ def last_writer_rows(slots: np.ndarray) -> np.ndarray:
     return np.sort(rows[rows.size - 1 - first_in_reversed])
 
 
+def drop_overwritten(slots: np.ndarray) -> np.ndarray:
+    """:func:`last_writer_rows` of ``slots``, which it also edits in place: every position
+    not returned gets ``-1``.
+
+    ``slots`` then says where each item ended up, the value ``ReplayBuffer.add`` returns, with
+    no second array to fill. In the usual batch no two items name the same slot, and this costs
+    one comparison and one ``nonzero``.
+    """
+    rows = (slots >= 0).nonzero()[0]
+    if rows.size < 2:
+        return rows
+    chosen = slots[rows]
+    if len(set(chosen.tolist())) == rows.size:
+        return rows
+    _, first_in_reversed = np.unique(chosen[::-1], return_index=True)
+    keep = np.sort(rows[rows.size - 1 - first_in_reversed])
+    slots[np.setdiff1d(rows, keep, assume_unique=True)] = -1
+    return keep
+
+
 def as_range(index: np.ndarray) -> tuple[int, int] | None:
     """``(start, stop)`` if ``index`` is ``start, start + 1, ..., stop - 1``, else ``None``."""
     if index.size == 0:
