@@ -182,3 +182,27 @@ def test_a_fixed_sharpness_exponent_can_be_chosen_from_the_cli(tmp_path, value, 
                   "--data.num_tasks", "1", "--data.epochs_per_task", "1")
     core = cli.model.net.core
     assert core.learned_sharpness is learned and core.fixed_sharpness == fixed
+
+
+@pytest.mark.parametrize("threads, env, expected", [
+    (None, None, 1), (None, "3", 3), (None, "", 1), (None, "x", 1), (2, "3", 2), (0, None, 0)])
+def test_threads_default_to_one_unless_given(threads, env, expected):
+    from cl_lightning.cli import resolve_threads
+
+    assert resolve_threads(threads, env) == expected
+
+
+def test_threads_option_sets_torch_threads_for_the_run(tiny_run, capsys, monkeypatch):
+    """--threads reaches torch before training; without it (and without
+    OMP_NUM_THREADS) a run uses one thread; a negative count is refused in one line."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        torch.set_num_threads(1)
+        tiny_run("--threads", "2", "--data.num_tasks", "1", "--data.epochs_per_task", "1")
+        assert torch.get_num_threads() == 2
+        tiny_run("--data.num_tasks", "1", "--data.epochs_per_task", "1")
+        assert torch.get_num_threads() == 1
+        line = refused(capsys, tiny_run, "--threads", "-1")
+        assert "--threads" in line
+    finally:
+        torch.set_num_threads(1)
