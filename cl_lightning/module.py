@@ -65,6 +65,11 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
             all of the stream's classes, for every query (replayed ones too) and the
             labels it recalls (the buffer keeps the true labels): weights that memorised
             the buffer cannot answer either, only the recalled labels can.
+        recall_from_batch: with a net that recalls, the probability that a training step's
+            queries recall from the step's own current-task samples (each query's nearest
+            other samples) instead of the replay buffer: a dense store of one task, like a
+            few-shot support, where following the recalled labels pays (with
+            ``label_shuffle``, it is the only way). 0: always the buffer.
         recall_refresh: with a net that recalls (``MemoryAgent(recall_slots > 0)``), every
             key of the replay buffer's index is recomputed after this many training steps;
             in between only new items are encoded.
@@ -89,6 +94,7 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
         support_fraction: float = 0.5,
         label_shuffle: float = 0.0,
         label_shuffle_replay: bool = False,
+        recall_from_batch: float = 0.0,
         recall_refresh: int = 50,
         local_adaptation: LocalAdaptation | None = None,
         use_head_fast_path: bool = True,
@@ -120,6 +126,11 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
             raise OptionError("model.label_shuffle_replay needs a net that recalls "
                              "(model.net.init_args.recall_slots > 0); set it to false")
         self.label_shuffle_replay = label_shuffle_replay
+        require_in_range(0.0, 1.0, "model.", recall_from_batch=recall_from_batch)
+        if recall_from_batch > 0 and not self.recalling:
+            raise OptionError("model.recall_from_batch needs a net that recalls "
+                              "(model.net.init_args.recall_slots > 0); set it to 0")
+        self.recall_from_batch = recall_from_batch
         if context and not getattr(self.net, "supports_context", False):
             raise OptionError(
                 f"model.context=true needs a model that reads a context "
@@ -190,7 +201,7 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
         inputs = self.train_inputs(batch)
         replay = batch.get("replay", torch.zeros_like(batch["y"], dtype=torch.bool))
         support = self.support_mask(replay)
-        recall = self.train_recall(inputs, batch["x"]) if self.recalling else None
+        recall = self.train_recall(inputs, batch["x"], batch["y"], replay)
         label_map = self.episode_label_map(replay, bool(support.any()) or recall is not None)
         targets = batch["y"]
         if label_map is not None:  # a shuffled-label episode: labels and recalls relabelled

@@ -31,6 +31,7 @@ class Recalling:
     device: torch.device
     recall_index: EpisodicIndex
     local_adaptation: LocalAdaptation | None
+    recall_from_batch: float
     _epoch_means: EpochMeans
 
     def plugins(self) -> list[LearnerPlugin]:  # provided by the learner
@@ -70,9 +71,20 @@ class Recalling:
         store's items, for :meth:`retrieve`."""
         return self.net.recall_keys(store["x"]).float(), fingerprint(store["x"])
 
-    def train_recall(self, inputs: torch.Tensor, raw: torch.Tensor) -> Recall | None:
-        """The recall of a training batch from the replay buffer (None before anything is
-        stored); the buffer's index is kept current on its refresh schedule."""
+    def train_recall(self, inputs: torch.Tensor, raw: torch.Tensor, labels: torch.Tensor,
+                     replay: torch.Tensor) -> Recall | None:
+        """The recall of a training batch (None for a net that does not recall): with
+        probability ``recall_from_batch`` from the batch's own current-task samples (true
+        ``labels``; ``replay`` marks the replayed rows), else from the replay buffer
+        (None before anything is stored), whose index is kept current on its refresh
+        schedule."""
+        if not self.recalling:
+            return None
+        current = ~replay
+        if (self.recall_from_batch > 0 and int(current.sum()) > self.net.recall_slots
+                and torch.rand(()) < self.recall_from_batch):
+            own = {"x": raw[current], "y": labels[current]}
+            return self.retrieve(inputs, raw, own, *self.index_store(own))
         store = self.store()
         if store is None:
             return None

@@ -208,3 +208,36 @@ def test_context_and_recall_together_are_refused_before_training(tiny_run, capsy
     line = refused(capsys, tiny_run, *CLI_AGENT, "--model.net.recall_slots", "2",
                    "--model.context", "true")
     assert "model.context=true and a net that recalls" in line
+
+
+def test_recall_from_batch_reads_the_nearest_other_current_samples(capsys, tiny_run):
+    """With ``recall_from_batch`` 1 a training step's queries recall from the step's own
+    current-task samples: each query's true nearest other current samples (never itself,
+    never a replayed row), with their true labels; 0 keeps the buffer; the option needs
+    a net that recalls."""
+    from cl_lightning.module import ContinualLearner
+    from cl_lightning.stream import StreamInfo
+
+    info = StreamInfo("domain-il", 2, 3, (4,), ((0, 1, 2), (0, 1, 2)))
+    learner = ContinualLearner(
+        net=lambda s, c: MemoryAgent(s, c, recall_slots=2, recall_key="input", **SMALL_AGENT),
+        stream=info, recall_from_batch=1.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 4, generator=g)
+    y = torch.randint(0, 3, (10,), generator=g)
+    replay = torch.zeros(10, dtype=torch.bool)
+    replay[7:] = True
+    recall = learner.train_recall(x, x, y, replay)
+    current = (~replay).nonzero().squeeze(1)
+    got = current[recall.index]  # batch rows of each query's neighbours
+    cos = F.normalize(x, dim=1) @ F.normalize(x[current], dim=1).T
+    cos[current, torch.arange(len(current))] = -2  # a query never recalls itself
+    expected = current[cos.topk(2, dim=1).indices]
+    assert torch.equal(got.sort(1).values, expected.sort(1).values)
+    assert torch.equal(recall.y, y[got]) and bool(recall.valid.all())
+    # with 0 (the default) and no buffer there is nothing to recall
+    learner.recall_from_batch = 0.0
+    learner.trainer = None
+    assert learner.train_recall(x, x, y, replay) is None
+    line = refused(capsys, tiny_run, "--model.recall_from_batch", "0.5")
+    assert "model.recall_from_batch" in line
