@@ -105,3 +105,22 @@ def test_terminal_tables_are_printed_whole_when_stdout_is_not_a_terminal(capsys)
     for text in (long_name, "avg_incremental_accuracy", "ema/domain_il, trained tasks (mean)",
                  *keys, "T19"):
         assert text in out, text
+
+
+@pytest.mark.parametrize("tasks", [3, 50])
+def test_heatmap_shows_every_cell_at_a_bounded_size(tasks):
+    """The heatmap holds the whole matrix, but a long stream's figure stays at most 8
+    inches a side with at most 20 ticks per axis (it is drawn at every task end)."""
+    from callbacks.report import accuracy_heatmap, plt
+
+    rows = [[float(i + j) for j in range(tasks)] for i in range(tasks)]
+    fig = accuracy_heatmap(rows, "m")
+    try:
+        ax = fig.axes[0]
+        assert ax.images[0].get_array().shape == (tasks, tasks)
+        assert max(fig.get_size_inches()) <= 8.0
+        ticks = ax.get_xticks()
+        assert 1 <= len(ticks) <= 20 and ticks[0] == 0
+        assert len(ticks) == tasks if tasks <= 20 else ticks[-1] >= tasks - 3
+    finally:
+        plt.close(fig)

@@ -241,3 +241,24 @@ def test_recall_from_batch_reads_the_nearest_other_current_samples(capsys, tiny_
     assert learner.train_recall(x, x, y, replay) is None
     line = refused(capsys, tiny_run, "--model.recall_from_batch", "0.5")
     assert "model.recall_from_batch" in line
+
+
+def test_recall_gate_starts_as_the_plain_vote_and_scales_it_by_the_nearest_cosine():
+    torch.manual_seed(0)
+    plain = MemoryAgent((4,), 3, recall_slots=2, **SMALL_AGENT)
+    gated = MemoryAgent((4,), 3, recall_slots=2, recall_gate=True, **SMALL_AGENT)
+    state = {k: v for k, v in gated.state_dict().items() if k != "recall_gate"}
+    plain.load_state_dict(state)
+    x = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+    stored = torch.tensor([[1.0, 0, 0, 0], [0, 0, 1.0, 0]])  # query 0 has an exact match
+    recall = Recall(stored, torch.tensor([[0, 1], [0, 1]]), torch.tensor([[2, 1], [2, 1]]),
+                    torch.ones(2, 2, dtype=torch.bool))
+    _, base = plain.recall_state(x, plain.encoder(x), recall)
+    _, start = gated.recall_state(x, gated.encoder(x), recall)
+    torch.testing.assert_close(start, base)  # softplus(0 * cos + log(e - 1)) = 1
+    with torch.no_grad():
+        gated.recall_gate[0] = 2.0
+    _, scaled = gated.recall_state(x, gated.encoder(x), recall)
+    b = math.log(math.e - 1)
+    torch.testing.assert_close(scaled[0], base[0] * F.softplus(torch.tensor(2.0 + b)))
+    torch.testing.assert_close(scaled[1], base[1])  # nearest cosine 0: the gate stays 1

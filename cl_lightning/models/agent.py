@@ -123,6 +123,8 @@ class TokenClassifier(Classifier):
         if not recalled and self.recall_slots:
             unused += [*self.recall_word.parameters(), *self.recall_label.parameters(),
                        self.recall_strength]
+            if getattr(self, "recall_gate", None) is not None:
+                unused.append(self.recall_gate)
         return sum((p.sum() * 0.0 for p in unused), torch.zeros((), device=self.head.weight.device))
 
     def forward(self, x: torch.Tensor, context: Context | None = None,
@@ -168,6 +170,9 @@ class MemoryAgent(TokenClassifier):
             of neighbours the learner retrieves from the replay buffer); 0 turns the
             episodic read off. Must leave free slots: ``< memory_slots``.
         recall_strength: initial sharpness of the primed content read (learned).
+        recall_gate: scale the recalled-label log-odds by a learned function of how close
+            the nearest recalled neighbour is (``softplus(a * cos + b)``, starting at 1), so
+            the head can trust a close neighbour's label more than a far one's.
         recall_key: what items are stored and searched by: ``input`` (the raw input: a
             key that never drifts, the better one measured on the synthetic stream and
             Split-MNIST), ``tokens`` (the encoder's tokens, flattened: learned, drifts as
@@ -194,6 +199,7 @@ class MemoryAgent(TokenClassifier):
         recall_slots: int = 0,
         recall_strength: float = 10.0,
         recall_key: RecallKey = "input",
+        recall_gate: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(input_shape, num_classes, **kwargs)
@@ -221,6 +227,8 @@ class MemoryAgent(TokenClassifier):
             # softplus^-1: the read starts with the configured sharpness
             self.recall_strength = nn.Parameter(
                 torch.tensor(float(recall_strength)).expm1().log())
+        self.recall_gate = nn.Parameter(torch.tensor([0.0, math.log(math.e - 1)])) \
+            if recall_slots and recall_gate else None
         self.core = DNC(self.encoder.token_dim, core_output, hidden_size=hidden_size,
                         memory_slots=memory_slots, word_size=word_size, read_heads=read_heads,
                         write_heads=write_heads, clip_value=clip_value, masking=masking,
@@ -280,7 +288,14 @@ class MemoryAgent(TokenClassifier):
         state = state._replace(memory=memory, usage=usage, read_weights=read_w.contiguous(),
                                read_vectors=read_v.contiguous())
         votes = torch.zeros(b, self.recall_size, dtype=weights.dtype, device=weights.device)
-        return state, recall_log_votes(votes.scatter_add(1, recall.y, weights))
+        log_votes = recall_log_votes(votes.scatter_add(1, recall.y, weights))
+        if self.recall_gate is not None:
+            cos = torch.einsum("bd,bkd->bk", F.normalize(query, dim=-1),
+                               F.normalize(keys, dim=-1)).masked_fill(~valid, -1.0)
+            nearest_cos = cos.max(1, keepdim=True).values
+            log_votes = log_votes * F.softplus(self.recall_gate[0] * nearest_cos
+                                               + self.recall_gate[1])
+        return state, log_votes
 
 
 class LSTMClassifier(TokenClassifier):
