@@ -8,8 +8,8 @@ import torch
 from tests.conftest import read_results
 
 AGENT = ["--model.net", "cl_lightning.models.agent.MemoryAgent",
-         "--model.net.memory_slots", "8", "--model.net.word_size", "4",
-         "--model.net.read_heads", "1", "--model.net.hidden_size", "12",
+         "--model.net.dnc.memory_slots", "8", "--model.net.dnc.word_size", "4",
+         "--model.net.dnc.read_heads", "1", "--model.net.dnc.hidden_size", "12",
          "--model.net.core_output", "12", "--model.net.token_dim", "8",
          "--model.net.num_tokens", "2"]
 META = ["--model.meta", "cl_lightning.meta.MetaLearning", "--model.meta.steps", "2",

@@ -98,7 +98,7 @@ def test_bad_values_fail_before_training_with_the_option_name(tmp_path, capsys, 
 
 
 AGENT = ["--model.net", "cl_lightning.models.agent.MemoryAgent", "--model.net.num_tokens", "2",
-         "--model.net.memory_slots", "8", "--model.net.word_size", "8"]
+         "--model.net.dnc.memory_slots", "8", "--model.net.dnc.word_size", "8"]
 
 
 @pytest.mark.parametrize(
@@ -108,8 +108,8 @@ AGENT = ["--model.net", "cl_lightning.models.agent.MemoryAgent", "--model.net.nu
         (["--model.optimizer.lr", "-1"],
          "error: model.optimizer: Invalid learning rate: -1.0; fix it in "
          "model.optimizer.init_args"),
-        ([*AGENT, "--model.net.init_args.read_heads", "0"],
-         "error: model.net.read_heads must be >= 1, got 0"),
+        ([*AGENT, "--model.net.init_args.dnc.read_heads", "0"],
+         "error: model.net.init_args.dnc.read_heads must be >= 1, got 0"),
         (["--model.support_fraction", "2"],
          "error: model.support_fraction must be in [0.05, 0.95]"),
         (["--ckpt_path", "missing.ckpt"], "error: ckpt_path: no file missing.ckpt"),
@@ -178,7 +178,7 @@ def test_single_task_stream(tmp_path):
 
 @pytest.mark.parametrize("value, learned, fixed", [("2.5", False, 2.5), ("true", True, None)])
 def test_a_fixed_sharpness_exponent_can_be_chosen_from_the_cli(tmp_path, value, learned, fixed):
-    cli = run_cli(tmp_path, *AGENT, "--model.net.init_args.sharpness", value,
+    cli = run_cli(tmp_path, *AGENT, "--model.net.init_args.dnc.sharpness", value,
                   "--data.num_tasks", "1", "--data.epochs_per_task", "1")
     core = cli.model.net.core
     assert core.learned_sharpness is learned and core.fixed_sharpness == fixed

@@ -25,6 +25,15 @@ def print_config(capsys, *files):
     return yaml.safe_load(capsys.readouterr().out)
 
 
+def holds(got, wanted) -> bool:
+    """``got`` has ``wanted``'s values; a nested block (e.g. ``dnc``) may add fields that
+    the resolved config fills with their defaults."""
+    if isinstance(wanted, dict):
+        return isinstance(got, dict) and all(k in got and holds(got[k], v)
+                                             for k, v in wanted.items())
+    return got == wanted
+
+
 @pytest.mark.parametrize("config", STREAMS, ids=lambda p: p.name)
 def test_stream_config_parses(capsys, config):
     cfg = print_config(capsys, config)
@@ -43,8 +52,7 @@ def test_method_config_composes(capsys, stream, method):
     for key, value in method_cfg.get("model", {}).items():  # e.g. model.meta, model.context
         if isinstance(value, dict) and "init_args" in value:
             assert cfg["model"][key]["class_path"] == value["class_path"]
-            assert all(cfg["model"][key]["init_args"][k] == v
-                       for k, v in value["init_args"].items())
+            assert holds(cfg["model"][key]["init_args"], value["init_args"])
         else:
             assert cfg["model"][key] == value
     for key, value in method_cfg.get("data", {}).get("init_args", {}).items():  # e.g. joint
@@ -69,6 +77,10 @@ def test_full_agent_composes_on_every_stream(capsys, stream, esmer, images):
     model = cfg["model"]
     assert model["net"]["class_path"] == "cl_lightning.models.agent.MemoryAgent"
     assert model["net"]["init_args"]["encoder"] == ("cnn" if images else "vector")
+    assert model["net"]["init_args"]["dnc"] == {  # every DNCOptions field, the rest defaults
+        "hidden_size": 64, "memory_slots": 32, "word_size": 32, "read_heads": 2,
+        "write_heads": 1, "clip_value": 20.0, "masking": False, "dealloc": False,
+        "sharpness": False, "compile_step": False}
     assert model["optimizer"]["class_path"] == "torch.optim.Adam"
     assert model["optimizer"]["init_args"]["lr"] == 0.001
     assert model["meta"]["init_args"]["steps"] == 5 and model["context"] is True

@@ -25,9 +25,10 @@ METHODS = CONFIGS / "methods"
 TINY = ["--data.num_tasks", "2", "--data.train_per_task", "64", "--data.test_per_task", "32",
         "--data.input_dim", "8", "--data.num_classes", "4", "--data.epochs_per_task", "1",
         "--data.batch_size", "8"]
-SMALL_AGENT = ["--model.net.init_args.memory_slots", "12", "--model.net.init_args.word_size",
-               "8", "--model.net.init_args.hidden_size", "16", "--model.net.init_args.token_dim",
-               "16", "--model.net.init_args.core_output", "16"]
+SMALL_AGENT = ["--model.net.init_args.dnc.memory_slots", "12",
+               "--model.net.init_args.dnc.word_size", "8",
+               "--model.net.init_args.dnc.hidden_size", "16",
+               "--model.net.init_args.token_dim", "16", "--model.net.init_args.core_output", "16"]
 LSTM = ["--model.net", "cl_lightning.models.agent.LSTMClassifier",
         "--model.net.num_tokens", "2", "--model.net.hidden_size", "16"]
 

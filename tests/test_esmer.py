@@ -218,9 +218,9 @@ def test_esmer_with_the_memory_agent(tmp_path):
     res = read_results(run_cli(
         tmp_path, *ESMER_ARGS, "--model.net", "cl_lightning.models.agent.MemoryAgent",
         "--model.net.num_tokens", "2", "--model.net.token_dim", "16",
-        "--model.net.core_output", "32", "--model.net.hidden_size", "32",
-        "--model.net.memory_slots", "16", "--model.net.word_size", "8",
-        "--model.net.read_heads", "2"))
+        "--model.net.core_output", "32", "--model.net.dnc.hidden_size", "32",
+        "--model.net.dnc.memory_slots", "16", "--model.net.dnc.word_size", "8",
+        "--model.net.dnc.read_heads", "2"))
     working = res["variants"]["domain_il"]["accuracy_matrix"]
     assert res["primary_variant"] == "ema/domain_il"
     assert all(working[t][t] > res["variants"]["domain_il"]["initial_accuracy"][t] + 20

@@ -9,6 +9,7 @@ from torch.func import functional_call
 from cl_lightning.meta import MetaLearning, inner_loop, multi_step_weights, select_parameters
 from cl_lightning.models.agent import LSTMClassifier, MemoryAgent
 from cl_lightning.models.backbones import MLP
+from cl_lightning.models.dnc import DNCOptions
 from cl_lightning.module import ContinualLearner
 from cl_lightning.stream import StreamInfo
 
@@ -101,8 +102,8 @@ def test_select_parameters_groups_and_errors():
         select_parameters(mlp, "controller")
     with pytest.raises(ValueError, match="unknown parameters"):
         select_parameters(mlp, ["head.weight", "nope"])
-    agent = MemoryAgent((8,), 3, hidden_size=8, memory_slots=4, word_size=4, read_heads=1,
-                        core_output=8, token_dim=4)
+    agent = MemoryAgent((8,), 3, dnc=DNCOptions(hidden_size=8, memory_slots=4, word_size=4,
+                                                read_heads=1), core_output=8, token_dim=4)
     ctrl = select_parameters(agent, "controller")
     assert ctrl and all(n.split(".")[1] in ("input_gates", "recurrent_gates", "interface")
                         for n in ctrl)
@@ -128,7 +129,8 @@ def test_multi_step_weights_anneal_to_the_last_step():
 
 def _tiny_agent(dtype=torch.float64):
     torch.manual_seed(0)
-    return MemoryAgent((6,), 3, hidden_size=6, memory_slots=5, word_size=3, read_heads=2,
+    return MemoryAgent((6,), 3, dnc=DNCOptions(hidden_size=6, memory_slots=5, word_size=3,
+                                               read_heads=2),
                        core_output=6, num_tokens=2, token_dim=4).to(dtype)
 
 

@@ -1,15 +1,20 @@
 """Model zoo: the MemoryAgent, its encoders and the baselines."""
 
+import dataclasses
+import inspect
+
 import pytest
 import torch
 
 from cl_lightning.models.agent import LSTMClassifier, MemoryAgent
 from cl_lightning.models.backbones import MLP
+from cl_lightning.models.dnc import DNC, DNCOptions
 from cl_lightning.models.encoders import RowTokens, build_encoder
 from cl_lightning.models.resnet import ResNet18
 from tests.conftest import read_results, run_cli
 
-SMALL_DNC = dict(core_output=16, hidden_size=16, memory_slots=8, word_size=6, read_heads=2)
+SMALL_DNC = dict(core_output=16,
+                 dnc=DNCOptions(hidden_size=16, memory_slots=8, word_size=6, read_heads=2))
 
 
 def test_row_tokens_are_the_image_rows():
@@ -44,6 +49,34 @@ def test_memory_is_fresh_for_every_sample():
     x2 = x.clone()
     x2[1:] = torch.randn(4, 10)
     assert torch.allclose(agent(x2)[0], batched[0], atol=1e-5)
+
+
+def test_dnc_options_are_the_dnc_constructor_options_with_its_defaults():
+    """DNCOptions restates DNC's keyword arguments: same names, same defaults, so the two
+    cannot drift apart (MemoryAgent passes ``asdict(options)`` to ``DNC``)."""
+    params = inspect.signature(DNC.__init__).parameters
+    fields = dataclasses.fields(DNCOptions)
+    assert {f.name for f in fields} <= set(params)
+    assert {f.name: f.default for f in fields} == {f.name: params[f.name].default
+                                                   for f in fields}
+    # a MemoryAgent's core is built from its options, all of them
+    options = DNCOptions(hidden_size=12, memory_slots=16, word_size=8, read_heads=3,
+                         write_heads=2, clip_value=5.0, masking=True, dealloc=True,
+                         sharpness=2.0)
+    core = MemoryAgent((10,), 4, core_output=6, num_tokens=2, token_dim=5, dnc=options).core
+    assert isinstance(core, DNC) and core.output_size == 6 and core.input_size == 5
+    assert (core.hidden_size, core.memory_slots, core.word_size, core.read_heads,
+            core.write_heads, core.clip_value) == (12, 16, 8, 3, 2, 5.0)
+    assert core.masking and core.dealloc and core.fixed_sharpness == 2.0
+    assert not core.learned_sharpness and not core.compile_step
+    # no options: the DNC's defaults; the parameter names are the DNC's, under ``core.``
+    default = MemoryAgent((10,), 4, num_tokens=2, token_dim=5).core
+    assert (default.hidden_size, default.memory_slots, default.word_size,
+            default.read_heads) == (128, 128, 64, 4)
+    assert {n for n, _ in default.named_parameters()} == {
+        n for n, _ in DNC(5, 128).named_parameters()}
+    with pytest.raises(ValueError, match=r"model\.net\.init_args\.dnc\.read_heads must be >= 1"):
+        MemoryAgent((10,), 4, dnc=DNCOptions(read_heads=0))
 
 
 def test_lstm_baseline_has_the_same_interface():
@@ -84,9 +117,9 @@ def test_memory_agent_learns_the_stream_through_the_cli(tmp_path):
     res = read_results(run_cli(
         tmp_path, "--model.net", "cl_lightning.models.agent.MemoryAgent",
         "--model.net.num_tokens", "2", "--model.net.token_dim", "16",
-        "--model.net.core_output", "32", "--model.net.hidden_size", "32",
-        "--model.net.memory_slots", "16", "--model.net.word_size", "8",
-        "--model.net.read_heads", "2"))
+        "--model.net.core_output", "32", "--model.net.dnc.hidden_size", "32",
+        "--model.net.dnc.memory_slots", "16", "--model.net.dnc.word_size", "8",
+        "--model.net.dnc.read_heads", "2"))
     m, init = res["accuracy_matrix"], res["initial_accuracy"]
     assert all(m[t][t] > init[t] + 20 for t in range(3))
 
@@ -95,8 +128,8 @@ def run_monitored_agent(tmp_path, *extra):
     """The tiny stream with a small MemoryAgent and a MemoryMonitor; ``extra`` after."""
     return run_cli(tmp_path, "--model.net", "cl_lightning.models.agent.MemoryAgent",
                    "--model.net.token_dim", "8", "--model.net.core_output", "16",
-                   "--model.net.hidden_size", "16", "--model.net.memory_slots", "8",
-                   "--model.net.word_size", "4",
+                   "--model.net.dnc.hidden_size", "16", "--model.net.dnc.memory_slots", "8",
+                   "--model.net.dnc.word_size", "4",
                    "--trainer.callbacks+=callbacks.memory_monitor.MemoryMonitor", *extra)
 
 
@@ -105,7 +138,8 @@ def test_memory_monitor_logs_slot_maps_and_read_modes(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cli = run_monitored_agent(tmp_path, "--model.net.num_tokens", "3",
-                              "--model.net.read_heads", "2", "--trainer.callbacks.probe_size", "4")
+                              "--model.net.dnc.read_heads", "2",
+                              "--trainer.callbacks.probe_size", "4")
     acc = EventAccumulator(cli.trainer.log_dir, size_guidance={"images": 0})
     acc.Reload()
     assert "memory/slots" in acc.Tags()["images"]
@@ -123,7 +157,7 @@ def test_memory_monitor_measures_reads_and_writes_of_recalled_slots(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cli = run_monitored_agent(
-        tmp_path, "--model.net.num_tokens", "2", "--model.net.read_heads", "1",
+        tmp_path, "--model.net.num_tokens", "2", "--model.net.dnc.read_heads", "1",
         "--model.net.recall_slots", "4", "--model.net.recall_strength", "30",
         "--trainer.callbacks.probe_size", "16",
         "--trainer.callbacks+=callbacks.replay.ExperienceReplay",

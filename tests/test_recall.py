@@ -1,6 +1,7 @@
 """Recall: nearest-neighbour retrieval from the store, its cached index, the agent's
 memory written with recalled experiences, and training that needs the read path."""
 
+import dataclasses
 import math
 import os
 
@@ -10,13 +11,17 @@ import torch.nn.functional as F
 
 from cl_lightning.episodic_index import EpisodicIndex, fingerprint, nearest, same_item
 from cl_lightning.models.agent import MemoryAgent
+from cl_lightning.models.dnc import DNCOptions
 from cl_lightning.models.recall import VOTE_FLOOR, Recall, recall_weights, same_label_mass
 from tests.conftest import read_results, refused
 
-SMALL_AGENT = dict(core_output=12, hidden_size=12, memory_slots=8, word_size=6,
-                   read_heads=1, num_tokens=2, token_dim=8)
+SMALL_DNC = DNCOptions(hidden_size=12, memory_slots=8, word_size=6, read_heads=1)
+SMALL_AGENT = dict(core_output=12, dnc=SMALL_DNC, num_tokens=2, token_dim=8)
 CLI_AGENT = ["--model.net", "cl_lightning.models.agent.MemoryAgent",
-             *[a for k, v in SMALL_AGENT.items() for a in (f"--model.net.{k}", str(v))]]
+             *[a for k, v in SMALL_AGENT.items() if k != "dnc"
+               for a in (f"--model.net.{k}", str(v))],
+             *[a for k in ("hidden_size", "memory_slots", "word_size", "read_heads")
+               for a in (f"--model.net.dnc.{k}", str(getattr(SMALL_DNC, k)))]]
 ER = ["--trainer.callbacks+=callbacks.replay.ExperienceReplay",
       "--trainer.callbacks.capacity", "60", "--trainer.callbacks.replay_batch_size", "8"]
 
@@ -122,8 +127,14 @@ def test_agent_writes_recalled_neighbours_into_memory_and_votes_their_labels():
 
 
 def test_bad_recall_options_fail_with_the_option_name():
-    with pytest.raises(ValueError, match="recall_slots .*must be below memory_slots"):
-        MemoryAgent((4,), 3, **{**SMALL_AGENT, "memory_slots": 4}, recall_slots=4)
+    with pytest.raises(ValueError, match="recall_slots .*must be below "
+                                         r"model\.net\.init_args\.dnc\.memory_slots"):
+        MemoryAgent((4,), 3, **{**SMALL_AGENT,
+                                "dnc": dataclasses.replace(SMALL_DNC, memory_slots=4)},
+                    recall_slots=4)
+    with pytest.raises(ValueError, match=r"model\.net\.init_args\.dnc\.word_size must be >= 2"):
+        MemoryAgent((4,), 3, **{**SMALL_AGENT, "dnc": dataclasses.replace(SMALL_DNC, word_size=1)},
+                    recall_slots=2)
     with pytest.raises(ValueError, match="model.net.recall_key"):
         MemoryAgent((4,), 3, recall_slots=2, recall_key="pixels", **SMALL_AGENT)
     with pytest.raises(ValueError, match="model.net.recall_slots must be >= 0"):

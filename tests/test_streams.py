@@ -620,8 +620,9 @@ def test_full_agent_one_cli_epoch_per_task_on_colour_images(tmp_path, cifar10, u
     """The shipped composition for colour streams (stream + ESMER + agent + agent_cnn + MAML +
     context), shrunk: the CNN encoder's tokens feed the DNC, MAML adapts the head, ESMER
     reports its semantic memory, and every task is trained and evaluated."""
-    small = ("--model.net.init_args.cnn_width", "4", "--model.net.init_args.memory_slots", "8",
-             "--model.net.init_args.word_size", "8", "--model.net.init_args.hidden_size", "16",
+    small = ("--model.net.init_args.cnn_width", "4", "--model.net.init_args.dnc.memory_slots", "8",
+             "--model.net.init_args.dnc.word_size", "8",
+             "--model.net.init_args.dnc.hidden_size", "16",
              "--model.net.init_args.core_output", "16", "--model.meta.init_args.steps", "2")
     res = run_fit(tmp_path, "SplitCIFAR10", cifar10[0], "--trainer.limit_train_batches", "3",
                   configs=("split_cifar10.yaml", "split_cifar10/esmer_200.yaml",

@@ -18,6 +18,7 @@ head's weight matrix).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -28,11 +29,12 @@ from torch import nn
 
 from cl_lightning.checks import OptionError, require_at_least
 from cl_lightning.models.backbones import Classifier
-from cl_lightning.models.dnc import DNC
+from cl_lightning.models.dnc import DNC, DNCOptions
 from cl_lightning.models.encoders import EncoderKind, build_encoder
 from cl_lightning.models.recall import Recall, recall_log_votes, recall_weights
 
 Readout = Literal["last", "mean"]
+DNC_DEFAULTS = DNCOptions()
 RecallKey = Literal["tokens", "mean", "input"]
 Context = tuple[torch.Tensor, torch.Tensor]
 """Labeled examples ``(xc: (M, *input_shape), yc: (M,))`` a query may read first."""
@@ -153,22 +155,13 @@ class MemoryAgent(TokenClassifier):
         input_shape: shape of one input (linked from the stream).
         num_classes: number of logits (linked from the stream).
         core_output: width of the DNC's output (the head's input).
-        hidden_size: LSTM controller units.
-        memory_slots: memory rows N.
-        word_size: memory word width W.
-        read_heads: read heads R.
-        write_heads: write heads.
-        clip_value: clamp of the interface pre-activations.
-        masking: key/memory masking (Csordas & Schmidhuber 2019).
-        dealloc: zero freed slots (Csordas & Schmidhuber 2019).
-        sharpness: link-distribution sharpening (Csordas & Schmidhuber 2019): ``true``
-            learned, a positive float a fixed exponent, ``false`` off.
-        compile_step: compile the DNC's time step with ``torch.compile`` (see
-            :class:`~cl_lightning.models.dnc.DNC`): about 3x faster memory-as-context
-            reading on a CPU, after a compile of tens of seconds at the start of the run.
+        dnc: the DNC core's memory options (:class:`~cl_lightning.models.dnc.DNCOptions`:
+            hidden_size, memory_slots, word_size, read_heads, write_heads, clip_value,
+            masking, dealloc, sharpness, compile_step). In a config:
+            ``model.net.init_args.dnc.memory_slots`` etc.
         recall_slots: memory slots that hold each query's retrieved neighbours (the number
             of neighbours the learner retrieves from the replay buffer); 0 turns the
-            episodic read off. Must leave free slots: ``< memory_slots``.
+            episodic read off. Must leave free slots: ``< dnc.memory_slots``.
         recall_strength: initial sharpness of the primed content read (learned).
         recall_gate: scale the recalled-label log-odds by a learned function of how close
             the nearest recalled neighbour is (``softplus(a * cos + b)``, starting at 1), so
@@ -186,16 +179,7 @@ class MemoryAgent(TokenClassifier):
         input_shape: Sequence[int],
         num_classes: int,
         core_output: int = 128,
-        hidden_size: int = 128,
-        memory_slots: int = 128,
-        word_size: int = 64,
-        read_heads: int = 4,
-        write_heads: int = 1,
-        clip_value: float = 20.0,
-        masking: bool = False,
-        dealloc: bool = False,
-        sharpness: bool | float = False,
-        compile_step: bool = False,
+        dnc: DNCOptions = DNC_DEFAULTS,
         recall_slots: int = 0,
         recall_strength: float = 10.0,
         recall_key: RecallKey = "input",
@@ -203,17 +187,19 @@ class MemoryAgent(TokenClassifier):
         **kwargs: Any,
     ) -> None:
         super().__init__(input_shape, num_classes, **kwargs)
-        require_at_least(1, "model.net.", core_output=core_output, hidden_size=hidden_size,
-                         memory_slots=memory_slots, word_size=word_size, read_heads=read_heads,
-                         write_heads=write_heads)
+        require_at_least(1, "model.net.", core_output=core_output)
+        require_at_least(1, "model.net.init_args.dnc.", hidden_size=dnc.hidden_size,
+                         memory_slots=dnc.memory_slots, word_size=dnc.word_size,
+                         read_heads=dnc.read_heads, write_heads=dnc.write_heads)
         require_at_least(0, "model.net.", recall_slots=recall_slots)
-        if recall_slots >= memory_slots:
+        if recall_slots >= dnc.memory_slots:
             raise OptionError(f"model.net.recall_slots ({recall_slots}) must be below "
-                             f"memory_slots ({memory_slots}) so the query has slots to write; "
-                             "lower recall_slots or raise memory_slots")
-        if word_size < 2 and recall_slots:
-            raise OptionError("model.net.word_size must be >= 2 with recall_slots > 0 "
-                             "(a key part and a label part)")
+                             f"model.net.init_args.dnc.memory_slots ({dnc.memory_slots}) so "
+                             "the query has slots to write; lower recall_slots or raise "
+                             "memory_slots")
+        if dnc.word_size < 2 and recall_slots:
+            raise OptionError("model.net.init_args.dnc.word_size must be >= 2 with "
+                             "recall_slots > 0 (a key part and a label part)")
         require_at_least(1e-3, "model.net.", recall_strength=recall_strength)
         if recall_key not in ("tokens", "mean", "input"):
             raise OptionError(f"model.net.recall_key must be 'tokens', 'mean' or 'input', "
@@ -221,18 +207,15 @@ class MemoryAgent(TokenClassifier):
         self.recall_slots, self.recall_key = recall_slots, recall_key
         self.recall_size = num_classes if recall_slots else 0
         if recall_slots:
-            key_size = word_size // 2
+            key_size = dnc.word_size // 2
             self.recall_word = nn.Linear(self._key_width(input_shape), key_size)
-            self.recall_label = nn.Embedding(num_classes, word_size - key_size)
+            self.recall_label = nn.Embedding(num_classes, dnc.word_size - key_size)
             # softplus^-1: the read starts with the configured sharpness
             self.recall_strength = nn.Parameter(
                 torch.tensor(float(recall_strength)).expm1().log())
         self.recall_gate = nn.Parameter(torch.tensor([0.0, math.log(math.e - 1)])) \
             if recall_slots and recall_gate else None
-        self.core = DNC(self.encoder.token_dim, core_output, hidden_size=hidden_size,
-                        memory_slots=memory_slots, word_size=word_size, read_heads=read_heads,
-                        write_heads=write_heads, clip_value=clip_value, masking=masking,
-                        dealloc=dealloc, sharpness=sharpness, compile_step=compile_step)
+        self.core = DNC(self.encoder.token_dim, core_output, **dataclasses.asdict(dnc))
         self.head = nn.Linear(core_output + self.recall_size, num_classes)
         if recall_slots:
             with torch.no_grad():  # start as a product of experts: net x recalled votes
