@@ -169,18 +169,14 @@ def drop_overwritten(slots: np.ndarray) -> np.ndarray:
     not returned gets ``-1``.
 
     ``slots`` then says where each item ended up, the value ``ReplayBuffer.add`` returns, with
-    no second array to fill. In the usual batch no two items name the same slot, and this costs
-    one comparison and one ``nonzero``.
+    no second array to fill. In the usual batch no two items name the same slot, and nothing is
+    edited.
     """
-    rows = (slots >= 0).nonzero()[0]
-    if rows.size < 2:
-        return rows
-    chosen = slots[rows]
-    if len(set(chosen.tolist())) == rows.size:
-        return rows
-    _, first_in_reversed = np.unique(chosen[::-1], return_index=True)
-    keep = np.sort(rows[rows.size - 1 - first_in_reversed])
-    slots[np.setdiff1d(rows, keep, assume_unique=True)] = -1
+    keep = last_writer_rows(slots)
+    if keep.size and np.count_nonzero(slots >= 0) != keep.size:
+        dropped = np.ones(slots.shape, dtype=bool)
+        dropped[keep] = False
+        slots[dropped] = -1
     return keep
 
 
