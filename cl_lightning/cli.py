@@ -63,8 +63,8 @@ class ContinualCLI(LightningCLI):
                               compute_fn=lambda dm: dm.info)
 
     def before_instantiate_classes(self) -> None:
-        cfg = self.config.get(str(self.config.get("subcommand")), self.config)
-        threads = resolve_threads(cfg.get("threads"), os.environ.get("OMP_NUM_THREADS"))
+        threads = resolve_threads(subcommand_config(self.config).get("threads"),
+                                  os.environ.get("OMP_NUM_THREADS"))
         if threads > 0:
             torch.set_num_threads(threads)
 
@@ -101,7 +101,7 @@ class ContinualCLI(LightningCLI):
         """Parse, then check an explicit ``--ckpt_path`` file before anything reads it
         (LightningCLI loads its hyperparameters right after parsing)."""
         super().parse_arguments(parser, args)
-        path = (self.config.get(str(self.config.get("subcommand")), {}) or {}).get("ckpt_path")
+        path = subcommand_config(self.config).get("ckpt_path")
         if path not in (None, "last", "auto", "best"):
             check_readable_checkpoint(path)
 
@@ -148,6 +148,12 @@ class ContinualCLI(LightningCLI):
             version = os.path.basename(os.path.dirname(os.path.dirname(path)))
             continue_logger_version(logger, version)  # log into the resumed run's directory
         return path
+
+
+def subcommand_config(config: Any) -> Any:
+    """The parsed options of the subcommand being run (``fit``, ``test``, ...), or the
+    whole config when there is no subcommand."""
+    return config.get(str(config.get("subcommand")), config) or config
 
 
 def resolve_threads(threads: int | None, omp_env: str | None) -> int:

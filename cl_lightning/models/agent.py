@@ -31,13 +31,18 @@ from cl_lightning.checks import OptionError, require_at_least
 from cl_lightning.models.backbones import Classifier
 from cl_lightning.models.dnc import DNC, DNCOptions
 from cl_lightning.models.encoders import EncoderKind, build_encoder
-from cl_lightning.models.recall import Recall, recall_log_votes, recall_weights
+from cl_lightning.models.recall import (
+    Recall,
+    recall_cosines,
+    recall_log_votes,
+    weights_from_cosines,
+)
 
 Readout = Literal["last", "mean"]
-DNC_DEFAULTS = DNCOptions()
 RecallKey = Literal["tokens", "mean", "input"]
 Context = tuple[torch.Tensor, torch.Tensor]
 """Labeled examples ``(xc: (M, *input_shape), yc: (M,))`` a query may read first."""
+DNC_DEFAULTS = DNCOptions()
 
 
 class TokenClassifier(Classifier):
@@ -213,7 +218,8 @@ class MemoryAgent(TokenClassifier):
             # softplus^-1: the read starts with the configured sharpness
             self.recall_strength = nn.Parameter(
                 torch.tensor(float(recall_strength)).expm1().log())
-        self.recall_gate = nn.Parameter(torch.tensor([0.0, math.log(math.e - 1)])) \
+        # (a, b) of softplus(a * cos + b): a = 0 and b = softplus^-1(1), a gate of 1
+        self.recall_gate = nn.Parameter(torch.tensor([0.0, torch.tensor(1.0).expm1().log()])) \
             if recall_slots and recall_gate else None
         self.core = DNC(self.encoder.token_dim, core_output, **dataclasses.asdict(dnc))
         self.head = nn.Linear(core_output + self.recall_size, num_classes)
@@ -257,7 +263,8 @@ class MemoryAgent(TokenClassifier):
         valid = recall.valid
         query = self._keys(x, tokens)  # (B, D)
         keys = self._keys(recall.x)[recall.index]  # (B, k, D)
-        weights = recall_weights(query, keys, valid, F.softplus(self.recall_strength))
+        cos = recall_cosines(query, keys)
+        weights = weights_from_cosines(cos, valid, F.softplus(self.recall_strength))
         words = torch.cat([self.recall_word(keys), self.recall_label(recall.y)], -1)
         words = words * valid[..., None].to(words.dtype)
         self.last_recall = (weights.detach(), recall.y.detach())
@@ -273,9 +280,7 @@ class MemoryAgent(TokenClassifier):
         votes = torch.zeros(b, self.recall_size, dtype=weights.dtype, device=weights.device)
         log_votes = recall_log_votes(votes.scatter_add(1, recall.y, weights))
         if self.recall_gate is not None:
-            cos = torch.einsum("bd,bkd->bk", F.normalize(query, dim=-1),
-                               F.normalize(keys, dim=-1)).masked_fill(~valid, -1.0)
-            nearest_cos = cos.max(1, keepdim=True).values
+            nearest_cos = cos.masked_fill(~valid, -1.0).max(1, keepdim=True).values
             log_votes = log_votes * F.softplus(self.recall_gate[0] * nearest_cos
                                                + self.recall_gate[1])
         return state, log_votes

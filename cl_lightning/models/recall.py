@@ -39,6 +39,12 @@ class Recall(NamedTuple):
         return Recall(self.x, self.index[rows], self.y[rows], self.valid[rows])
 
 
+def recall_cosines(query: Tensor, slots: Tensor) -> Tensor:
+    """query: ``(B, D)``; slots: ``(B, k, D)`` -> ``(B, k)`` cosine of each query with each
+    of its own slots."""
+    return torch.einsum("bd,bkd->bk", F.normalize(query, dim=-1), F.normalize(slots, dim=-1))
+
+
 def recall_weights(query: Tensor, slots: Tensor, valid: Tensor, strength: Tensor) -> Tensor:
     """Content read of each query over its own slots.
 
@@ -46,7 +52,11 @@ def recall_weights(query: Tensor, slots: Tensor, valid: Tensor, strength: Tensor
     Returns ``(B, k)``: softmax of ``strength * cos(query, slot)`` over the valid slots
     (all zeros for a query with none).
     """
-    cos = torch.einsum("bd,bkd->bk", F.normalize(query, dim=-1), F.normalize(slots, dim=-1))
+    return weights_from_cosines(recall_cosines(query, slots), valid, strength)
+
+
+def weights_from_cosines(cos: Tensor, valid: Tensor, strength: Tensor) -> Tensor:
+    """:func:`recall_weights` from already computed :func:`recall_cosines` ``(B, k)``."""
     logits = (strength * cos).masked_fill(~valid, float("-inf"))
     w = torch.softmax(logits, dim=-1)
     return torch.nan_to_num(w, nan=0.0)
