@@ -221,15 +221,24 @@ class DarkExperienceReplay(ExperienceReplay):
     its own mean (``loss_average='separate'``, the only form defined), and both minibatches
     are drawn uniformly (prioritized sampling is not defined for DER++).
 
+    With a net that recalls (``MemoryAgent(recall_slots > 0)``), ``z'`` and ``f(x')`` are
+    the logits without the recalled-label votes (:attr:`StepOutput.weight_logits`): the
+    weights' own prediction is distilled, while the votes follow the buffer as it is
+    now (a stored vote is no target for a later, different recall). ``distill_votes``
+    keeps them in.
+
     Args:
         der_alpha: weight of the logit-matching MSE term.
         der_beta: weight of the cross-entropy term on the second replay minibatch.
+        distill_votes: with a net that recalls, store and match the full logits, the
+            recalled-label votes included (no effect for other nets).
         loss_average: must be ``separate``.
         sampling: must be ``uniform``.
         **kwargs: the other options of :class:`ExperienceReplay`.
     """
 
     def __init__(self, der_alpha: float = 0.1, der_beta: float = 0.5,
+                 distill_votes: bool = False,
                  loss_average: Literal["union", "separate"] = "separate",
                  sampling: Literal["uniform", "prioritized"] = "uniform",
                  **kwargs: Any) -> None:
@@ -244,6 +253,7 @@ class DarkExperienceReplay(ExperienceReplay):
         super().__init__(loss_average=loss_average, sampling=sampling, **kwargs)
         require_at_least(0, "", der_alpha=der_alpha, der_beta=der_beta)
         self.der_alpha, self.der_beta = der_alpha, der_beta
+        self.distill_votes = distill_votes
         self._n_logit = 0
 
     def extend_batch(self, learner: ContinualLearner, batch: dict[str, torch.Tensor]
@@ -284,11 +294,16 @@ class DarkExperienceReplay(ExperienceReplay):
         logit_part, _ = self._parts(step)
         stored = self._sampled["logits"][: self._n_logit].to(step.logits.dtype)
         # stored logits are in the true label space; so is the comparison
-        return {"der_mse": self.der_alpha * F.mse_loss(step.true_logits[logit_part], stored)}
+        return {"der_mse": self.der_alpha * F.mse_loss(self._distilled(step)[logit_part],
+                                                       stored)}
+
+    def _distilled(self, step: StepOutput) -> torch.Tensor:
+        """(B, C) the logits DER++ stores and matches, in the true label space."""
+        return step.true_logits if self.distill_votes else step.weight_logits
 
     def stored_items(self, step: StepOutput) -> dict[str, torch.Tensor]:
         items = super().stored_items(step)
-        items["logits"] = step.true_logits[~step.replay_mask]
+        items["logits"] = self._distilled(step)[~step.replay_mask]
         return items
 
 

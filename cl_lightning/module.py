@@ -217,11 +217,16 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
                 inner=self.meta is not None, context=self.context,
                 context_mask=~support & ~replay, recall=recall,
                 support_recall=None if recall is None else recall.select(support))
+        take_votes = getattr(self.net, "take_vote_logits", lambda: None)
+        take_votes()  # nothing stale
         logits = self.train_logits(models[-1], inputs, batch["task"])
+        votes = take_votes()
         losses = F.cross_entropy(logits, targets, reduction="none")
         step = StepOutput(batch=batch, inputs=inputs, logits=logits, losses=losses,
                           task=self.current_task, model_kwargs=model_kwargs,
-                          label_map=label_map)
+                          label_map=label_map,
+                          vote_logits=votes if votes is not None
+                          and votes.shape == logits.shape else None)
         if recall is not None:
             self._log_recall(targets)
         weights = torch.ones_like(losses)

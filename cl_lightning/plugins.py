@@ -52,6 +52,8 @@ class StepOutput:
     label_map: (B, C) in a shuffled-label episode: row i maps each true label to the label
         sample i was trained on (``targets[i] == label_map[i, batch["y"][i]]``); None
         otherwise. :attr:`targets` and :attr:`true_logits` follow it.
+    vote_logits: (B, C) the part of ``logits`` that a recalling net's recalled-label votes
+        add (in the same label space as ``logits``); None for a net without recall.
     """
 
     batch: dict[str, torch.Tensor]
@@ -63,6 +65,7 @@ class StepOutput:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     label_map: torch.Tensor | None = None
+    vote_logits: torch.Tensor | None = None
 
     @property
     def targets(self) -> torch.Tensor:
@@ -75,9 +78,18 @@ class StepOutput:
     def true_logits(self) -> torch.Tensor:
         """(B, C) ``logits`` with columns in the true label space: column c holds the
         logit of the label c was trained as (``logits`` itself outside an episode)."""
-        if self.label_map is None:
-            return self.logits
-        return self.logits.gather(1, self.label_map)
+        return self._true_space(self.logits)
+
+    @property
+    def weight_logits(self) -> torch.Tensor:
+        """(B, C) :attr:`true_logits` without the recalled-label votes: what the weights
+        alone predict (:attr:`true_logits` for a net without recall)."""
+        if self.vote_logits is None:
+            return self.true_logits
+        return self._true_space(self.logits - self.vote_logits)
+
+    def _true_space(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.label_map is None else logits.gather(1, self.label_map)
 
     @property
     def replay_mask(self) -> torch.Tensor:
@@ -103,6 +115,7 @@ class StepOutput:
             weights=None if self.weights is None else self.weights.detach(),
             extras={k: v.detach() for k, v in self.extras.items()},
             label_map=self.label_map,
+            vote_logits=None if self.vote_logits is None else self.vote_logits.detach(),
         )
 
 

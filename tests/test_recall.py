@@ -8,11 +8,13 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import Callback
 
 from cl_lightning.episodic_index import EpisodicIndex, fingerprint, nearest, same_item
 from cl_lightning.models.agent import MemoryAgent
 from cl_lightning.models.dnc import DNCOptions
 from cl_lightning.models.recall import VOTE_FLOOR, Recall, recall_weights, same_label_mass
+from cl_lightning.plugins import LearnerPlugin
 from tests.conftest import read_results, refused
 
 SMALL_DNC = DNCOptions(hidden_size=12, memory_slots=8, word_size=6, read_heads=1)
@@ -123,7 +125,12 @@ def test_agent_writes_recalled_neighbours_into_memory_and_votes_their_labels():
     w = state.read_weights[:, 0, :3]
     assert votes[0, 2].item() == pytest.approx((w[0, 0] + w[0, 1]).item())
     assert votes[1, 2].item() == pytest.approx(0.0, abs=1e-6)
-    assert net(x, recall=recall).shape == (2, 3)
+    logits = net(x, recall=recall)
+    # the votes' part of the logits: the head over the vote features alone
+    feats = net.features(x, recall=recall)
+    without_votes = net.head(torch.cat([feats[:, :-3], torch.zeros(2, 3)], 1))
+    assert torch.allclose(net.take_vote_logits(), logits - without_votes, atol=1e-6)
+    assert net.last_vote_logits is None  # taken: no graph stays on the module
 
 
 def test_bad_recall_options_fail_with_the_option_name():
@@ -204,6 +211,40 @@ def test_recall_trains_reads_the_buffer_and_resumes_exactly_with_its_index(tiny_
     again = read_results(resumed)
     assert again["accuracy_matrix"] == res["accuracy_matrix"]
     assert again["few_shot"]["heldout"] == fs["heldout"]
+
+
+class KeepSteps(Callback, LearnerPlugin):
+    """Keeps every training step's output (a test probe)."""
+
+    plugin_order = 100
+
+    def __init__(self) -> None:
+        self.steps: list = []
+
+    def after_step(self, learner, step) -> None:
+        self.steps.append(step)
+
+
+def test_the_step_carries_the_recalled_votes_part_of_the_logits_to_der_pp(tiny_run):
+    """Through the learner: every step of a recalling net carries the votes' share of its
+    logits (None for a net without recall), and DER++ stores the rest."""
+    cli = tiny_run(*CLI_AGENT, "--model.net.recall_slots", "4",
+                   "--trainer.callbacks+=callbacks.replay.DarkExperienceReplay",
+                   "--trainer.callbacks.capacity", "60",
+                   "--trainer.callbacks.replay_batch_size", "8",
+                   "--trainer.callbacks+=tests.test_recall.KeepSteps")
+    der, keep = (next(c for c in cli.trainer.callbacks if type(c).__name__ == name)
+                 for name in ("DarkExperienceReplay", "KeepSteps"))
+    recalled = [s for s in keep.steps if "replay" in s.batch]
+    assert recalled and all(s.vote_logits is not None for s in recalled)
+    assert all(s.vote_logits.shape == s.logits.shape for s in recalled)
+    assert any(s.vote_logits.abs().max() > 0.1 for s in recalled)  # the votes count
+    last = keep.steps[-1]
+    assert torch.equal(der.stored_items(last)["logits"],
+                       (last.logits - last.vote_logits)[~last.replay_mask])
+    mlp = tiny_run("--trainer.callbacks+=tests.test_recall.KeepSteps")
+    probe = next(c for c in mlp.trainer.callbacks if type(c).__name__ == "KeepSteps")
+    assert probe.steps and all(s.vote_logits is None for s in probe.steps)
 
 
 def test_more_recall_slots_than_buffer_items_is_refused(tiny_run, capsys):

@@ -80,6 +80,28 @@ def test_der_pp_keeps_and_compares_logits_in_the_true_label_space_in_shuffled_ep
     assert torch.equal(der.stored_items(step)["logits"], unswapped[:3])
 
 
+def test_der_pp_distils_the_weights_not_the_recalled_votes_of_a_recalling_net():
+    """With a recalling net the step carries the votes' part of the logits: DER++ stores and
+    matches ``logits - votes`` (in the true label space of an episode); with
+    ``distill_votes`` the full logits, as for any other net."""
+    stored = {**batch(4, 50), "logits": torch.randn(4, 3)}
+    swap = torch.tensor([1, 0, 2])
+    logits, votes = torch.randn(5, 3), torch.randn(5, 3)
+    expected = {False: (logits - votes)[:, [1, 0, 2]], True: logits[:, [1, 0, 2]]}
+    for distill_votes, want in expected.items():
+        der = DarkExperienceReplay(capacity=20, replay_batch_size=2, der_alpha=1.0,
+                                   der_beta=0.0, distill_votes=distill_votes)
+        der.buffer = ReplayBuffer(capacity=20, seed=0)
+        der.buffer.add(stored)
+        ext = der.extend_batch(LEARNER, batch(3))
+        step = StepOutput(batch=ext, inputs=ext["x"], logits=logits, losses=torch.ones(5),
+                          task=0, label_map=swap.repeat(5, 1), vote_logits=votes)
+        ids = ext["x"][3:, 0].long() - 50
+        mse = der.extra_losses(LEARNER, step)["der_mse"]
+        assert mse == pytest.approx(F.mse_loss(want[3:], stored["logits"][ids]).item())
+        assert torch.equal(der.stored_items(step.detached())["logits"], want[:3])
+
+
 def test_er_inserts_current_samples_only():
     er = ExperienceReplay(capacity=100, replay_batch_size=4)
     er.buffer = ReplayBuffer(capacity=100, seed=0)

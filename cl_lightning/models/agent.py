@@ -134,10 +134,24 @@ class TokenClassifier(Classifier):
                 unused.append(self.recall_gate)
         return sum((p.sum() * 0.0 for p in unused), torch.zeros((), device=self.head.weight.device))
 
+    last_vote_logits: torch.Tensor | None = None
+    """(B, C) the recalled-label votes' part of the last forward's logits (``head`` over
+    the vote features alone, no bias); None for a net without recall. A strategy that
+    distils the weights' own prediction subtracts it (DER++)."""
+
     def forward(self, x: torch.Tensor, context: Context | None = None,
                 context_mask: torch.Tensor | None = None,
                 recall: Recall | None = None) -> torch.Tensor:
-        return self.head(self.features(x, context, context_mask, recall))
+        features = self.features(x, context, context_mask, recall)
+        if self.recall_size:
+            k = self.recall_size
+            self.last_vote_logits = F.linear(features[:, -k:], self.head.weight[:, -k:])
+        return self.head(features)
+
+    def take_vote_logits(self) -> torch.Tensor | None:
+        """:attr:`last_vote_logits`, cleared (no graph is kept on the module)."""
+        votes, self.last_vote_logits = self.last_vote_logits, None
+        return votes
 
 
 def _masked_expand(t: torch.Tensor, batch: int, mask: torch.Tensor | None,
