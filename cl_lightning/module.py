@@ -25,6 +25,7 @@ from cl_lightning.epoch_means import EpochMeans, epoch_means
 from cl_lightning.learner_types import ModelFn
 from cl_lightning.lightning_private import attached_trainer
 from cl_lightning.local_adaptation import LocalAdaptation
+from cl_lightning.losses import present_class_cross_entropy
 from cl_lightning.meta import MetaLearning
 from cl_lightning.models.backbones import MLP, Classifier
 from cl_lightning.plugins import LearnerPlugin, StepOutput
@@ -80,6 +81,10 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
         use_head_fast_path: when only the head adapts in the inner loop and the net is a
             head on features, compute the support features once (same values and
             gradients as the generic path, which ``false`` selects).
+        ace: asymmetric cross-entropy (ER-ACE, Caccia et al., ICLR 2022): the current-task
+            samples' cross-entropy counts only the classes present among them in the
+            step, so new data does not push the old classes' logits down; replayed
+            samples keep the full cross-entropy. For class-IL with a replay method.
     """
 
     def __init__(
@@ -98,6 +103,7 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
         recall_refresh: int = 50,
         local_adaptation: LocalAdaptation | None = None,
         use_head_fast_path: bool = True,
+        ace: bool = False,
     ) -> None:
         super().__init__()
         if stream is None:
@@ -148,6 +154,7 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
         self.local_adaptation = local_adaptation
         self.meta, self.context, self.support_fraction = meta, context, support_fraction
         self.use_head_fast_path = use_head_fast_path
+        self.ace = ace
         if meta is not None:
             meta.bind(self.net)
         self._default_meta: list[MetaLearning] = []  # few-shot inner loop when meta is None
@@ -221,7 +228,8 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
         take_votes()  # nothing stale
         logits = self.train_logits(models[-1], inputs, batch["task"])
         votes = take_votes()
-        losses = F.cross_entropy(logits, targets, reduction="none")
+        losses = (present_class_cross_entropy(logits, targets, ~replay) if self.ace
+                  else F.cross_entropy(logits, targets, reduction="none"))
         step = StepOutput(batch=batch, inputs=inputs, logits=logits, losses=losses,
                           task=self.current_task, model_kwargs=model_kwargs,
                           label_map=label_map,
