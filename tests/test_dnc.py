@@ -621,7 +621,10 @@ def test_compiled_step_equals_eager_and_copies_use_their_own_weights() -> None:
     g_eager = torch.autograd.grad(y_eager.square().sum(), list(model.parameters()))
 
     model.compile_step = True
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     y_comp, s_comp = model(x)
+    # one compiled step (forward and backward) serves every time step, the first included
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
     g_comp = torch.autograd.grad(y_comp.square().sum(), list(model.parameters()))
     torch.testing.assert_close(y_comp, y_eager, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s_comp.link, s_eager.link, atol=1e-5, rtol=1e-5)

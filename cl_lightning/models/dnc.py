@@ -353,6 +353,11 @@ class DNC(nn.Module):
         batch, steps, _ = x.shape
         if state is None:
             state = self.initial_state(batch, x.device, x.dtype)
+        if self.compile_step and torch.is_grad_enabled():
+            # One compiled graph serves every step: the first step's state must require grad
+            # like the later ones (the compiled step is specialised on requires_grad).
+            state = DNCState(*(t if t.requires_grad else t.detach().requires_grad_()
+                               for t in state))
         x_gates = self.input_gates(x).unbind(1)
         hidden, reads, diags = [], [], []
         for t in range(steps):
