@@ -12,10 +12,10 @@ LSTM controller 128, one write head) on CPU with ``torch.set_num_threads(--threa
   erase/add write and the link update + directional reads;
 * ``nolinks``: the default with ``temporal_links=False`` (content reads only, no link matrix):
   a different model, listed for what the link matrix costs;
-* ``compile-*``: the per-step function compiled with inductor (``dynamic=False``); the
-  ``compile s`` column is the first call's wall time, compilation included (it depends on
-  the inductor cache: clear it, or set ``TORCHINDUCTOR_CACHE_DIR`` to a new folder, for a
-  cold figure);
+* ``compile-*``: ``compile_step=True``, the time step compiled with inductor (one graph,
+  forward and backward, serves every step); the ``compile s`` column is the first call's
+  wall time, compilation included (it depends on the inductor cache: set
+  ``TORCHINDUCTOR_CACHE_DIR`` to a new folder for a cold figure);
 * ``*-fwd``: the forward pass only, under ``torch.no_grad()``;
 * ``pytorch-dnc``, ``pytorch-dnc-fwd`` (with ``--pytorch-dnc PATH``): the DNC of
   ixaxaar/pytorch-dnc (``pip install dnc``) at the same sizes (``nr_cells=N``,
@@ -209,7 +209,7 @@ VARIANTS = {  # name: (label, kind, compiled, backward)
 }
 
 
-def build(args: argparse.Namespace, kind: str) -> nn.Module:
+def build(args: argparse.Namespace, kind: str, compiled: bool = False) -> nn.Module:
     sizes = (args.hidden, args.memory_slots, args.word_size, args.read_heads, args.write_heads)
     if kind == "naive":
         return NaiveDNC(args.input_size, args.output_size, *sizes)
@@ -229,6 +229,7 @@ def build(args: argparse.Namespace, kind: str) -> nn.Module:
         write_heads=args.write_heads,
         fused=(kind != "autograd"),
         temporal_links=(kind != "nolinks"),
+        compile_step=compiled,
     )
 
 
@@ -267,9 +268,7 @@ def main() -> None:
     runs, first_call = {}, {}
     for name in names:
         _, kind, compiled, backward = VARIANTS[name]
-        model = build(args, kind)
-        if compiled:
-            model.step = torch.compile(model.step, dynamic=False)
+        model = build(args, kind, compiled)
         runs[name] = step_fn(model, x, backward, kind == "pytorch-dnc")
         t0 = time.perf_counter()
         runs[name]()

@@ -361,7 +361,8 @@ class DNC(nn.Module):
         x_gates = self.input_gates(x).unbind(1)
         hidden, reads, diags = [], [], []
         for t in range(steps):
-            state, diag = (compiled_step()(self, x_gates[t], state) if self.compile_step
+            state, diag = (compiled_step(x.device.type)(self, x_gates[t], state)
+                           if self.compile_step
                            else self.step(x_gates[t], state))
             hidden.append(state.h)
             reads.append(state.read_vectors.flatten(1))
@@ -492,10 +493,12 @@ class DNC(nn.Module):
 
 
 @functools.cache
-def compiled_step() -> Callable[..., tuple[DNCState, tuple[Tensor, ...]]]:
+def compiled_step(device_type: str = "cpu") -> Callable[..., tuple[DNCState, tuple[Tensor, ...]]]:
     """``DNC.step`` through ``torch.compile``, shared by every DNC and called with the module
     as its first argument: no compiled function is stored on an instance, so deepcopy (ESMER's
     semantic memory), pickling and checkpoints see a plain module, and a copy never runs
     through a function bound to its original. Built on first use (importing the compiler
-    costs seconds)."""
-    return torch.compile(DNC.step)
+    costs seconds), one per device type: on a CPU inductor's C++ wrapper calls the step's
+    kernels without Python in between (about 20% faster per step at B 32)."""
+    options = {"cpp_wrapper": True} if device_type == "cpu" else None
+    return torch.compile(DNC.step, options=options)
