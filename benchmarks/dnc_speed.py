@@ -265,6 +265,9 @@ def main() -> None:
         raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     if not args.pytorch_dnc and any(VARIANTS[n][1] == "pytorch-dnc" for n in names):
         raise SystemExit("pytorch-dnc variants need --pytorch-dnc PATH")
+    # Variants share the compiled step (compile_step): each gets static-shape graphs, as in a
+    # process of its own, instead of a dynamic-shape graph after the first guard failure.
+    torch._dynamo.config.automatic_dynamic_shapes = False
     runs, first_call = {}, {}
     for name in names:
         _, kind, compiled, backward = VARIANTS[name]
