@@ -1,24 +1,41 @@
-"""DNC forward+backward speed per time step, as a markdown table.
+"""DNC speed per time step, as a markdown table (forward+backward, and forward only).
 
 Rows are implementation variants at the same sizes (defaults: B=32, T=20, N=128, W=64, R=4,
-controller 128, one write head) on CPU with ``torch.set_num_threads(--threads)``:
+LSTM controller 128, one write head) on CPU with ``torch.set_num_threads(--threads)``:
 
 * ``naive``: a reference-style port written below (one Linear per interface field, cosine
   similarity and read vectors by broadcasting, directional weightings through a materialised
   ``B x R x N x N`` product, ``LSTMCell``, output layer every step);
-* ``dnc autograd``: :class:`~cl_lightning.models.dnc.DNC` with ``fused=False`` (fused
-  interface split, batched matmuls, plain autograd);
-* ``dnc fused``: the default, with hand-written backward passes for content addressing, the
+* ``autograd``: :class:`~cl_lightning.models.dnc.DNC` with ``fused=False`` (fused interface
+  split, batched matmuls, plain autograd);
+* ``fused``: the default, with hand-written backward passes for content addressing, the
   erase/add write and the link update + directional reads;
-* ``... + torch.compile``: the per-step function compiled with inductor.
+* ``nolinks``: the default with ``temporal_links=False`` (content reads only, no link matrix):
+  a different model, listed for what the link matrix costs;
+* ``compile-*``: ``compile_step=True``, the time step compiled with inductor (one graph,
+  forward and backward, serves every step); the ``compile s`` column is the first call's
+  wall time, compilation included (it depends on the inductor cache: set
+  ``TORCHINDUCTOR_CACHE_DIR`` to a new folder for a cold figure);
+* ``*-fwd``: the forward pass only, under ``torch.no_grad()``;
+* ``pytorch-dnc``, ``pytorch-dnc-fwd`` (with ``--pytorch-dnc PATH``): the DNC of
+  ixaxaar/pytorch-dnc (``pip install dnc``) at the same sizes (``nr_cells=N``,
+  ``cell_size=W``, ``read_heads=R``, one LSTM layer of ``--hidden`` units), imported from the
+  source tree at PATH (a clone of https://github.com/ixaxaar/pytorch-dnc).
 
-Times are medians over ``--repeats`` runs; ``cpu ms`` is process CPU time divided by the number
-of steps (less sensitive to other processes on the machine than wall time). With a GPU the
-script also reports tokens/s on CUDA.
+Every step of a run is a forward pass over the same ``(B, T, D)`` input and, except in the
+forward-only rows, the backward pass of the mean squared output. The variants are timed
+interleaved: each repeat runs every variant once, in turn, after two warm-up runs each, so a
+busy machine slows all of them alike. ``ms/step`` is wall time per time step (median and min
+over ``--repeats``); ``CPU ms`` is the median process CPU time per step (less sensitive to
+other processes sharing the core); ``x pytorch-dnc`` is pytorch-dnc's median CPU time over the
+variant's (forward-only rows against ``pytorch-dnc-fwd``). With a GPU the script also reports
+tokens/s on CUDA.
 
-Example::
+Example (one thread, pinned to one core)::
 
-    python benchmarks/dnc_speed.py --threads 2 --repeats 10
+    taskset -c 1 python benchmarks/dnc_speed.py --threads 1 --repeats 10 \
+        --pytorch-dnc /path/to/pytorch-dnc \
+        --variants pytorch-dnc,naive,autograd,fused,nolinks,pytorch-dnc-fwd,fused-fwd,nolinks-fwd
 """
 
 from __future__ import annotations
@@ -27,6 +44,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -123,42 +141,84 @@ class NaiveDNC(nn.Module):
         return torch.stack(outs, 1)
 
 
-def time_variant(model: nn.Module, x: Tensor, repeats: int, backward: bool = True) -> dict:
-    """Median wall and CPU milliseconds per time step over ``repeats`` runs (after warm-up)."""
+def pytorch_dnc_class(path: str) -> type[nn.Module]:
+    """``dnc.DNC`` from the pytorch-dnc source tree at ``path``. Its plain DNC needs only
+    torch and numpy (the optional faiss index of its sparse memories is not imported)."""
+    sys.path.insert(0, str(Path(path).resolve()))
+    try:
+        from dnc import DNC as PytorchDNC  # noqa: PLC0415 (third-party, found at run time)
+    finally:
+        sys.path.pop(0)
+    return PytorchDNC
+
+
+def step_fn(model: nn.Module, x: Tensor, backward: bool, pytorch_dnc: bool) -> Callable[[], None]:
+    """One run over the sequence: forward (+ backward of the mean squared output)."""
+
+    def forward() -> Tensor:
+        out = model(x, None) if pytorch_dnc else model(x)
+        return out[0] if isinstance(out, tuple) else out
 
     def run() -> None:
         if backward:
-            out = model(x)
-            y = out[0] if isinstance(out, tuple) else out
-            y.square().mean().backward()
+            model.zero_grad(set_to_none=True)
+            forward().square().mean().backward()
         else:
             with torch.no_grad():
-                model(x)
+                forward()
 
-    run()
-    run()
-    walls, cpus = [], []
+    return run
+
+
+def time_interleaved(runs: dict[str, Callable[[], None]], repeats: int, steps: int,
+                     sync: Callable[[], None]) -> dict[str, dict]:
+    """Per variant: median and min wall ms and median CPU ms per time step; each repeat runs
+    every variant once, in turn."""
+    walls: dict[str, list[float]] = {k: [] for k in runs}
+    cpus: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(repeats):
-        model.zero_grad(set_to_none=True)
-        w0, c0 = time.perf_counter(), time.process_time()
-        run()
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        walls.append(time.perf_counter() - w0)
-        cpus.append(time.process_time() - c0)
-    steps = x.shape[1]
+        for name, run in runs.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            run()
+            sync()
+            walls[name].append((time.perf_counter() - w0) / steps * 1e3)
+            cpus[name].append((time.process_time() - c0) / steps * 1e3)
     return {
-        "wall": statistics.median(walls) / steps * 1e3,
-        "wall_min": min(walls) / steps * 1e3,
-        "cpu": statistics.median(cpus) / steps * 1e3,
-        "tokens": x.shape[0] * steps / statistics.median(walls),
+        k: {"wall": statistics.median(walls[k]), "wall_min": min(walls[k]),
+            "cpu": statistics.median(cpus[k])}
+        for k in runs
     }
 
 
-def build(args: argparse.Namespace, kind: str) -> nn.Module:
+VARIANTS = {  # name: (label, kind, compiled, backward)
+    "pytorch-dnc": ("pytorch-dnc DNC (ixaxaar)", "pytorch-dnc", False, True),
+    "naive": ("naive reference-style port (B×R×N×N, per-field Linear)", "naive", False, True),
+    "autograd": ("ours, plain autograd (`fused=False`)", "autograd", False, True),
+    "fused": ("ours, fused backward passes (default)", "fused", False, True),
+    "nolinks": ("ours, `temporal_links=False` (content reads only)", "nolinks", False, True),
+    "compile-autograd": ("ours, plain autograd + torch.compile(step)", "autograd", True, True),
+    "compile-fused": ("ours, fused + torch.compile(step)", "fused", True, True),
+    "compile-nolinks": ("ours, `temporal_links=False` + torch.compile(step)", "nolinks", True,
+                        True),
+    "pytorch-dnc-fwd": ("pytorch-dnc DNC, forward only", "pytorch-dnc", False, False),
+    "autograd-fwd": ("ours, plain autograd, forward only", "autograd", False, False),
+    "fused-fwd": ("ours, fused (default), forward only", "fused", False, False),
+    "nolinks-fwd": ("ours, `temporal_links=False`, forward only", "nolinks", False, False),
+    "compile-fused-fwd": ("ours, fused + torch.compile(step), forward only", "fused", True,
+                          False),
+}
+
+
+def build(args: argparse.Namespace, kind: str, compiled: bool = False) -> nn.Module:
     sizes = (args.hidden, args.memory_slots, args.word_size, args.read_heads, args.write_heads)
     if kind == "naive":
         return NaiveDNC(args.input_size, args.output_size, *sizes)
+    if kind == "pytorch-dnc":
+        if args.write_heads != 1 or args.input_size != args.output_size:
+            raise SystemExit("pytorch-dnc has one write head and output size = input size")
+        return pytorch_dnc_class(args.pytorch_dnc)(
+            args.input_size, args.hidden, num_hidden_layers=1, nr_cells=args.memory_slots,
+            cell_size=args.word_size, read_heads=args.read_heads)
     return DNC(
         args.input_size,
         args.output_size,
@@ -167,7 +227,9 @@ def build(args: argparse.Namespace, kind: str) -> nn.Module:
         word_size=args.word_size,
         read_heads=args.read_heads,
         write_heads=args.write_heads,
-        fused=(kind == "fused"),
+        fused=(kind != "autograd"),
+        temporal_links=(kind != "nolinks"),
+        compile_step=compiled,
     )
 
 
@@ -184,11 +246,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--output-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument(
-        "--variants",
-        default="naive,autograd,fused,fused-nograd,compile-fused,compile-autograd",
-        help="comma list of: naive, autograd, fused, fused-nograd, compile-fused, compile-autograd",
-    )
+    p.add_argument("--pytorch-dnc", metavar="PATH",
+                   help="source tree of ixaxaar/pytorch-dnc: adds its DNC as the baseline")
+    p.add_argument("--variants", default="naive,autograd,fused,fused-fwd",
+                   help="comma list of: " + ", ".join(VARIANTS))
     p.add_argument("--cuda-batch", type=int, default=32)
     return p.parse_args()
 
@@ -198,27 +259,26 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.steps, args.input_size)
-    labels = {
-        "naive": "naive reference-style (B×R×N×N, per-field Linear)",
-        "autograd": "dnc autograd (fused=False)",
-        "fused": "dnc fused (default)",
-        "fused-nograd": "dnc fused, forward only (no_grad)",
-        "compile-fused": "dnc fused + torch.compile(step)",
-        "compile-autograd": "dnc autograd + torch.compile(step)",
-    }
-    rows = []
-    for variant in args.variants.split(","):
-        kind = "naive" if variant == "naive" else ("autograd" if "autograd" in variant else "fused")
-        model = build(args, kind)
-        compile_s = 0.0
-        if variant.startswith("compile"):
-            model.step = torch.compile(model.step, dynamic=False)
-            t0 = time.perf_counter()
-            model(x)[0].sum().backward()
-            compile_s = time.perf_counter() - t0
-        stats = time_variant(model, x, args.repeats, backward=(variant != "fused-nograd"))
-        rows.append((labels[variant], stats, compile_s))
-        print(f"{labels[variant]}: {stats['wall']:.2f} ms/step", file=sys.stderr, flush=True)
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    if not args.pytorch_dnc and any(VARIANTS[n][1] == "pytorch-dnc" for n in names):
+        raise SystemExit("pytorch-dnc variants need --pytorch-dnc PATH")
+    # Variants share the compiled step (compile_step): each gets static-shape graphs, as in a
+    # process of its own, instead of a dynamic-shape graph after the first guard failure.
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    runs, first_call = {}, {}
+    for name in names:
+        _, kind, compiled, backward = VARIANTS[name]
+        model = build(args, kind, compiled)
+        runs[name] = step_fn(model, x, backward, kind == "pytorch-dnc")
+        t0 = time.perf_counter()
+        runs[name]()
+        first_call[name] = time.perf_counter() - t0
+        runs[name]()
+        print(f"{name}: first call {first_call[name]:.1f} s", file=sys.stderr, flush=True)
+    stats = time_interleaved(runs, args.repeats, args.steps, lambda: None)
 
     print(f"\nCommand: python {' '.join(sys.argv)}")
     print(
@@ -226,29 +286,31 @@ def main() -> None:
         f"R={args.read_heads}, Wr={args.write_heads}, controller {args.hidden}, "
         f"CPU threads {args.threads}, torch {torch.__version__}\n"
     )
-    base = next((s["wall"] for label, s, _ in rows if label.startswith("naive")), None)
-    print(
-        "| variant | ms/step (median wall) | ms/step (min wall) | CPU ms/step | tokens/s | "
-        "speed-up vs naive | compile s |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for label, s, compile_s in rows:
-        speedup = f"{base / s['wall']:.1f}x" if base else "-"
-        comp = f"{compile_s:.0f}" if compile_s else "-"
-        print(
-            f"| {label} | {s['wall']:.2f} | {s['wall_min']:.2f} | {s['cpu']:.2f} | "
-            f"{s['tokens']:.0f} | {speedup} | {comp} |"
-        )
+    print("| variant | ms/step (median) | ms/step (min) | CPU ms/step | x pytorch-dnc | "
+          "compile s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in names:
+        label, kind, compiled, backward = VARIANTS[name]
+        s = stats[name]
+        base = "pytorch-dnc" if backward else "pytorch-dnc-fwd"
+        ratio = f"{stats[base]['cpu'] / s['cpu']:.2f}" if base in stats else "-"
+        comp = f"{first_call[name]:.0f}" if compiled else "-"
+        print(f"| {label} | {s['wall']:.2f} | {s['wall_min']:.2f} | {s['cpu']:.2f} | {ratio} | "
+              f"{comp} |")
 
     if torch.cuda.is_available():
         print(f"\nCUDA ({torch.cuda.get_device_name()}), forward+backward, B={args.cuda_batch}:\n")
         print("| variant | ms/step | tokens/s |")
         print("|---|---:|---:|")
         xc = torch.randn(args.cuda_batch, args.steps, args.input_size, device="cuda")
-        for kind in ("naive", "autograd", "fused"):
-            model = build(args, kind).cuda()
-            s = time_variant(model, xc, args.repeats)
-            print(f"| {labels[kind]} | {s['wall']:.2f} | {s['tokens']:.0f} |")
+        kinds = ("naive", "autograd", "fused")
+        cuda_runs = {k: step_fn(build(args, k).cuda(), xc, True, False) for k in kinds}
+        for run in cuda_runs.values():
+            run()
+        cuda_stats = time_interleaved(cuda_runs, args.repeats, args.steps, torch.cuda.synchronize)
+        for k in kinds:
+            ms = cuda_stats[k]["wall"]
+            print(f"| {VARIANTS[k][0]} | {ms:.2f} | {args.cuda_batch * 1e3 / ms:.0f} |")
 
 
 if __name__ == "__main__":

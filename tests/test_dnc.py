@@ -621,7 +621,10 @@ def test_compiled_step_equals_eager_and_copies_use_their_own_weights() -> None:
     g_eager = torch.autograd.grad(y_eager.square().sum(), list(model.parameters()))
 
     model.compile_step = True
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     y_comp, s_comp = model(x)
+    # one compiled step (forward and backward) serves every time step, the first included
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
     g_comp = torch.autograd.grad(y_comp.square().sum(), list(model.parameters()))
     torch.testing.assert_close(y_comp, y_eager, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s_comp.link, s_eager.link, atol=1e-5, rtol=1e-5)
@@ -637,3 +640,45 @@ def test_compiled_step_equals_eager_and_copies_use_their_own_weights() -> None:
     twin.compile_step = False
     torch.testing.assert_close(y_twin, twin(x)[0], atol=1e-5, rtol=1e-5)
     assert "compile_step=True" in repr(model) and "compile_step" not in repr(twin)
+
+
+@pytest.mark.parametrize("options", [{}, {"fused": False, "write_heads": 2, "masking": True}])
+def test_dnc_without_temporal_links_equals_content_only_read_modes(options: dict) -> None:
+    """``temporal_links=False`` is the default DNC with every read mode on content: same
+    outputs, state and gradients (to 1e-5; the default's read modes are a softmax of clipped
+    logits, so their non-content share is ``~exp(-40)``), an empty link and precedence, and
+    content-only read modes in the trace."""
+    plain = small_dnc(temporal_links=False, **options)
+    linked = small_dnc(**options)
+    transplant(plain, linked, extra_bias=0.0)
+    with torch.no_grad():  # read-mode logits: content +20, backward and forward -20
+        start = sum(linked.layout.block_sizes[:3])
+        modes = linked.interface.bias[start : start + linked.layout.mode_size]
+        modes.view(linked.read_heads, -1).fill_(-20.0)[:, -1] = 20.0
+    x = torch.randn(3, 9, 4) * 3
+    y_plain, s_plain, trace = plain(x, return_trace=True)
+    y_linked, s_linked = linked(x)
+    torch.testing.assert_close(y_plain, y_linked)
+    for name in ("memory", "usage", "read_weights", "write_weights", "read_vectors"):
+        torch.testing.assert_close(getattr(s_plain, name), getattr(s_linked, name))
+    assert s_plain.link.shape == (3, plain.write_heads, 0, 0)
+    assert s_plain.precedence.shape == (3, plain.write_heads, 0)
+    wr = plain.write_heads
+    assert trace.read_modes.shape == (3, 9, 2, 1 + 2 * wr)
+    assert (trace.read_modes[..., -1] == 1).all() and (trace.read_modes[..., :-1] == 0).all()
+    shared = ["input_gates", "recurrent_gates", "output"]
+    params = lambda m: [p for n in shared for p in getattr(m, n).parameters()]  # noqa: E731
+    g_plain = torch.autograd.grad(y_plain.square().sum(), params(plain))
+    g_linked = torch.autograd.grad(y_linked.square().sum(), params(linked))
+    for a, b in zip(g_plain, g_linked, strict=True):
+        torch.testing.assert_close(a, b)
+    # the state API is unchanged: carrying the state across calls, detaching it
+    y_a, s_a = plain(x[:, :4])
+    y_b, _ = plain(x[:, 4:], s_a.detach())
+    torch.testing.assert_close(torch.cat([y_a, y_b], 1), y_plain)
+    assert "temporal_links=False" in repr(plain) and "temporal_links" not in repr(linked)
+
+
+def test_sharpness_needs_temporal_links() -> None:
+    with pytest.raises(ValueError, match="temporal_links"):
+        small_dnc(temporal_links=False, sharpness=True)

@@ -176,7 +176,7 @@ class MemoryAgent(TokenClassifier):
         core_output: width of the DNC's output (the head's input).
         dnc: the DNC core's memory options (:class:`~cl_lightning.models.dnc.DNCOptions`:
             hidden_size, memory_slots, word_size, read_heads, write_heads, clip_value,
-            masking, dealloc, sharpness, compile_step). In a config:
+            masking, dealloc, sharpness, compile_step, temporal_links). In a config:
             ``model.net.init_args.dnc.memory_slots`` etc.
         recall_slots: memory slots that hold each query's retrieved neighbours (the number
             of neighbours the learner retrieves from the replay buffer); 0 turns the

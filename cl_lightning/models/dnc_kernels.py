@@ -13,7 +13,9 @@ Kernels and the reference composition each one equals:
 * :func:`fused_erase_and_write`: :func:`~cl_lightning.models.dnc_addressing.erase_and_write`;
   fused for one write head, with several heads it runs the reference function.
 * :func:`fused_link_read`: :func:`~cl_lightning.models.dnc_addressing.update_link`, then
-  :func:`~cl_lightning.models.dnc_addressing.directional_weightings` on the new link.
+  :func:`~cl_lightning.models.dnc_addressing.directional_weightings` on the new link. It is a
+  ``torch.library`` custom operator (``cl_lightning::dnc_link_read``), so a compiled DNC step
+  calls it as one kernel instead of tracing it.
 
 When a backward pass is itself differentiated (``create_graph=True``, e.g. second-order
 MAML), the kernels differentiate through the reference function instead, so higher-order
@@ -175,75 +177,131 @@ def _link_read_reference(link, prev_precedence, write_weights, prev_read_weights
     return new_link, forward.transpose(1, 2), backward.transpose(1, 2)
 
 
-class _FusedLinkRead(torch.autograd.Function):
-    """:func:`update_link` followed by :func:`directional_weightings`, with a hand-written
-    backward that touches each ``N x N`` matrix as few times as possible.
+def _link_read_forward(
+    link: Tensor, prev_precedence: Tensor, write_weights: Tensor, prev_read_weights: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Values of :func:`_link_read_reference`, with ``(B, Wr, R, N)`` directional outputs.
+
+    Work is done on ``(B * Wr, N, N)`` views; row-broadcast operands are expanded explicitly
+    because PyTorch's CPU kernels are several times slower on a trailing broadcast dimension.
+    """
+    batch, num_writes, n, _ = link.shape
+    num_reads = prev_read_weights.shape[1]
+    flat_link = link.reshape(-1, n, n)
+    w = write_weights.reshape(-1, n)
+    new_link = _link_scale(w, flat_link.shape).mul_(flat_link)
+    new_link.addcmul_(w.unsqueeze(-1).expand_as(new_link), prev_precedence.reshape(-1, 1, n))
+    new_link.diagonal(dim1=-2, dim2=-1).zero_()
+    reads = _per_write_head(prev_read_weights, num_writes)
+    forward = torch.bmm(reads, new_link.transpose(1, 2))
+    backward = torch.bmm(reads, new_link)
+    out_shape = (batch, num_writes, num_reads, n)
+    return new_link.view_as(link), forward.view(out_shape), backward.view(out_shape)
+
+
+def _link_read_backward(
+    link: Tensor,
+    prec: Tensor,
+    w: Tensor,
+    prev_reads: Tensor,
+    new_link: Tensor,
+    g_link: Tensor,
+    g_forward: Tensor,
+    g_backward: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """First-order gradients of :func:`_link_read_forward` (``new_link`` is its output),
+    touching each ``N x N`` matrix as few times as possible.
 
     Autograd on the composite needs about twice as many passes over the ``(B, Wr, N, N)``
     tensors (broadcast reductions, a copy for the zeroed diagonal, one gradient accumulation
-    per use of the link). Only tensors that exist anyway (old and new link) are saved. Work is
-    done on ``(B * Wr, N, N)`` views; row-broadcast operands are expanded explicitly because
-    PyTorch's CPU kernels are several times slower on a trailing broadcast dimension.
+    per use of the link). Only tensors that exist anyway (old and new link) are needed.
     """
+    batch, num_writes, num_reads, n = g_forward.shape
+    link, new_link = link.reshape(-1, n, n), new_link.reshape(-1, n, n)
+    prec, w = prec.reshape(-1, n), w.reshape(-1, n)
+    reads = _per_write_head(prev_reads, num_writes)
+    # Incoming gradients may be strided views; CPU bmm falls back to a per-sample loop then.
+    g_forward = g_forward.reshape(-1, num_reads, n).contiguous()
+    g_backward = g_backward.reshape(-1, num_reads, n).contiguous()
+    g_reads = torch.bmm(g_forward, new_link) + torch.bmm(g_backward, new_link.transpose(1, 2))
+    g_reads = g_reads.view(batch, num_writes, num_reads, n).sum(1)
+    # Total gradient of the new link: from later steps and from both directional reads.
+    left = torch.cat([g_forward, reads], dim=1).transpose(1, 2)
+    right = torch.cat([reads, g_backward], dim=1)
+    grad = torch.baddbmm(g_link.reshape(-1, n, n), left, right)
+    # The new link's diagonal is constant zero: drop its gradient with O(N) corrections.
+    g_diag = grad.diagonal(dim1=-2, dim2=-1)
+    buffer = grad * link
+    g_write = torch.bmm(prec.unsqueeze(1), grad.transpose(1, 2)).squeeze(1)
+    g_write = g_write - g_diag * prec - buffer.sum(-1) - buffer.sum(-2)
+    g_prec = torch.bmm(w.unsqueeze(1), grad).squeeze(1) - g_diag * w
+    # Reuse the (cache-hot) product buffer for the scale instead of a fresh one.
+    g_link_prev = _link_scale(w, grad.shape, out=buffer).mul_(grad)
+    g_link_prev.diagonal(dim1=-2, dim2=-1).zero_()
+    return (
+        g_link_prev.view(batch, num_writes, n, n),
+        g_prec.view(batch, num_writes, n),
+        g_write.view(batch, num_writes, n),
+        g_reads,
+    )
 
-    @staticmethod
-    def forward(ctx, link, prev_precedence, write_weights, prev_read_weights):
-        batch, num_writes, n, _ = link.shape
-        num_reads = prev_read_weights.shape[1]
-        flat_link = link.reshape(-1, n, n)
-        w = write_weights.reshape(-1, n)
-        new_link = _link_scale(w, flat_link.shape).mul_(flat_link)
-        new_link.addcmul_(w.unsqueeze(-1).expand_as(new_link), prev_precedence.reshape(-1, 1, n))
-        new_link.diagonal(dim1=-2, dim2=-1).zero_()
-        reads = _per_write_head(prev_read_weights, num_writes)
-        forward = torch.bmm(reads, new_link.transpose(1, 2))
-        backward = torch.bmm(reads, new_link)
-        out_shape = (batch, num_writes, num_reads, n)
-        new_link = new_link.view_as(link)
-        ctx.save_for_backward(link, prev_precedence, write_weights, prev_read_weights, new_link)
-        return new_link, forward.view(out_shape), backward.view(out_shape)
 
-    @staticmethod
-    def backward(ctx, g_link, g_forward, g_backward):
-        if torch.is_grad_enabled():
-            return _reference_grads(
-                _link_read_reference, ctx.saved_tensors[:4], (g_link, g_forward, g_backward)
-            )
-        link, prec, w, prev_reads, new_link = ctx.saved_tensors
-        batch, num_writes, num_reads, n = g_forward.shape
-        link, new_link = link.reshape(-1, n, n), new_link.reshape(-1, n, n)
-        prec, w = prec.reshape(-1, n), w.reshape(-1, n)
-        reads = _per_write_head(prev_reads, num_writes)
-        # Incoming gradients may be strided views; CPU bmm falls back to a per-sample loop then.
-        g_forward = g_forward.reshape(-1, num_reads, n).contiguous()
-        g_backward = g_backward.reshape(-1, num_reads, n).contiguous()
-        g_reads = None
-        if ctx.needs_input_grad[3]:
-            g_reads = torch.bmm(g_forward, new_link) + torch.bmm(
-                g_backward, new_link.transpose(1, 2)
-            )
-            g_reads = g_reads.view(batch, num_writes, num_reads, n).sum(1)
-        # Total gradient of the new link: from later steps and from both directional reads.
-        left = torch.cat([g_forward, reads], dim=1).transpose(1, 2)
-        right = torch.cat([reads, g_backward], dim=1)
-        grad = torch.baddbmm(g_link.reshape(-1, n, n), left, right)
-        # The new link's diagonal is constant zero: drop its gradient with O(N) corrections.
-        g_diag = grad.diagonal(dim1=-2, dim2=-1)
-        g_link_prev = g_prec = g_write = buffer = None
-        if ctx.needs_input_grad[2]:
-            buffer = grad * link
-            g_write = torch.bmm(prec.unsqueeze(1), grad.transpose(1, 2)).squeeze(1)
-            g_write = g_write - g_diag * prec - buffer.sum(-1) - buffer.sum(-2)
-            g_write = g_write.view(batch, num_writes, n)
-        if ctx.needs_input_grad[1]:
-            g_prec = torch.bmm(w.unsqueeze(1), grad).squeeze(1) - g_diag * w
-            g_prec = g_prec.view(batch, num_writes, n)
-        if ctx.needs_input_grad[0]:
-            # Reuse the (cache-hot) product buffer for the scale instead of a fresh one.
-            g_link_prev = _link_scale(w, grad.shape, out=buffer).mul_(grad)
-            g_link_prev.diagonal(dim1=-2, dim2=-1).zero_()
-            g_link_prev = g_link_prev.view(batch, num_writes, n, n)
-        return g_link_prev, g_prec, g_write, g_reads
+# The link kernel is a custom operator so that ``torch.compile`` calls it as one opaque
+# kernel (hand-written passes, MKL batched matmuls) instead of tracing it into generated
+# loops, which are several times slower for these ``N x N`` reductions.
+@torch.library.custom_op("cl_lightning::dnc_link_read", mutates_args=())
+def _link_read_op(
+    link: Tensor, prev_precedence: Tensor, write_weights: Tensor, prev_read_weights: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _link_read_forward(link, prev_precedence, write_weights, prev_read_weights)
+
+
+@_link_read_op.register_fake
+def _(link, prev_precedence, write_weights, prev_read_weights):
+    batch, num_writes, n, _ = link.shape
+    out_shape = (batch, num_writes, prev_read_weights.shape[1], n)
+    return link.new_empty(link.shape), link.new_empty(out_shape), link.new_empty(out_shape)
+
+
+@torch.library.custom_op("cl_lightning::dnc_link_read_backward", mutates_args=())
+def _link_read_backward_op(
+    link: Tensor,
+    prec: Tensor,
+    w: Tensor,
+    prev_reads: Tensor,
+    new_link: Tensor,
+    g_link: Tensor,
+    g_forward: Tensor,
+    g_backward: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _link_read_backward(link, prec, w, prev_reads, new_link, g_link, g_forward, g_backward)
+
+
+@_link_read_backward_op.register_fake
+def _(link, prec, w, prev_reads, new_link, g_link, g_forward, g_backward):
+    return (link.new_empty(link.shape), prec.new_empty(prec.shape), w.new_empty(w.shape),
+            prev_reads.new_empty(prev_reads.shape))
+
+
+def _link_read_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs, output[0])
+
+
+def _link_read_grads(ctx, g_link, g_forward, g_backward):
+    link, prec, w, prev_reads, new_link = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        return _reference_grads(
+            _link_read_reference, (link, prec, w, prev_reads), (g_link, g_forward, g_backward)
+        )
+    g_link = torch.zeros_like(new_link) if g_link is None else g_link
+    g_forward = torch.zeros_like(g_backward) if g_forward is None else g_forward
+    g_backward = torch.zeros_like(g_forward) if g_backward is None else g_backward
+    return _link_read_backward_op(
+        link, prec, w, prev_reads, new_link, g_link, g_forward, g_backward
+    )
+
+
+_link_read_op.register_autograd(_link_read_grads, setup_context=_link_read_setup)
 
 
 def _link_scale(w: Tensor, shape: torch.Size, out: Tensor | None = None) -> Tensor:
@@ -274,7 +332,7 @@ def fused_link_read(
     Returns:
         ``(new_link, forward, backward)``: ``(B, Wr, N, N)``, ``(B, R, Wr, N)``, ``(B, R, Wr, N)``.
     """
-    new_link, forward, backward = _FusedLinkRead.apply(
+    new_link, forward, backward = _link_read_op(
         link, prev_precedence, write_weights, prev_read_weights
     )
     return new_link, forward.transpose(1, 2), backward.transpose(1, 2)
