@@ -249,11 +249,8 @@ def _link_read_backward(
 # The link kernel is a custom operator so that ``torch.compile`` calls it as one opaque
 # kernel (hand-written passes, MKL batched matmuls) instead of tracing it into generated
 # loops, which are several times slower for these ``N x N`` reductions.
-@torch.library.custom_op("cl_lightning::dnc_link_read", mutates_args=())
-def _link_read_op(
-    link: Tensor, prev_precedence: Tensor, write_weights: Tensor, prev_read_weights: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _link_read_forward(link, prev_precedence, write_weights, prev_read_weights)
+_link_read_op = torch.library.custom_op(
+    "cl_lightning::dnc_link_read", _link_read_forward, mutates_args=())
 
 
 @_link_read_op.register_fake
@@ -263,18 +260,8 @@ def _(link, prev_precedence, write_weights, prev_read_weights):
     return link.new_empty(link.shape), link.new_empty(out_shape), link.new_empty(out_shape)
 
 
-@torch.library.custom_op("cl_lightning::dnc_link_read_backward", mutates_args=())
-def _link_read_backward_op(
-    link: Tensor,
-    prec: Tensor,
-    w: Tensor,
-    prev_reads: Tensor,
-    new_link: Tensor,
-    g_link: Tensor,
-    g_forward: Tensor,
-    g_backward: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _link_read_backward(link, prec, w, prev_reads, new_link, g_link, g_forward, g_backward)
+_link_read_backward_op = torch.library.custom_op(
+    "cl_lightning::dnc_link_read_backward", _link_read_backward, mutates_args=())
 
 
 @_link_read_backward_op.register_fake
