@@ -22,7 +22,6 @@ Both the working model and the semantic memory are evaluated (variants ``<mode>`
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -33,10 +32,10 @@ from torch import nn
 from callbacks.replay import ExperienceReplay
 from cl_lightning.checks import OptionError, require_at_least, require_in_range
 from cl_lightning.distributed import world_and_rank
+from cl_lightning.ema_model import EMAModel
 from cl_lightning.esmer_math import (
     admission_mask,
     ema_decay,
-    ema_update,
     modulation_weights,
     update_loss_memory,
 )
@@ -97,13 +96,12 @@ class ESMER(ExperienceReplay):
         self.error_threshold, self.consistency_weight = error_threshold, consistency_weight
         self.warmup_epochs, self.report = warmup_epochs, report
         self.ema_seed, self.mu_bias_correction = ema_seed, mu_bias_correction
-        self.ema: nn.Module | None = None
+        self._semantic = EMAModel()
         self.mu = 0.0
         self.mu_norm = 0.0  # 1 - prod(a): the bias-correction denominator
         self.steps = 0  # optimizer steps done, this one included (the reference's global step)
         self.task_steps = 0  # steps since the current task started
         self._generator = torch.Generator().manual_seed(ema_seed)
-        self._pending_ema: dict[str, torch.Tensor] | None = None
         self._ema_logits: torch.Tensor | None = None
         self._l_s: torch.Tensor | None = None
         self._admitted: torch.Tensor | None = None
@@ -113,14 +111,12 @@ class ESMER(ExperienceReplay):
     # ----- semantic memory ---------------------------------------------------------------
     def semantic_memory(self, learner: ContinualLearner) -> nn.Module:
         """The EMA model, created from the working model on first use."""
-        if self.ema is None:
-            self.ema = copy.deepcopy(learner.net).to(learner.device)
-            for p in self.ema.parameters():
-                p.requires_grad_(False)
-            if self._pending_ema is not None:
-                self.ema.load_state_dict(self._pending_ema)
-                self._pending_ema = None
-        return self.ema
+        return self._semantic.get(learner.net, learner.device)
+
+    @property
+    def ema(self) -> nn.Module | None:
+        """The semantic memory (None before its first use)."""
+        return self._semantic.model
 
     def setup(self, trainer: Any, pl_module: ContinualLearner, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -191,10 +187,9 @@ class ESMER(ExperienceReplay):
         self.steps += 1
         self.task_steps += 1
         if torch.rand((), generator=self._generator).item() < self.ema_update_prob:
-            ema_update(self.semantic_memory(learner), learner.net,
-                       ema_decay(self.steps, self.ema_alpha))
+            self._semantic.update(learner.net, ema_decay(self.steps, self.ema_alpha))
         if world_and_rank(learner.trainer)[0] > 1:
-            self._sync_semantic_memory_buffers(learner)
+            self._semantic.broadcast_buffers()
         if not warmup:
             a = ema_decay(self.steps, self.loss_alpha)
             self.mu = update_loss_memory(self.mu, self._global_batch(learner, self._l_s),
@@ -217,15 +212,6 @@ class ESMER(ExperienceReplay):
             return l_s
         return learner.all_gather(l_s.detach()).reshape(-1)
 
-    def _sync_semantic_memory_buffers(self, learner: ContinualLearner) -> None:
-        """Give every rank rank 0's EMA buffers (batch-norm statistics), as DDP does for
-        the working model; the EMA parameters are identical on every rank already (same
-        update draws, all-reduced working model)."""
-        ema = self.semantic_memory(learner)
-        for buf in ema.buffers():
-            if buf.is_floating_point():
-                torch.distributed.broadcast(buf, src=0)
-
     def on_task_end(self, learner: ContinualLearner, task: int) -> None:
         super().on_task_end(learner, task)
         if not self._weights:
@@ -240,7 +226,7 @@ class ESMER(ExperienceReplay):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state.update({
-            "ema": None if self.ema is None else self.ema.state_dict(),
+            "ema": self._semantic.state_dict(),
             "mu": self.mu, "mu_norm": self.mu_norm, "steps": self.steps,
             "task_steps": self.task_steps, "generator": self._generator.get_state(),
         })
@@ -251,8 +237,4 @@ class ESMER(ExperienceReplay):
         self.mu, self.mu_norm = state_dict["mu"], state_dict["mu_norm"]
         self.steps, self.task_steps = state_dict["steps"], state_dict["task_steps"]
         self._generator.set_state(state_dict["generator"])
-        if state_dict.get("ema") is not None:
-            if self.ema is None:
-                self._pending_ema = state_dict["ema"]
-            else:
-                self.ema.load_state_dict(state_dict["ema"])
+        self._semantic.load_state_dict(state_dict.get("ema"))

@@ -48,7 +48,8 @@ class StepOutput:
     extras: named extra loss terms added by plugins (scalars)
     model_kwargs: what the working model read besides the inputs (``{"recall": ...}``);
         a plugin that runs another model on ``inputs`` passes the same (e.g.
-        ``learner.train_logits(model, step.inputs, task, **step.model_kwargs)``)
+        ``learner.train_logits(model, step.inputs, task, **step.model_kwargs)``). Every
+        value is per sample and has ``select(rows)`` (:meth:`rows_kwargs`).
     label_map: (B, C) in a shuffled-label episode: row i maps each true label to the label
         sample i was trained on (``targets[i] == label_map[i, batch["y"][i]]``); None
         otherwise. :attr:`targets` and :attr:`true_logits` follow it.
@@ -90,6 +91,11 @@ class StepOutput:
 
     def _true_space(self, logits: torch.Tensor) -> torch.Tensor:
         return logits if self.label_map is None else logits.gather(1, self.label_map)
+
+    def rows_kwargs(self, rows: torch.Tensor) -> dict[str, Any]:
+        """:attr:`model_kwargs` for a subset of the batch (``rows``: (B,) bool mask or
+        indices), to run another model on ``inputs[rows]`` only."""
+        return {k: v.select(rows) for k, v in self.model_kwargs.items()}
 
     @property
     def replay_mask(self) -> torch.Tensor:

@@ -1,0 +1,62 @@
+"""A frozen copy of the working model whose weights follow it as an exponential moving
+average: ESMER's semantic memory, CLS-ER's plastic and stable models.
+
+The copy is made from the working model on first use (so it has its architecture and
+device); a checkpointed state loaded before then is applied at that moment.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from cl_lightning.esmer_math import ema_update
+
+
+class EMAModel:
+    """Holds one EMA copy of a model; ``update`` moves it towards the model's weights."""
+
+    def __init__(self) -> None:
+        self.model: nn.Module | None = None
+        self._pending: dict[str, Any] | None = None
+
+    def get(self, net: nn.Module, device: torch.device | str) -> nn.Module:
+        """The EMA model, created as a copy of ``net`` (as it is now) on first use."""
+        if self.model is None:
+            self.model = copy.deepcopy(net).to(device)
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            if self._pending is not None:
+                self.model.load_state_dict(self._pending)
+                self._pending = None
+        return self.model
+
+    def update(self, net: nn.Module, decay: float) -> None:
+        """``theta_ema <- decay * theta_ema + (1 - decay) * theta`` (buffers untouched)."""
+        ema_update(self.get(net, next(net.parameters()).device), net, decay)
+
+    def broadcast_buffers(self) -> None:
+        """Give every DDP rank rank 0's floating-point buffers (batch-norm statistics), as
+        DDP does for the working model; the parameters agree already when every rank makes
+        the same updates of the same all-reduced model."""
+        if self.model is None:
+            return
+        for buf in self.model.buffers():
+            if buf.is_floating_point():
+                torch.distributed.broadcast(buf, src=0)
+
+    def state_dict(self) -> dict[str, Any] | None:
+        if self.model is not None:
+            return self.model.state_dict()
+        return self._pending
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state is None:
+            return
+        if self.model is None:
+            self._pending = state
+        else:
+            self.model.load_state_dict(state)
