@@ -121,22 +121,20 @@ class CLSER(ExperienceReplay):
         replay = step.replay_mask
         if self.consistency_weight == 0 or not replay.any():
             return {}
+        # without match_votes, student and teachers are compared without their votes
+        strip = not self.match_votes and step.vote_logits is not None
         full, matched = {}, {}
         with torch.no_grad():
             for name in ("stable", "plastic"):
                 model = self.memory(name, learner)
                 model.train(learner.net.training)  # own batch-norm statistics
-                take_votes = getattr(model, "take_vote_logits", lambda: None)
                 full[name] = learner.train_logits(model, step.inputs[replay],
                                                   step.batch["task"][replay],
                                                   **step.rows_kwargs(replay))
-                votes = take_votes()
-                without = not self.match_votes and votes is not None
-                matched[name] = full[name] - votes if without else full[name]
+                matched[name] = full[name] - model.take_vote_logits() if strip else full[name]
         _, use_stable = teacher_logits(full["stable"], full["plastic"], step.targets[replay])
         teacher = torch.where(use_stable[:, None], matched["stable"], matched["plastic"])
-        student = step.logits if self.match_votes or step.vote_logits is None else (
-            step.logits - step.vote_logits)
+        student = step.logits - step.vote_logits if strip else step.logits
         learner.log("clser/stable_teacher_fraction", use_stable.float().mean(),
                     on_step=False, on_epoch=True, batch_size=int(replay.sum()), sync_dist=True)
         mse = F.mse_loss(student[replay], teacher)
