@@ -71,6 +71,14 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
             other samples) instead of the replay buffer: a dense store of one task, like a
             few-shot support, where following the recalled labels pays (with
             ``label_shuffle``, it is the only way). 0: always the buffer.
+        input_shuffle: with a net that recalls, the probability that a training step adds
+            a novel-input episode: the step's queries (replayed ones too) once more, with
+            their elements and those of the neighbours they recall permuted by one random
+            permutation (a domain the weights never saw; the recall and its labels are
+            unchanged), their loss added as ``loss_novel``. It teaches the net to follow
+            the recalled labels where its weights do not recognise the input, as on a
+            never-trained task read from a few examples, and its weights where they do.
+            Costs one more forward of those queries in such steps. 0: off.
         recall_refresh: with a net that recalls (``MemoryAgent(recall_slots > 0)``), every
             key of the replay buffer's index is recomputed after this many training steps;
             in between only new items are encoded.
@@ -100,6 +108,7 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
         label_shuffle: float = 0.0,
         label_shuffle_replay: bool = False,
         recall_from_batch: float = 0.0,
+        input_shuffle: float = 0.0,
         recall_refresh: int = 50,
         local_adaptation: LocalAdaptation | None = None,
         use_head_fast_path: bool = True,
@@ -137,6 +146,11 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
             raise OptionError("model.recall_from_batch needs a net that recalls "
                               "(model.net.init_args.recall_slots > 0); set it to 0")
         self.recall_from_batch = recall_from_batch
+        require_in_range(0.0, 1.0, "model.", input_shuffle=input_shuffle)
+        if input_shuffle > 0 and not self.recalling:
+            raise OptionError("model.input_shuffle needs a net that recalls "
+                              "(model.net.init_args.recall_slots > 0); set it to 0")
+        self.input_shuffle = input_shuffle
         if context and not getattr(self.net, "supports_context", False):
             raise OptionError(
                 f"model.context=true needs a model that reads a context "
@@ -228,8 +242,7 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
         take_votes()  # nothing stale
         logits = self.train_logits(models[-1], inputs, batch["task"])
         votes = take_votes()
-        losses = (present_class_cross_entropy(logits, targets, ~replay) if self.ace
-                  else F.cross_entropy(logits, targets, reduction="none"))
+        losses = self.sample_losses(logits, targets, ~replay)
         step = StepOutput(batch=batch, inputs=inputs, logits=logits, losses=losses,
                           task=self.current_task, model_kwargs=model_kwargs,
                           label_map=label_map,
@@ -237,6 +250,9 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
                           and votes.shape == logits.shape else None)
         if recall is not None:
             self._log_recall(targets)
+        queries = ~support
+        novel = self.novel_input_logits(inputs[queries], batch["task"][queries],
+                                        None if recall is None else recall.select(queries))
         weights = torch.ones_like(losses)
         for p in plugins:
             w = p.sample_weights(self, step)
@@ -247,6 +263,9 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
         terms = {"loss_current": (weights * losses)[query].mean()}
         if replay.any():
             terms["loss_replay"] = (weights * losses)[replay].mean()
+        if novel is not None:
+            terms["loss_novel"] = self.sample_losses(novel, targets[queries],
+                                                     query[queries]).mean()
         if len(models) > 1 and self.meta is not None and self.meta.multi_step_loss:
             terms.update(self.multi_step_terms(models, inputs, targets, batch["task"], terms,
                                                 query | replay))
@@ -262,6 +281,14 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
             self.log("train/loss_step", total, on_step=True, on_epoch=False, prog_bar=True,
                      batch_size=bs, sync_dist=True)
         return {"loss": total, "step": step.detached()}
+
+    def sample_losses(self, logits: torch.Tensor, targets: torch.Tensor,
+                      current: torch.Tensor) -> torch.Tensor:
+        """(B,) the training cross-entropy: with ``ace``, a ``current`` sample's counts
+        only the classes present among the current samples."""
+        if self.ace:
+            return present_class_cross_entropy(logits, targets, current)
+        return F.cross_entropy(logits, targets, reduction="none")
 
     def _check_finite(self, total: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
         if torch.isfinite(total):

@@ -20,7 +20,7 @@ from cl_lightning.episodic_index import EpisodicIndex, fingerprint, nearest, sam
 from cl_lightning.epoch_means import EpochMeans
 from cl_lightning.learner_types import ModelFn, Store
 from cl_lightning.local_adaptation import LocalAdaptation
-from cl_lightning.models.recall import Recall, same_label_mass
+from cl_lightning.models.recall import Recall, permute_elements, same_label_mass
 from cl_lightning.plugins import LearnerPlugin
 
 
@@ -32,9 +32,14 @@ class Recalling:
     recall_index: EpisodicIndex
     local_adaptation: LocalAdaptation | None
     recall_from_batch: float
+    input_shuffle: float
     _epoch_means: EpochMeans
 
     def plugins(self) -> list[LearnerPlugin]:  # provided by the learner
+        raise NotImplementedError
+
+    def train_logits(self, model: Any, inputs: torch.Tensor, task: torch.Tensor,
+                     **kwargs: Any) -> torch.Tensor:  # provided by the learner
         raise NotImplementedError
 
     @property
@@ -92,6 +97,22 @@ class Recalling:
         keys = self.recall_index.sync(store_x, self.net.recall_keys)
         return self.retrieve(inputs, raw, {**store, "x": store_x}, keys,
                              self.recall_index.prints)
+
+    def novel_input_logits(self, inputs: torch.Tensor, task: torch.Tensor,
+                           recall: Recall | None) -> torch.Tensor | None:
+        """A novel-input episode, drawn with probability ``input_shuffle`` (None
+        otherwise): the logits of ``inputs`` with their elements permuted by one random
+        permutation, reading the same neighbours permuted the same way. The weights have
+        never seen such inputs, but the recalled neighbours and labels are the right ones
+        (a common permutation keeps every cosine), so the loss on these logits trains the
+        net to follow its read where its weights do not recognise the input."""
+        if recall is None or self.input_shuffle <= 0 or torch.rand(()) >= self.input_shuffle:
+            return None
+        perm = torch.randperm(inputs[0].numel(), device=inputs.device)
+        logits = self.train_logits(self.net, permute_elements(inputs, perm), task,
+                                   recall=recall.permuted(perm))
+        getattr(self.net, "take_vote_logits", lambda: None)()  # keep no graph on the net
+        return logits
 
     def reader(self, model: nn.Module | ModelFn | None = None, store: Store | None = None,
                index: tuple[torch.Tensor, torch.Tensor] | None = None, local: bool = False,

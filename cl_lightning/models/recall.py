@@ -38,6 +38,18 @@ class Recall(NamedTuple):
         """The recall of a subset of the queries (``rows``: bool mask or indices)."""
         return Recall(self.x, self.index[rows], self.y[rows], self.valid[rows])
 
+    def permuted(self, perm: Tensor) -> Recall:
+        """The same neighbours with every stored input's elements permuted by ``perm``
+        (:func:`permute_elements`), as the queries of a novel-input episode see them."""
+        return self._replace(x=permute_elements(self.x, perm))
+
+
+def permute_elements(x: Tensor, perm: Tensor) -> Tensor:
+    """``(N, *shape)`` inputs with their ``prod(shape)`` elements reordered by ``perm``
+    (one permutation for every input). A common permutation leaves the cosine between
+    any two inputs unchanged, so a query still recalls the same neighbours."""
+    return x.flatten(1)[:, perm].reshape(x.shape)
+
 
 def recall_cosines(query: Tensor, slots: Tensor) -> Tensor:
     """query: ``(B, D)``; slots: ``(B, k, D)`` -> ``(B, k)`` cosine of each query with each
