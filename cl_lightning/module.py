@@ -251,8 +251,7 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
         if recall is not None:
             self._log_recall(targets)
         queries = ~support
-        novel = self.novel_input_logits(inputs[queries], batch["task"][queries],
-                                        None if recall is None else recall.select(queries))
+        novel = self.novel_input_logits(inputs, batch["task"], recall, queries)
         weights = torch.ones_like(losses)
         for p in plugins:
             w = p.sample_weights(self, step)

@@ -99,15 +99,19 @@ class Recalling:
                              self.recall_index.prints)
 
     def novel_input_logits(self, inputs: torch.Tensor, task: torch.Tensor,
-                           recall: Recall | None) -> torch.Tensor | None:
+                           recall: Recall | None,
+                           rows: torch.Tensor | None = None) -> torch.Tensor | None:
         """A novel-input episode, drawn with probability ``input_shuffle`` (None
-        otherwise): the logits of ``inputs`` with their elements permuted by one random
-        permutation, reading the same neighbours permuted the same way. The weights have
-        never seen such inputs, but the recalled neighbours and labels are the right ones
-        (a common permutation keeps every cosine), so the loss on these logits trains the
-        net to follow its read where its weights do not recognise the input."""
+        otherwise): the logits of ``inputs[rows]`` (default all) with their elements
+        permuted by one random permutation, reading the same neighbours permuted the same
+        way. The weights have never seen such inputs, but the recalled neighbours and
+        labels are the right ones (a common permutation keeps every cosine), so the loss
+        on these logits trains the net to follow its read where its weights do not
+        recognise the input."""
         if recall is None or self.input_shuffle <= 0 or torch.rand(()) >= self.input_shuffle:
             return None
+        if rows is not None:
+            inputs, task, recall = inputs[rows], task[rows], recall.select(rows)
         perm = torch.randperm(inputs[0].numel(), device=inputs.device)
         logits = self.train_logits(self.net, permute_elements(inputs, perm), task,
                                    recall=recall.permuted(perm))
