@@ -105,3 +105,17 @@ def tiny_run(tmp_path):
     def _run(*extra, **kw):
         return run_cli(tmp_path, *extra, **kw)
     return _run
+
+
+def hand_step(plugin, learner, x: torch.Tensor, y: torch.Tensor):
+    """One training step built by hand, as the learner builds it for a plain net on task
+    0: ``plugin`` extends the batch, the net's logits and per-sample cross-entropy make
+    the :class:`~cl_lightning.plugins.StepOutput` the plugin's hooks receive."""
+    import torch.nn.functional as F
+
+    from cl_lightning.plugins import StepOutput
+
+    batch = plugin.extend_batch(learner, {"x": x, "y": y, "task": torch.zeros_like(y)})
+    logits = learner.net(batch["x"])
+    losses = F.cross_entropy(logits, batch["y"], reduction="none")
+    return StepOutput(batch=batch, inputs=batch["x"], logits=logits, losses=losses, task=0)

@@ -13,7 +13,7 @@ from callbacks.clser import CLSER, teacher_logits
 from cl_lightning.checks import OptionError
 from cl_lightning.plugins import StepOutput
 from cl_lightning.replay import ReplayBuffer
-from tests.conftest import read_results, run_cli
+from tests.conftest import hand_step, read_results, run_cli
 
 
 def test_teacher_is_the_model_more_confident_in_the_label():
@@ -44,13 +44,10 @@ def started_clser(learner, **options):
 
 
 def clser_step(clser, learner, x, y):
-    batch = clser.extend_batch(learner, {"x": x, "y": y, "task": torch.zeros_like(y)})
-    logits = learner.net(batch["x"])
-    losses = F.cross_entropy(logits, batch["y"], reduction="none")
-    step = StepOutput(batch=batch, inputs=batch["x"], logits=logits, losses=losses, task=0)
+    step = hand_step(clser, learner, x, y)
     extras = clser.extra_losses(learner, step)
     clser.after_step(learner, step.detached())
-    return batch, logits, extras
+    return step.batch, step.logits, extras
 
 
 def test_update_probabilities_and_decays_follow_the_schedule():

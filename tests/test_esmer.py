@@ -20,7 +20,7 @@ from cl_lightning.esmer_math import (
 )
 from cl_lightning.plugins import StepOutput
 from cl_lightning.replay import ReplayBuffer
-from tests.conftest import read_results, run_cli
+from tests.conftest import hand_step, read_results, run_cli
 
 
 def test_modulation_weights_by_hand():
@@ -80,10 +80,7 @@ def started_esmer(learner, **options):
 
 
 def esmer_step(esmer, learner, x, y):
-    batch = esmer.extend_batch(learner, {"x": x, "y": y, "task": torch.zeros_like(y)})
-    logits = learner.net(batch["x"])
-    losses = F.cross_entropy(logits, batch["y"], reduction="none")
-    step = StepOutput(batch=batch, inputs=batch["x"], logits=logits, losses=losses, task=0)
+    step = hand_step(esmer, learner, x, y)
     w = esmer.sample_weights(learner, step)
     extras = esmer.extra_losses(learner, step)
     esmer.after_step(learner, step.detached())
