@@ -13,7 +13,13 @@ from lightning.pytorch import Callback
 from cl_lightning.episodic_index import EpisodicIndex, fingerprint, nearest, same_item
 from cl_lightning.models.agent import MemoryAgent
 from cl_lightning.models.dnc import DNCOptions
-from cl_lightning.models.recall import VOTE_FLOOR, Recall, recall_weights, same_label_mass
+from cl_lightning.models.recall import (
+    VOTE_FLOOR,
+    Recall,
+    recall_cosines,
+    recall_weights,
+    same_label_mass,
+)
 from cl_lightning.plugins import LearnerPlugin
 from tests.conftest import read_results, refused
 
@@ -95,13 +101,24 @@ def test_recall_weights_are_a_softmax_of_scaled_cosines_over_valid_slots():
     q = torch.tensor([[1.0, 0.0]])
     slots = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
     valid = torch.tensor([[True, True, False]])
-    w = recall_weights(q, slots, valid, torch.tensor(2.0))
+    keys, index = slots[0], torch.tensor([[0, 1, 2]])  # three distinct stored items
+    w = recall_weights(q, keys, index, valid, torch.tensor(2.0))
     e = torch.tensor([math.exp(2.0), math.exp(0.0)])
     assert w[0, :2].tolist() == pytest.approx((e / e.sum()).tolist()) and w[0, 2] == 0
-    none = recall_weights(q, slots, torch.zeros_like(valid), torch.tensor(2.0))
+    none = recall_weights(q, keys, index, torch.zeros_like(valid), torch.tensor(2.0))
     assert (none == 0).all()
     labels = torch.tensor([[1, 0, 1]])
     assert same_label_mass(w, labels, torch.tensor([1])).item() == pytest.approx(w[0, 0].item())
+
+
+def test_recall_cosines_of_shared_neighbours_equal_each_pair_computed_alone():
+    # two queries share stored item 1; each (query, slot) cosine is computed by hand
+    query = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    keys = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    index = torch.tensor([[1, 2], [1, 0]])
+    cos = recall_cosines(query, keys, index)
+    expected = [[4 / 5, 7 / (5 * math.sqrt(2))], [0.0, 1.0]]
+    assert cos.tolist() == [pytest.approx(row) for row in expected]
 
 
 def test_agent_writes_recalled_neighbours_into_memory_and_votes_their_labels():

@@ -33,6 +33,7 @@ from cl_lightning.models.dnc import DNC, DNCOptions
 from cl_lightning.models.encoders import EncoderKind, build_encoder
 from cl_lightning.models.recall import (
     Recall,
+    gather_rows,
     recall_cosines,
     recall_log_votes,
     weights_from_cosines,
@@ -276,10 +277,11 @@ class MemoryAgent(TokenClassifier):
                              f"{self.recall_slots}")
         valid = recall.valid
         query = self._keys(x, tokens)  # (B, D)
-        keys = self._keys(recall.x)[recall.index]  # (B, k, D)
-        cos = recall_cosines(query, keys)
+        keys = self._keys(recall.x)  # (U, D): each distinct neighbour once
+        cos = recall_cosines(query, keys, recall.index)
         weights = weights_from_cosines(cos, valid, F.softplus(self.recall_strength))
-        words = torch.cat([self.recall_word(keys), self.recall_label(recall.y)], -1)
+        key_words = gather_rows(self.recall_word(keys), recall.index)  # (B, k, W/2)
+        words = torch.cat([key_words, self.recall_label(recall.y)], -1)
         words = words * valid[..., None].to(words.dtype)
         self.last_recall = (weights.detach(), recall.y.detach())
         state = self.core.initial_state(b, tokens.device, tokens.dtype)

@@ -51,20 +51,30 @@ def permute_elements(x: Tensor, perm: Tensor) -> Tensor:
     return x.flatten(1)[:, perm].reshape(x.shape)
 
 
-def recall_cosines(query: Tensor, slots: Tensor) -> Tensor:
-    """query: ``(B, D)``; slots: ``(B, k, D)`` -> ``(B, k)`` cosine of each query with each
-    of its own slots."""
-    return torch.einsum("bd,bkd->bk", F.normalize(query, dim=-1), F.normalize(slots, dim=-1))
+def gather_rows(rows: Tensor, index: Tensor) -> Tensor:
+    """rows: ``(U, *D)``; index: ``(B, k)`` -> ``(B, k, *D)``: ``rows[index]`` as one
+    ``index_select`` (a contiguous copy, several times faster than advanced indexing)."""
+    return rows.index_select(0, index.flatten()).view(*index.shape, *rows.shape[1:])
 
 
-def recall_weights(query: Tensor, slots: Tensor, valid: Tensor, strength: Tensor) -> Tensor:
+def recall_cosines(query: Tensor, keys: Tensor, index: Tensor) -> Tensor:
+    """query: ``(B, D)``; keys: ``(U, D)`` the distinct stored items' keys; index:
+    ``(B, k)`` each query's own slots as rows of ``keys`` -> ``(B, k)`` cosine of each
+    query with each of its slots. Every key is normalised once, however many queries
+    share it."""
+    slots = gather_rows(F.normalize(keys, dim=-1), index)
+    return torch.einsum("bd,bkd->bk", F.normalize(query, dim=-1), slots)
+
+
+def recall_weights(query: Tensor, keys: Tensor, index: Tensor, valid: Tensor,
+                   strength: Tensor) -> Tensor:
     """Content read of each query over its own slots.
 
-    query: ``(B, D)``; slots: ``(B, k, D)``; valid: ``(B, k)``; strength: scalar (> 0).
-    Returns ``(B, k)``: softmax of ``strength * cos(query, slot)`` over the valid slots
-    (all zeros for a query with none).
+    query: ``(B, D)``; keys, index: as :func:`recall_cosines`; valid: ``(B, k)``;
+    strength: scalar (> 0). Returns ``(B, k)``: softmax of ``strength * cos(query, slot)``
+    over the valid slots (all zeros for a query with none).
     """
-    return weights_from_cosines(recall_cosines(query, slots), valid, strength)
+    return weights_from_cosines(recall_cosines(query, keys, index), valid, strength)
 
 
 def weights_from_cosines(cos: Tensor, valid: Tensor, strength: Tensor) -> Tensor:
