@@ -10,19 +10,30 @@ Prints a markdown table: stored per class, k, vote sharpness, accuracy (%).
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 from torchvision.datasets import MNIST
 
-from cl_lightning.episodic_index import nearest
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cl_lightning.episodic_index import nearest  # noqa: E402
+
+
+def knn_votes(xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, k: int,
+              sharpness: float, classes: int) -> torch.Tensor:
+    """(Q, classes) read mass per label of a softmax(sharpness x cosine)-weighted vote of
+    each query's k nearest stored items (rows of ``xs``, labels ``ys``)."""
+    index, sim, _ = nearest(xq, xs, min(k, len(xs)))
+    weights = torch.softmax(sharpness * sim, 1)
+    return torch.zeros(len(xq), classes).scatter_add_(1, ys[index], weights)
 
 
 def vote_accuracy(xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor,
                   k: int, sharpness: float) -> float:
     """Accuracy (%) of a softmax(sharpness x cosine)-weighted vote of the k nearest."""
-    index, sim, _ = nearest(xq, xs, k)
-    weights = torch.softmax(sharpness * sim, 1)
-    votes = torch.zeros(len(xq), int(ys.max()) + 1).scatter_add_(1, ys[index], weights)
+    votes = knn_votes(xs, ys, xq, k, sharpness, int(ys.max()) + 1)
     return 100.0 * (votes.argmax(1) == yq).float().mean().item()
 
 
