@@ -99,6 +99,7 @@ def main() -> None:
         for plugin in learner.plugins():
             models.update(plugin.eval_models(learner))
         classes = learner.stream.num_classes
+        label = f"{run.parent.name}/{run.name}"
         for name, model in models.items():
             if args.models is not None and name not in args.models:
                 continue
@@ -113,7 +114,6 @@ def main() -> None:
                 for k in args.k:
                     votes = recall_log_votes(knn_votes(keys, sy, q, k, args.sharpness, classes))
                     products = [accuracy(logits + lam * votes, y) for lam in args.lambdas]
-                    label = f"{run.parent.name}/{run.name}"
                     rows[key].append(
                         f"| {label} | {name} | {k} | {alone:.1f} | {accuracy(votes, y):.1f} | "
                         + " | ".join(f"{p:.1f}" for p in products)

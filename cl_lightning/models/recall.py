@@ -53,7 +53,7 @@ def permute_elements(x: Tensor, perm: Tensor) -> Tensor:
 
 def gather_rows(rows: Tensor, index: Tensor) -> Tensor:
     """rows: ``(U, *D)``; index: ``(B, k)`` -> ``(B, k, *D)``: ``rows[index]`` as one
-    ``index_select`` (a contiguous copy, several times faster than advanced indexing)."""
+    ``index_select`` (a single contiguous copy)."""
     return rows.index_select(0, index.flatten()).view(*index.shape, *rows.shape[1:])
 
 
