@@ -33,6 +33,31 @@ def test_auto_encoder_choice_and_agent_output_shape(shape, kind, tokens):
     assert agent(torch.randn(3, *shape)).shape == (3, 7)
 
 
+def test_skip_path_joins_the_encoder_features_to_the_core_readout_before_the_votes():
+    torch.manual_seed(0)
+    agent = MemoryAgent((10,), 4, num_tokens=3, token_dim=5, skip_hidden=7, recall_slots=2,
+                        **SMALL_DNC)
+    x = torch.randn(5, 10)
+    feats = agent.features(x)
+    core, skip, votes = feats.split([16, 7, 4], 1)
+    assert torch.allclose(skip, torch.relu(agent.skip[0](agent.encoder(x).flatten(1))))
+    assert torch.equal(votes, torch.zeros(5, 4))  # no recall: constant vote features
+    # the recalled-label votes start as a product of experts, whatever sits before them
+    assert torch.equal(agent.head.weight[:, -4:], torch.eye(4))
+    # the skip path reaches the logits without passing through the core
+    before = agent(x)
+    with torch.no_grad():
+        agent.core.output.weight.zero_()
+        agent.core.output.bias.zero_()
+    assert torch.allclose(agent.features(x)[:, :16], torch.zeros(5, 16))
+    assert not torch.allclose(agent(x), agent.head.bias.expand(5, 4))
+    assert not torch.allclose(agent(x), before)
+    lstm = LSTMClassifier((10,), 4, hidden_size=6, num_tokens=3, token_dim=5, skip_hidden=7)
+    assert lstm(x).shape == (5, 4) and lstm.head.in_features == 13
+    with pytest.raises(ValueError, match="model.net.skip_hidden"):
+        MemoryAgent((10,), 4, skip_hidden=-1)
+
+
 def test_image_encoder_on_vectors_fails_naming_the_option():
     with pytest.raises(ValueError, match="model.net.encoder"):
         MemoryAgent((12,), 3, encoder="rows")

@@ -58,6 +58,10 @@ class TokenClassifier(Classifier):
         token_dim: token width for the ``vector`` encoder.
         cnn_width: first-stage width of the ``cnn`` encoder's ResNet-18.
         readout: classify from the ``last`` core output or the ``mean`` over time.
+        skip_hidden: width of a feed-forward path beside the core: one ReLU layer over the
+            flattened tokens whose output joins the core's readout at the head (0: none).
+            The core's recurrent state is narrow; this path gives the head the encoder's
+            features in full, and leaves the core to what needs memory.
     """
 
     supports_context = True
@@ -65,12 +69,17 @@ class TokenClassifier(Classifier):
 
     def __init__(self, input_shape: Sequence[int], num_classes: int,
                  encoder: EncoderKind = "auto", num_tokens: int = 4, token_dim: int = 64,
-                 cnn_width: int = 20, readout: Readout = "last") -> None:
+                 cnn_width: int = 20, readout: Readout = "last", skip_hidden: int = 0) -> None:
         super().__init__()
         if readout not in ("last", "mean"):
             raise OptionError(f"model.net.readout must be 'last' or 'mean', got {readout!r}")
+        require_at_least(0, "model.net.", skip_hidden=skip_hidden)
         self.encoder = build_encoder(input_shape, encoder, num_tokens, token_dim, cnn_width)
         self.readout = readout
+        self.skip_hidden = skip_hidden
+        if skip_hidden:
+            width = self.encoder.num_tokens * self.encoder.token_dim
+            self.skip = nn.Sequential(nn.Linear(width, skip_hidden), nn.ReLU())
         # Zero start (no random draw): the embedding is learned only when contexts are used.
         self.label_embedding = nn.Parameter(torch.zeros(num_classes, self.encoder.token_dim))
 
@@ -120,6 +129,8 @@ class TokenClassifier(Classifier):
         out = self.core_forward(tokens, state)[0]
         out = out[:, -1] if self.readout == "last" else out.mean(1)
         out = out + self.unused_anchor(read_context, recall is not None)
+        if self.skip_hidden:
+            out = torch.cat([out, self.skip(tokens.flatten(1))], 1)
         return torch.cat([out, read], 1) if self.recall_size else out
 
     def unused_anchor(self, read_context: bool, recalled: bool) -> torch.Tensor:
@@ -191,7 +202,7 @@ class MemoryAgent(TokenClassifier):
             Split-MNIST), ``tokens`` (the encoder's tokens, flattened: learned, drifts as
             the encoder trains) or ``mean`` (their mean, for many-token encoders).
         **kwargs: the encoder options of :class:`TokenClassifier` (encoder, num_tokens,
-            token_dim, cnn_width, readout).
+            token_dim, cnn_width, readout, skip_hidden).
     """
 
     def __init__(
@@ -237,10 +248,10 @@ class MemoryAgent(TokenClassifier):
         self.recall_gate = nn.Parameter(torch.tensor([0.0, torch.tensor(1.0).expm1().log()])) \
             if recall_slots and recall_gate else None
         self.core = DNC(self.encoder.token_dim, core_output, **dataclasses.asdict(dnc))
-        self.head = nn.Linear(core_output + self.recall_size, num_classes)
+        self.head = nn.Linear(core_output + self.skip_hidden + self.recall_size, num_classes)
         if recall_slots:
             with torch.no_grad():  # start as a product of experts: net x recalled votes
-                self.head.weight[:, core_output:] = torch.eye(num_classes)
+                self.head.weight[:, -self.recall_size:] = torch.eye(num_classes)
 
     def core_forward(self, tokens: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         return self.core(tokens, state)
@@ -318,7 +329,7 @@ class LSTMClassifier(TokenClassifier):
         super().__init__(input_shape, num_classes, **kwargs)
         require_at_least(1, "model.net.", hidden_size=hidden_size, num_layers=num_layers)
         self.core = nn.LSTM(self.encoder.token_dim, hidden_size, num_layers, batch_first=True)
-        self.head = nn.Linear(hidden_size, num_classes)
+        self.head = nn.Linear(hidden_size + self.skip_hidden, num_classes)
 
     def core_forward(self, tokens: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         return self.core(tokens, state)
