@@ -11,6 +11,9 @@ ways give it experiences to read first:
   example (its mean encoder token plus a label embedding), once, and every query then
   starts from that state.
 
+With ``skip_hidden > 0`` a feed-forward layer over the flattened tokens runs beside the
+core and joins its readout at the head.
+
 Under task-IL the learner masks the logits to the task's classes, which
 for disjoint class sets is exactly a per-task head (each task reads its own rows of the
 head's weight matrix).
