@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback
 
+from cl_lightning.checks import OptionError
 from cl_lightning.episodic_index import EpisodicIndex, fingerprint, nearest, same_item
 from cl_lightning.models.agent import MemoryAgent
 from cl_lightning.models.dnc import DNCOptions
@@ -331,3 +332,23 @@ def test_recall_gate_starts_as_the_plain_vote_and_scales_it_by_the_nearest_cosin
     b = math.log(math.e - 1)
     torch.testing.assert_close(scaled[0], base[0] * F.softplus(torch.tensor(2.0 + b)))
     torch.testing.assert_close(scaled[1], base[1])  # nearest cosine 0: the gate stays 1
+
+
+def test_recall_vote_init_scales_the_votes_share_of_the_logits_and_nothing_else():
+    x = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+    stored = torch.tensor([[1.0, 0, 0, 0], [0, 0, 1.0, 0]])
+    recall = Recall(stored, torch.tensor([[0, 1], [1, 0]]), torch.tensor([[2, 1], [0, 2]]),
+                    torch.ones(2, 2, dtype=torch.bool))
+    torch.manual_seed(0)
+    full = MemoryAgent((4,), 3, recall_slots=2, **SMALL_AGENT)
+    torch.manual_seed(0)  # the same draws: the nets differ only in the head's vote block
+    quarter = MemoryAgent((4,), 3, recall_slots=2, recall_vote_init=0.25, **SMALL_AGENT)
+    assert torch.equal(quarter.head.weight[:, -3:], 0.25 * torch.eye(3))
+    assert torch.equal(quarter.head.weight[:, :-3], full.head.weight[:, :-3])
+    logits_full, logits_quarter = full(x, recall=recall), quarter(x, recall=recall)
+    votes_full, votes_quarter = full.take_vote_logits(), quarter.take_vote_logits()
+    assert votes_full.abs().max() > 1.0  # the recalled labels do move the logits
+    torch.testing.assert_close(votes_quarter, 0.25 * votes_full)
+    torch.testing.assert_close(logits_quarter - votes_quarter, logits_full - votes_full)
+    with pytest.raises(OptionError, match="model.net.recall_vote_init must be >= 0"):
+        MemoryAgent((4,), 3, recall_slots=2, recall_vote_init=-1.0, **SMALL_AGENT)

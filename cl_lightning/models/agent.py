@@ -204,6 +204,11 @@ class MemoryAgent(TokenClassifier):
             key that never drifts, the better one measured on the synthetic stream and
             Split-MNIST), ``tokens`` (the encoder's tokens, flattened: learned, drifts as
             the encoder trains) or ``mean`` (their mean, for many-token encoders).
+        recall_vote_init: the head's initial weight on the recalled-label log-odds (its
+            vote block starts as this times the identity; learned from there). 1 starts
+            as a product of the net's and the memory's odds; below 1 the head starts by
+            trusting its weights more than a vote of the neighbours; 0 starts with the
+            votes ignored (the recalled labels still reach the DNC's reads).
         **kwargs: the encoder options of :class:`TokenClassifier` (encoder, num_tokens,
             token_dim, cnn_width, readout, skip_hidden).
     """
@@ -218,6 +223,7 @@ class MemoryAgent(TokenClassifier):
         recall_strength: float = 10.0,
         recall_key: RecallKey = "input",
         recall_gate: bool = False,
+        recall_vote_init: float = 1.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(input_shape, num_classes, **kwargs)
@@ -235,6 +241,7 @@ class MemoryAgent(TokenClassifier):
             raise OptionError("model.net.init_args.dnc.word_size must be >= 2 with "
                              "recall_slots > 0 (a key part and a label part)")
         require_at_least(1e-3, "model.net.", recall_strength=recall_strength)
+        require_at_least(0.0, "model.net.", recall_vote_init=recall_vote_init)
         if recall_key not in ("tokens", "mean", "input"):
             raise OptionError(f"model.net.recall_key must be 'tokens', 'mean' or 'input', "
                              f"got {recall_key!r}")
@@ -254,7 +261,8 @@ class MemoryAgent(TokenClassifier):
         self.head = nn.Linear(core_output + self.skip_hidden + self.recall_size, num_classes)
         if recall_slots:
             with torch.no_grad():  # start as a product of experts: net x recalled votes
-                self.head.weight[:, -self.recall_size:] = torch.eye(num_classes)
+                self.head.weight[:, -self.recall_size:] = recall_vote_init * torch.eye(
+                    num_classes)
 
     def core_forward(self, tokens: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         return self.core(tokens, state)
