@@ -682,3 +682,23 @@ def test_dnc_without_temporal_links_equals_content_only_read_modes(options: dict
 def test_sharpness_needs_temporal_links() -> None:
     with pytest.raises(ValueError, match="temporal_links"):
         small_dnc(temporal_links=False, sharpness=True)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_bf16_autocast_keeps_the_memory_in_float32_and_stays_close(fused: bool) -> None:
+    model = DNC(input_size=6, output_size=3, hidden_size=32, memory_slots=16, word_size=8,
+                read_heads=2, fused=fused)
+    x = torch.randn(3, 12, 6)
+    ref, _ = model(x)
+    ref_grads = torch.autograd.grad(ref.square().mean(), list(model.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, state = model(x)
+        grads = torch.autograd.grad(out.float().square().mean(), list(model.parameters()))
+    assert out.dtype == torch.bfloat16  # the output layer ran in bf16
+    assert all(t.dtype == torch.float32 for t in state)  # the addressing did not
+    # bf16 keeps 8 bits of mantissa: outputs within a few of its steps of float32's.
+    torch.testing.assert_close(out.float(), ref, atol=3e-2 * ref.abs().max().item(), rtol=0)
+    flat = torch.cat([g.flatten() for g in grads])
+    ref_flat = torch.cat([g.flatten() for g in ref_grads])
+    assert torch.isfinite(flat).all()
+    assert torch.nn.functional.cosine_similarity(flat, ref_flat, dim=0) > 0.99

@@ -352,3 +352,19 @@ def test_recall_vote_init_scales_the_votes_share_of_the_logits_and_nothing_else(
     torch.testing.assert_close(logits_quarter - votes_quarter, logits_full - votes_full)
     with pytest.raises(OptionError, match="model.net.recall_vote_init must be >= 0"):
         MemoryAgent((4,), 3, recall_slots=2, recall_vote_init=-1.0, **SMALL_AGENT)
+
+
+def test_bf16_autocast_reads_the_recalled_memory_in_float32():
+    x = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+    stored = torch.tensor([[1.0, 0, 0, 0], [0, 0, 1.0, 0]])
+    recall = Recall(stored, torch.tensor([[0, 1], [1, 0]]), torch.tensor([[2, 1], [0, 2]]),
+                    torch.ones(2, 2, dtype=torch.bool))
+    agent = MemoryAgent((4,), 3, recall_slots=2, **SMALL_AGENT)
+    state, _ = agent.recall_state(x, agent.encoder(x), recall)
+    ref = agent(x, recall=recall)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        state_bf16, _ = agent.recall_state(x, agent.encoder(x), recall)
+        logits = agent(x, recall=recall)
+    assert all(t.dtype == torch.float32 for t in state_bf16)
+    torch.testing.assert_close(state_bf16.memory, state.memory, atol=2e-2, rtol=0)
+    torch.testing.assert_close(logits.float(), ref, atol=5e-2 * ref.abs().max().item(), rtol=0)

@@ -301,18 +301,19 @@ class MemoryAgent(TokenClassifier):
         query = self._keys(x, tokens)  # (B, D)
         keys = self._keys(recall.x)  # (U, D): each distinct neighbour once
         cos = recall_cosines(query, keys, recall.index)
-        weights = weights_from_cosines(cos, valid, F.softplus(self.recall_strength))
+        state = self.core.initial_state(b, tokens.device)
+        dtype = state.memory.dtype  # the memory's, also where autocast computes in bf16
+        weights = weights_from_cosines(cos, valid, F.softplus(self.recall_strength)).to(dtype)
         key_words = gather_rows(self.recall_word(keys), recall.index)  # (B, k, W/2)
-        words = torch.cat([key_words, self.recall_label(recall.y)], -1)
-        words = words * valid[..., None].to(words.dtype)
+        words = torch.cat([key_words, self.recall_label(recall.y)], -1).to(dtype)
+        words = words * valid[..., None].to(dtype)
         self.last_recall = (weights.detach(), recall.y.detach())
-        state = self.core.initial_state(b, tokens.device, tokens.dtype)
         n, r = self.core.memory_slots, self.core.read_heads
         pad = n - k
         memory = torch.cat([words, words.new_zeros(b, pad, words.shape[-1])], 1)
         usage = torch.cat([valid.to(words.dtype), words.new_zeros(b, pad)], 1)
         read_w = torch.cat([weights, weights.new_zeros(b, pad)], 1)[:, None].expand(b, r, n)
-        read_v = torch.einsum("bk,bkw->bw", weights, words)[:, None].expand(b, r, -1)
+        read_v = torch.einsum("bk,bkw->bw", weights, words).to(dtype)[:, None].expand(b, r, -1)
         state = state._replace(memory=memory, usage=usage, read_weights=read_w.contiguous(),
                                read_vectors=read_v.contiguous())
         votes = torch.zeros(b, self.recall_size, dtype=weights.dtype, device=weights.device)

@@ -351,8 +351,8 @@ class DNC(nn.Module):
             ``(y, state)`` or ``(y, state, trace)``; ``y`` is ``(B, T, O)``.
         """
         batch, steps, _ = x.shape
-        if state is None:
-            state = self.initial_state(batch, x.device, x.dtype)
+        if state is None:  # in the parameters' dtype, also for low-precision x under autocast
+            state = self.initial_state(batch, x.device)
         if self.compile_step and torch.is_grad_enabled():
             # One compiled graph serves every step: the first step's state must require grad
             # like the later ones (the compiled step is specialised on requires_grad).
@@ -388,6 +388,17 @@ class DNC(nn.Module):
         """
         h, c = self._controller(x_gates, state)
         raw = self.interface(h)
+        if raw.dtype != state.memory.dtype:
+            # Under autocast the controller's matmuls run in low precision; the addressing
+            # (cosines, the allocation sort, products of usages, the link) stays in the state's.
+            with torch.autocast(raw.device.type, enabled=False):
+                return self._memory_step(raw.to(state.memory.dtype), h, c, state)
+        return self._memory_step(raw, h, c, state)
+
+    def _memory_step(
+        self, raw: Tensor, h: Tensor, c: Tensor, state: DNCState
+    ) -> tuple[DNCState, tuple[Tensor, ...]]:
+        """The write and the read of one step, from the interface pre-activations ``raw``."""
         if self.clip_value is not None:
             raw = raw.clamp(-self.clip_value, self.clip_value)
         iface = self.layout.parse(raw, self._strength_fn)
@@ -475,6 +486,7 @@ class DNC(nn.Module):
         """LSTM cell on ``x_t ⊕ r_{t-1}``; returns ``(h, c)``, each ``(B, H)``."""
         recurrent_in = torch.cat([state.read_vectors.flatten(1), state.h], dim=-1)
         gates = torch.addmm(x_gates, recurrent_in, self.recurrent_gates.weight.t())
+        gates = gates.to(state.c.dtype)  # a no-op but under autocast
         hs = self.hidden_size
         sig = torch.sigmoid(gates[:, : 3 * hs])
         in_gate, forget_gate, out_gate = sig.chunk(3, dim=-1)
