@@ -28,8 +28,8 @@ interleaved: each repeat runs every variant once, in turn, after two warm-up run
 busy machine slows all of them alike. ``ms/step`` is wall time per time step (median and min
 over ``--repeats``); ``CPU ms`` is the median process CPU time per step (less sensitive to
 other processes sharing the core); ``x pytorch-dnc`` is pytorch-dnc's median CPU time over the
-variant's (forward-only rows against ``pytorch-dnc-fwd``). With a GPU the script also reports
-tokens/s on CUDA.
+variant's (forward-only rows against ``pytorch-dnc-fwd``). On a GPU:
+``benchmarks/gpu_check.py``.
 
 Example (one thread, pinned to one core)::
 
@@ -250,7 +250,6 @@ def parse_args() -> argparse.Namespace:
                    help="source tree of ixaxaar/pytorch-dnc: adds its DNC as the baseline")
     p.add_argument("--variants", default="naive,autograd,fused,fused-fwd",
                    help="comma list of: " + ", ".join(VARIANTS))
-    p.add_argument("--cuda-batch", type=int, default=32)
     return p.parse_args()
 
 
@@ -297,20 +296,6 @@ def main() -> None:
         comp = f"{first_call[name]:.0f}" if compiled else "-"
         print(f"| {label} | {s['wall']:.2f} | {s['wall_min']:.2f} | {s['cpu']:.2f} | {ratio} | "
               f"{comp} |")
-
-    if torch.cuda.is_available():
-        print(f"\nCUDA ({torch.cuda.get_device_name()}), forward+backward, B={args.cuda_batch}:\n")
-        print("| variant | ms/step | tokens/s |")
-        print("|---|---:|---:|")
-        xc = torch.randn(args.cuda_batch, args.steps, args.input_size, device="cuda")
-        kinds = ("naive", "autograd", "fused")
-        cuda_runs = {k: step_fn(build(args, k).cuda(), xc, True, False) for k in kinds}
-        for run in cuda_runs.values():
-            run()
-        cuda_stats = time_interleaved(cuda_runs, args.repeats, args.steps, torch.cuda.synchronize)
-        for k in kinds:
-            ms = cuda_stats[k]["wall"]
-            print(f"| {VARIANTS[k][0]} | {ms:.2f} | {args.cuda_batch * 1e3 / ms:.0f} |")
 
 
 if __name__ == "__main__":
