@@ -62,29 +62,33 @@ def matrix_runs(roots: dict[str, str]) -> dict[str, list[str]]:
     # every shipped stream config, alone and with each of its method configs, on small
     # files in the real formats: the same models and options, fewer tasks and pixels
     small_resnet = ["--model.net.init_args.width", "4"]
+    small_cnn_agent = [*SMALL_AGENT, "--model.net.init_args.cnn_width", "4"]
     shrink = {
         "split_mnist": ["--data.root", roots["mnist"]],
         "permuted_mnist": ["--data.root", roots["mnist"], "--data.num_tasks", "2"],
         "rotated_mnist": ["--data.root", roots["mnist"], "--data.num_tasks", "2"],
         "split_cifar10": ["--data.root", roots["cifar10"], "--data.epochs_per_task", "1",
-                          "--data.classes_per_task", "5", *small_resnet],
+                          "--data.classes_per_task", "5"],
         "split_cifar100": ["--data.root", roots["cifar100"], "--data.epochs_per_task", "1",
-                           "--data.classes_per_task", "50", *small_resnet],
+                           "--data.classes_per_task", "50"],
         "split_tiny_imagenet": ["--data.root", roots["tiny"], "--data.epochs_per_task", "1",
-                                "--data.classes_per_task", "100", *small_resnet],
+                                "--data.classes_per_task", "100"],
     }
+    images = ("split_cifar10", "split_cifar100", "split_tiny_imagenet")  # ResNet backbones
     for stream, small in shrink.items():
         small = [*small, "--data.download", "false"]
-        runs[stream] = [*c(f"{stream}.yaml"), *small]
+        runs[stream] = [*c(f"{stream}.yaml"), *small, *(small_resnet if stream in images else [])]
         for method in sorted((CONFIGS / stream).glob("*.yaml")):
+            agent = "models.agent.MemoryAgent" in method.read_text()
+            net = (small_cnn_agent if agent else small_resnet) if stream in images else []
             runs[f"{stream}/{method.stem}"] = [*c(f"{stream}.yaml", f"{stream}/{method.name}"),
-                                               *small]
+                                               *small, *net]
     runs["split_mnist_agent"] = [*c("split_mnist_agent.yaml"), *shrink["split_mnist"],
                                  "--data.download", "false"]
     runs["split_cifar10/agent_cnn+esmer"] = [
         *c("split_cifar10.yaml", "split_cifar10/esmer_200.yaml", "methods/agent.yaml",
-           "methods/agent_cnn.yaml"), *shrink["split_cifar10"][:-2], *SMALL_AGENT,
-        "--model.net.init_args.cnn_width", "4", "--data.download", "false"]
+           "methods/agent_cnn.yaml"), *shrink["split_cifar10"], *small_cnn_agent,
+        "--data.download", "false"]
     return runs
 
 
