@@ -8,6 +8,12 @@ Two parts, each printed as a markdown table (and appended to ``--out``):
    bf16, the memory in float32), for the default DNC (``fused``) and the plain-autograd one;
    with ``--compile`` also ``compile_step`` (each time step one inductor graph: Triton
    kernels on a GPU; float32 forward+backward only, after part 2, as compiling is slow).
+   With ``--graphs`` also the default DNC's whole forward+backward over the sequence
+   captured as two CUDA graphs (``torch.cuda.make_graphed_callables``) against the same
+   DNC run eagerly: one graph launch per pass instead of hundreds of kernel launches; its
+   output and gradients are compared with the eager ones. Before that, one eager
+   forward+backward runs under ``torch.cuda.set_sync_debug_mode("error")``: no operation
+   of the DNC may wait for the device (a wait would also make the capture fail).
    ``tokens/s`` counts one token per sequence and time step: B / (ms per step). Variants
    are timed interleaved (:func:`dnc_speed.time_interleaved`) after two warm-up calls.
 2. **Full agent on Split-CIFAR-10** (``configs/split_cifar10/agent_200.yaml``: MemoryAgent
@@ -117,6 +123,67 @@ def dnc_table(args: argparse.Namespace, compiled: bool) -> str:
     return "\n".join(rows)
 
 
+class _Output(torch.nn.Module):
+    """The DNC's output sequence alone (a graphed callable returns tensors only)."""
+
+    def __init__(self, dnc: torch.nn.Module) -> None:
+        super().__init__()
+        self.dnc = dnc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dnc(x)[0]
+
+
+def graph_table(args: argparse.Namespace) -> str:
+    """Eager against CUDA-graph forward+backward of the default DNC, float32."""
+    device = torch.device("cuda")
+    sizes = argparse.Namespace(hidden=128, memory_slots=args.memory_slots, word_size=64,
+                               read_heads=4, write_heads=1, input_size=16, output_size=16)
+    rows = ["| variant | B | ms/step | tokens/s | max |y - y eager| | max |grad - grad eager| |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for batch in args.batches:
+        x = torch.randn(batch, args.steps, sizes.input_size, device=device)
+        torch.manual_seed(0)
+        eager = _Output(build(sizes, "fused")).to(device)
+        if batch == args.batches[0]:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                eager(x).square().mean().backward()
+                verdict = "no host synchronisation"
+            except RuntimeError as error:
+                verdict = f"a synchronisation: {str(error).splitlines()[0]}"
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            rows.insert(0, f"Eager forward+backward under sync debug mode 'error': {verdict}.\n")
+        graphed = _Output(build(sizes, "fused")).to(device)
+        graphed.load_state_dict(eager.state_dict())
+        start = time.perf_counter()
+        torch.cuda.make_graphed_callables(graphed, (x,))
+        torch.cuda.synchronize()
+        capture_s = time.perf_counter() - start
+        outputs = {}
+        for name, model in (("eager", eager), ("graph", graphed)):
+            model.zero_grad(set_to_none=True)
+            y = model(x)
+            y.square().mean().backward()
+            outputs[name] = (y.detach().clone(), [p.grad.clone() for p in model.parameters()])
+        y_diff = (outputs["eager"][0] - outputs["graph"][0]).abs().max().item()
+        g_diff = max((a - b).abs().max().item()
+                     for a, b in zip(outputs["eager"][1], outputs["graph"][1], strict=True))
+        runs = {name: step_fn(model, x, True, False)
+                for name, model in (("eager", eager), ("graph", graphed))}
+        for run in runs.values():
+            run()
+            run()
+        stats = time_interleaved(runs, args.repeats, args.steps, torch.cuda.synchronize)
+        for name, label in (("eager", "fused, eager"),
+                            ("graph", f"fused, CUDA graphs (capture {capture_s:.1f} s)")):
+            ms = stats[name]["wall"]
+            diffs = ("| | " if name == "eager" else f"| {y_diff:.1e} | {g_diff:.1e} ")
+            rows.append(f"| {label} | {batch} | {ms:.3f} | {batch * 1e3 / ms:,.0f} {diffs}|")
+    return "\n".join(rows)
+
+
 def autocast(run, device_type: str):
     def wrapped() -> None:
         with torch.autocast(device_type, dtype=torch.bfloat16):
@@ -191,6 +258,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--memory-slots", type=int, default=128)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--compile", action="store_true", help="add compile_step rows (last)")
+    p.add_argument("--graphs", action="store_true",
+                   help="add the CUDA-graph rows (after the DNC table; CUDA only)")
     p.add_argument("--train-per-class", type=int, default=500,
                    help="fake CIFAR-10 training images per class (the stream's batch is 32)")
     p.add_argument("--test-per-class", type=int, default=100)
@@ -198,7 +267,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="the stream config's batch")
     p.add_argument("--workers", type=int, default=0,
                    help="data loader workers (0, the stream's default: the data are tensors)")
-    p.add_argument("--rows", nargs="+", default=list(AGENT_ROWS), choices=list(AGENT_ROWS))
+    p.add_argument("--rows", nargs="*", default=list(AGENT_ROWS), choices=list(AGENT_ROWS),
+                   help="agent rows to run (none: `--rows` alone)")
     p.add_argument("--skip-dnc", action="store_true")
     p.add_argument("--run-timeout", type=float, default=240.0, help="seconds per agent run")
     p.add_argument("--out", type=Path, help="also append the tables to this markdown file")
@@ -223,6 +293,9 @@ def main() -> None:
         emit(f"DNC, T={args.steps}, N={args.memory_slots}, W=64, R=4, controller 128, "
              "1 write head:\n", args.out)
         guarded(lambda: emit(dnc_table(args, compiled=False) + "\n", args.out), args.out)
+    if args.graphs and args.device == "cuda" and not args.skip_dnc:
+        emit("DNC forward+backward as CUDA graphs (same sizes, float32):\n", args.out)
+        guarded(lambda: emit(graph_table(args) + "\n", args.out), args.out)
     if args.rows:
         emit(f"Full agent on Split-CIFAR-10 (random images in CIFAR-10's format: 5 tasks of "
              f"{2 * args.train_per_class} training images, {args.epochs} epoch(s) each), "

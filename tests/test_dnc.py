@@ -156,6 +156,63 @@ def test_allocation_random_batched_and_leading_dims() -> None:
         torch.testing.assert_close(alloc[i], addr.allocation_weighting(usage[i]))
 
 
+def test_exclusive_cumprod_equals_shifted_torch_cumprod_bitwise() -> None:
+    x = addr.EPSILON + (1 - addr.EPSILON) * torch.rand(6, 40)  # allocation's range
+    ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = addr.exclusive_cumprod(ours)
+    prod = torch.cumprod(ref, -1)
+    expected = torch.cat([torch.ones(6, 1), prod[:, :-1]], -1)
+    assert torch.equal(out, expected)
+    torch.testing.assert_close(out[:, 3], x[:, 0] * x[:, 1] * x[:, 2])
+    grad = torch.randn(6, 40)
+    out.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(ours.grad, ref.grad)
+    x64 = (torch.rand(3, 7, dtype=torch.float64) + 0.05).requires_grad_()
+    assert torch.autograd.gradcheck(addr.exclusive_cumprod, (x64,))
+    assert torch.autograd.gradgradcheck(addr.exclusive_cumprod, (x64,))
+
+
+def test_product_over_heads_equals_torch_prod_also_with_zero_factors() -> None:
+    x = torch.rand(5, 4, 9, dtype=torch.float64)
+    x[0, 1, 2] = 0.0  # one zero factor: the gradient of that slot's other factors is 0
+    x[1, :2, 3] = 0.0  # two zeros: every factor's gradient is 0
+    ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = addr.product(ours, 1)
+    expected = torch.prod(ref, 1)
+    torch.testing.assert_close(out, expected, rtol=1e-15, atol=0)
+    grad = torch.randn(5, 9, dtype=torch.float64)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-12, atol=1e-15)
+    assert ours.grad[0, 1, 2] != 0 and ours.grad[0, 0, 2] == 0 and (ours.grad[1, :, 3] == 0).all()
+
+
+def backward_node_names(output: torch.Tensor) -> set[str]:
+    """Names of every autograd node ``output`` depends on."""
+    seen, names, stack = set(), set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("options", [{}, {"dealloc": True, "write_heads": 2},
+                                     {"fused": False, "stop_write_gradient": False,
+                                      "write_heads": 2}])
+def test_dnc_backward_has_no_operation_that_reads_values_on_the_host(options: dict) -> None:
+    """autograd's backward of prod and cumprod look for zeros on the host: a device
+    synchronisation per step on a GPU, and no CUDA-graph capture of a training step."""
+    y, _ = small_dnc(**options)(torch.randn(2, 3, 4))
+    names = backward_node_names(y)
+    assert "_ExclusiveCumprodBackward" in names and "SortBackward1" in names
+    assert not {n for n in names if n.startswith(("ProdBackward", "CumprodBackward"))}
+
+
 def test_multiple_write_heads_allocate_distinct_slots() -> None:
     usage = torch.tensor([[0.5, 0.0, 0.9, 0.2]])
     alloc = addr.write_allocation_weightings(usage, torch.ones(1, 2))

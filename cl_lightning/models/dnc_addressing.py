@@ -19,6 +19,12 @@ Shape letters used throughout:
 Every function is stateless and batched over all heads; none of them loops over the batch.
 The only loop is over write heads inside :func:`write_allocation_weightings`, which is
 sequential by definition (each head allocates after the previous one has claimed its slots).
+
+No function here waits on the device: autograd's own backward passes of ``torch.prod`` and
+``torch.cumprod`` test the input for zeros on the host (a GPU synchronisation, which also
+makes a step impossible to capture as a CUDA graph), so products over heads are chains of
+multiplications (:func:`product`) and the allocation's cumulative product has its own
+backward (:func:`exclusive_cumprod`).
 """
 
 from __future__ import annotations
@@ -76,6 +82,50 @@ def content_weighting(
     return torch.softmax(similarity * strengths.unsqueeze(-1), dim=-1)
 
 
+def product(x: Tensor, dim: int) -> Tensor:
+    """Product over a short dimension (heads) as a chain of multiplications.
+
+    Equal to ``torch.prod(x, dim)``, but its gradient is the product rule's, with no host
+    check for zeros (see the module docstring). Meant for a handful of factors.
+    """
+    factors = x.unbind(dim)
+    out = factors[0]
+    for factor in factors[1:]:
+        out = out * factor
+    return out
+
+
+class _ExclusiveCumprod(torch.autograd.Function):
+    """``[1, x_0, x_0 x_1, ...]`` along the last dimension, for strictly positive ``x``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        prod = torch.cumprod(x, dim=-1)
+        out = torch.cat([torch.ones_like(prod[..., :1]), prod[..., :-1]], dim=-1)
+        ctx.save_for_backward(x, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        # d out_j / d x_i = out_j / x_i for j > i, so grad_x_i = sum_{j > i} g_j out_j / x_i:
+        # autograd's formula for cumprod without zeros, without its host-side zero test.
+        # Written in differentiable operations, so a double backward is exact as well.
+        x, out = ctx.saved_tensors
+        weighted = grad * out
+        later = torch.cat([weighted[..., 1:], torch.zeros_like(weighted[..., :1])], dim=-1)
+        return later.flip(-1).cumsum(-1).flip(-1) / x
+
+
+def exclusive_cumprod(x: Tensor) -> Tensor:
+    """Exclusive cumulative product ``out_j = prod_{i<j} x_i`` along the last dimension.
+
+    Values equal ``torch.cumprod`` shifted by one (bitwise), and so do the gradients where
+    ``x > 0`` (autograd's own formula for that case); the backward never reads a value on
+    the host. ``x`` must be strictly positive (allocation maps usage to ``[eps, 1]``).
+    """
+    return _ExclusiveCumprod.apply(x)
+
+
 def retention(free_gates: Tensor, prev_read_weights: Tensor) -> Tensor:
     """Memory retention ``psi = prod_r (1 - f_r * w^r_{t-1})``.
 
@@ -86,7 +136,7 @@ def retention(free_gates: Tensor, prev_read_weights: Tensor) -> Tensor:
     Returns:
         ``(B, N)`` retention vector in ``[0, 1]``.
     """
-    return torch.prod(1.0 - free_gates.unsqueeze(-1) * prev_read_weights, dim=1)
+    return product(1.0 - free_gates.unsqueeze(-1) * prev_read_weights, dim=1)
 
 
 def update_usage(
@@ -117,7 +167,7 @@ def update_usage(
     if written.shape[1] == 1:
         written = written[:, 0]
     else:
-        written = 1.0 - torch.prod(1.0 - written, dim=1)
+        written = 1.0 - product(1.0 - written, dim=1)
     psi = retention(free_gates, prev_read_weights)
     usage = (prev_usage + written - prev_usage * written) * psi
     return usage, psi
@@ -139,9 +189,7 @@ def allocation_weighting(usage: Tensor, eps: float = EPSILON) -> Tensor:
     """
     usage = eps + (1.0 - eps) * usage
     sorted_usage, order = torch.sort(usage, dim=-1, stable=True)
-    prod = torch.cumprod(sorted_usage, dim=-1)
-    exclusive = torch.cat([torch.ones_like(prod[..., :1]), prod[..., :-1]], dim=-1)
-    sorted_alloc = (1.0 - sorted_usage) * exclusive
+    sorted_alloc = (1.0 - sorted_usage) * exclusive_cumprod(sorted_usage)
     return torch.zeros_like(sorted_alloc).scatter(-1, order, sorted_alloc)
 
 
@@ -219,7 +267,7 @@ def erase_and_write(
         if psi is not None:
             keep = keep * psi.unsqueeze(-1).expand_as(memory)
         return torch.addcmul(memory * keep, weights, write_vectors)
-    keep = torch.prod(1.0 - write_weights.unsqueeze(-1) * erase_vectors.unsqueeze(2), dim=1)
+    keep = product(1.0 - write_weights.unsqueeze(-1) * erase_vectors.unsqueeze(2), dim=1)
     if psi is not None:
         keep = keep * psi.unsqueeze(-1)
     return torch.baddbmm(memory * keep, write_weights.transpose(1, 2), write_vectors)
