@@ -230,6 +230,7 @@ def build(args: argparse.Namespace, kind: str, compiled: bool = False) -> nn.Mod
         fused=(kind != "autograd"),
         temporal_links=(kind != "nolinks"),
         compile_step=compiled,
+        cuda_graphs=False,  # eager on a GPU too (gpu_check.py times the graphs apart)
     )
 
 

@@ -8,10 +8,9 @@ Two parts, each printed as a markdown table (and appended to ``--out``):
    bf16, the memory in float32), for the default DNC (``fused``) and the plain-autograd one;
    with ``--compile`` also ``compile_step`` (each time step one inductor graph: Triton
    kernels on a GPU; float32 forward+backward only, after part 2, as compiling is slow).
-   With ``--graphs`` also the default DNC's whole forward+backward over the sequence
-   captured as two CUDA graphs (``torch.cuda.make_graphed_callables``) against the same
-   DNC run eagerly: one graph launch per pass instead of hundreds of kernel launches; its
-   output and gradients are compared with the eager ones. Before that, one eager
+   With ``--graphs`` also the default DNC with ``cuda_graphs=True`` (its forward and
+   backward over the sequence replayed from two CUDA graphs) against the same DNC run
+   eagerly; its output and gradients are compared with the eager ones. Before that, one eager
    forward+backward runs under ``torch.cuda.set_sync_debug_mode("error")``: no operation
    of the DNC may wait for the device (a wait would also make the capture fail).
    ``tokens/s`` counts one token per sequence and time step: B / (ms per step). Variants
@@ -22,10 +21,12 @@ Two parts, each printed as a markdown table (and appended to ``--out``):
    (the pixels do not change the arithmetic). ``img/s`` is the stream's batch over the
    median wall time between consecutive training steps (:class:`StepTimer`: forward,
    backward, optimizer, replay draw, buffer insert and data fetch; not the task-end
-   evaluation, nor the first step of a task). Rows: float32, ``--trainer.precision
-   bf16-mixed``, one-GPU DDP (``--trainer.strategy ddp --trainer.devices 1``), the agent
-   without its read (``recall_slots 0``), and, for scale, the stream's reduced ResNet-18
-   alone with ER 200.
+   evaluation, nor the first step of a task); ``avg acc`` is the run's final average
+   accuracy (on random images: a check that two rows compute alike, not a result). Rows:
+   float32 (the DNC replayed from CUDA graphs, its default), the eager DNC,
+   ``--trainer.precision bf16-mixed``, one-GPU DDP (``--trainer.strategy ddp
+   --trainer.devices 1``), the agent without its read
+   (``recall_slots 0``), and, for scale, the stream's reduced ResNet-18 alone with ER 200.
 
 Nothing here is needed by the tests; it runs on a CPU too (``--device cpu``, small sizes,
 to check the script). Command (about 5 minutes on one H200)::
@@ -64,7 +65,10 @@ UNCHECKED_TRAIN = ("from datamodules.cifar import SplitCIFAR10; "
 STREAM = ("configs/split_cifar10.yaml", "configs/split_cifar10/agent_200.yaml")
 AGENT_ROWS = {  # label: extra CLI args over STREAM
     "agent, float32": [],
-    "agent, bf16-mixed": ["--trainer.precision=bf16-mixed"],
+    "agent, float32, eager DNC (cuda_graphs false)": [
+        "--model.net.init_args.dnc.cuda_graphs=false"],
+    "agent, bf16-mixed (eager DNC: no graphs under autocast)": [
+        "--trainer.precision=bf16-mixed"],
     "agent, float32, DDP on 1 device": ["--trainer.strategy=ddp", "--trainer.devices=1"],
     "agent without its read (recall_slots 0), float32": [
         "--model.net.init_args.recall_slots=0"],
@@ -123,61 +127,44 @@ def dnc_table(args: argparse.Namespace, compiled: bool) -> str:
     return "\n".join(rows)
 
 
-class _Output(torch.nn.Module):
-    """The DNC's output sequence alone (a graphed callable returns tensors only)."""
-
-    def __init__(self, dnc: torch.nn.Module) -> None:
-        super().__init__()
-        self.dnc = dnc
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dnc(x)[0]
-
-
 def graph_table(args: argparse.Namespace) -> str:
-    """Eager against CUDA-graph forward+backward of the default DNC, float32."""
+    """Eager against ``cuda_graphs=True`` forward+backward of the default DNC, float32."""
     device = torch.device("cuda")
     sizes = argparse.Namespace(hidden=128, memory_slots=args.memory_slots, word_size=64,
                                read_heads=4, write_heads=1, input_size=16, output_size=16)
-    rows = ["| variant | B | ms/step | tokens/s | max |y - y eager| | max |grad - grad eager| |",
+    rows = ["| variant | B | ms/step | tokens/s | y: max abs diff to eager "
+            "| gradients: max abs diff to eager |",
             "|---|---:|---:|---:|---:|---:|"]
     for batch in args.batches:
         x = torch.randn(batch, args.steps, sizes.input_size, device=device)
-        torch.manual_seed(0)
-        eager = _Output(build(sizes, "fused")).to(device)
+        eager = build(sizes, "fused").to(device)
         if batch == args.batches[0]:
             torch.cuda.set_sync_debug_mode("error")
             try:
-                eager(x).square().mean().backward()
+                eager(x)[0].square().mean().backward()
                 verdict = "no host synchronisation"
             except RuntimeError as error:
                 verdict = f"a synchronisation: {str(error).splitlines()[0]}"
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             rows.insert(0, f"Eager forward+backward under sync debug mode 'error': {verdict}.\n")
-        graphed = _Output(build(sizes, "fused")).to(device)
+        graphed = build(sizes, "fused").to(device)
+        graphed.cuda_graphs = True  # build() makes eager DNCs
         graphed.load_state_dict(eager.state_dict())
-        start = time.perf_counter()
-        torch.cuda.make_graphed_callables(graphed, (x,))
-        torch.cuda.synchronize()
-        capture_s = time.perf_counter() - start
         outputs = {}
         for name, model in (("eager", eager), ("graph", graphed)):
-            model.zero_grad(set_to_none=True)
-            y = model(x)
-            y.square().mean().backward()
+            for _ in range(2):  # the graphed model captures on the first call, replays next
+                model.zero_grad(set_to_none=True)
+                y = model(x)[0]
+                y.square().mean().backward()
             outputs[name] = (y.detach().clone(), [p.grad.clone() for p in model.parameters()])
         y_diff = (outputs["eager"][0] - outputs["graph"][0]).abs().max().item()
         g_diff = max((a - b).abs().max().item()
                      for a, b in zip(outputs["eager"][1], outputs["graph"][1], strict=True))
         runs = {name: step_fn(model, x, True, False)
                 for name, model in (("eager", eager), ("graph", graphed))}
-        for run in runs.values():
-            run()
-            run()
         stats = time_interleaved(runs, args.repeats, args.steps, torch.cuda.synchronize)
-        for name, label in (("eager", "fused, eager"),
-                            ("graph", f"fused, CUDA graphs (capture {capture_s:.1f} s)")):
+        for name, label in (("eager", "fused, eager"), ("graph", "fused, `cuda_graphs=True`")):
             ms = stats[name]["wall"]
             diffs = ("| | " if name == "eager" else f"| {y_diff:.1e} | {g_diff:.1e} ")
             rows.append(f"| {label} | {batch} | {ms:.3f} | {batch * 1e3 / ms:,.0f} {diffs}|")
@@ -243,11 +230,14 @@ def agent_row(label: str, extra: list[str], data_root: Path, args: argparse.Name
                               timeout=args.run_timeout)
         run_s = time.perf_counter() - start
         if done.returncode != 0:
-            return f"| {label} | failed ({done.returncode}): {done.stderr[-300:]!r} | | | |"
+            return f"| {label} | failed ({done.returncode}): {done.stderr[-300:]!r} | | | | |"
         steps = json.loads((work / "steps.json").read_text())
+        results = sorted((work / "logs").rglob("results.json"))
+        accuracy = json.loads(results[-1].read_text())["avg_accuracy"] if results else None
     median_ms = statistics.median(steps) * 1e3
+    acc = "" if accuracy is None else f"{accuracy:.2f}"
     return (f"| {label} | {args.batch_size * 1e3 / median_ms:,.0f} | {median_ms:.1f} | "
-            f"{len(steps)} | {run_s:.0f} |")
+            f"{len(steps)} | {run_s:.0f} | {acc} |")
 
 
 def parse_args() -> argparse.Namespace:
@@ -300,8 +290,8 @@ def main() -> None:
         emit(f"Full agent on Split-CIFAR-10 (random images in CIFAR-10's format: 5 tasks of "
              f"{2 * args.train_per_class} training images, {args.epochs} epoch(s) each), "
              f"batch {args.batch_size}, {args.workers} loader workers:\n", args.out)
-        emit("| run | train img/s | ms/step (median) | steps timed | run s (all in) |\n"
-             "|---|---:|---:|---:|---:|", args.out)
+        emit("| run | train img/s | ms/step (median) | steps timed | run s (all in) | "
+             "avg acc |\n|---|---:|---:|---:|---:|---:|", args.out)
         with tempfile.TemporaryDirectory(prefix="gpu_check_data_") as data:
             write_cifar(data, hundred=False, train_per_class=args.train_per_class,
                         test_per_class=args.test_per_class)

@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from cl_lightning.learner_types import ModelFn, Support
 from cl_lightning.meta import MetaLearning, Params, label_permutation
+from cl_lightning.models import cuda_graphs
 from cl_lightning.models.recall import Recall
 from cl_lightning.stream import StreamInfo
 
@@ -130,12 +131,14 @@ class Adaptation:
 
             return [head_at(p, **kwargs) for p in meta.adapt(self.net, support_loss, detached)]
 
-        # cuDNN RNNs have no double backward
-        no_cudnn = meta.second_order(detached) and xs.is_cuda
+        # Neither cuDNN RNNs nor CUDA-graph replays have a double backward
+        second_order = meta.second_order(detached)
+        no_cudnn = second_order and xs.is_cuda
 
         def support_loss(params: Params) -> torch.Tensor:
             off = torch.backends.cudnn.flags(enabled=False) if no_cudnn else None
-            with off or contextlib.nullcontext():
+            eager = cuda_graphs.paused() if second_order else None
+            with off or contextlib.nullcontext(), eager or contextlib.nullcontext():
                 return F.cross_entropy(
                     self.train_logits(model_at(params, **support_kw), xs, ts), ys)
 

