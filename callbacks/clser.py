@@ -124,19 +124,23 @@ class CLSER(ExperienceReplay):
         # without match_votes, student and teachers are compared without their votes
         strip = not self.match_votes and step.vote_logits is not None
         full, matched = {}, {}
-        with torch.no_grad():
+        # inference mode: no autograd bookkeeping at all (the teachers only give targets)
+        with torch.inference_mode():
             for name in ("stable", "plastic"):
                 model = self.memory(name, learner)
-                model.train(learner.net.training)  # own batch-norm statistics
+                if model.training != learner.net.training:
+                    model.train(learner.net.training)  # own batch-norm statistics
                 full[name] = learner.train_logits(model, step.inputs[replay],
                                                   step.batch["task"][replay],
                                                   **step.rows_kwargs(replay))
                 matched[name] = full[name] - model.take_vote_logits() if strip else full[name]
-        _, use_stable = teacher_logits(full["stable"], full["plastic"], step.targets[replay])
-        teacher = torch.where(use_stable[:, None], matched["stable"], matched["plastic"])
+            _, use_stable = teacher_logits(full["stable"], full["plastic"],
+                                           step.targets[replay])
+            teacher = torch.where(use_stable[:, None], matched["stable"], matched["plastic"])
+        teacher = teacher.clone()  # a normal tensor, which the loss may save for backward
         student = step.logits - step.vote_logits if strip else step.logits
-        learner.log("clser/stable_teacher_fraction", use_stable.float().mean(),
-                    on_step=False, on_epoch=True, batch_size=int(replay.sum()), sync_dist=True)
+        learner.add_epoch_mean("clser/stable_teacher_fraction", use_stable.sum().float(),
+                               len(teacher))
         mse = F.mse_loss(student[replay], teacher)
         return {"clser_consistency": self.consistency_weight * mse}
 

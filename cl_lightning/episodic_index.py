@@ -12,6 +12,7 @@ holds the cache and its checkpointed state.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -30,9 +31,14 @@ def fingerprint(x: Tensor) -> Tensor:
     """A float64 summary per item, ``(N,)``: a fixed random projection of the flattened
     input. Equal inputs give equal values; distinct inputs collide with probability ~0."""
     flat = x.detach().flatten(1).to(torch.float64)
+    return (flat * _probe(flat.shape[1], flat.device)).sum(1)
+
+
+@functools.lru_cache(maxsize=16)
+def _probe(width: int, device: torch.device) -> Tensor:
+    """The projection of :func:`fingerprint` (drawn once per width and device)."""
     g = torch.Generator().manual_seed(_PROBE_SEED)
-    probe = torch.rand(flat.shape[1], generator=g, dtype=torch.float64).to(flat.device) + 0.5
-    return (flat * probe).sum(1)
+    return torch.rand(width, generator=g, dtype=torch.float64).to(device) + 0.5
 
 
 def same_item(a: Tensor, b: Tensor) -> Tensor:

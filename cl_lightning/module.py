@@ -326,6 +326,12 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
             for p in self.plugins():
                 p.on_task_end(self, self.current_task)
 
+    def add_epoch_mean(self, name: str, total: torch.Tensor, count: float) -> None:
+        """Add ``total`` (a sum over ``count`` samples) to the epoch's mean of ``name``,
+        logged under that name at the end of the epoch over every rank's samples: a tensor
+        add per step instead of a ``self.log`` call."""
+        self._epoch_means.add(name, total, count)
+
     def _log_epoch_means(self) -> None:
         """Log the epoch's sample-weighted means of the loss terms (``train/loss_epoch``,
         ``train/loss_current``, ...) and of ``recall/same_label_mass``, over every rank's

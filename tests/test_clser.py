@@ -11,6 +11,7 @@ from torch import nn
 
 from callbacks.clser import CLSER, teacher_logits
 from cl_lightning.checks import OptionError
+from cl_lightning.epoch_means import EpochMeans
 from cl_lightning.plugins import StepOutput
 from cl_lightning.replay import ReplayBuffer
 from tests.conftest import hand_step, read_results, run_cli
@@ -31,8 +32,10 @@ def test_teacher_is_the_model_more_confident_in_the_label():
 
 def fake_learner(net):
     trainer = SimpleNamespace(loggers=[], world_size=1)
+    means = EpochMeans()
     return SimpleNamespace(trainer=trainer, net=net, device=torch.device("cpu"),
                            train_logits=lambda m, x, t: m(x), log=lambda *a, **k: None,
+                           add_epoch_mean=means.add, epoch_means=means,
                            eval_modes=lambda: ["domain_il"], primary_variant="domain_il")
 
 
@@ -98,7 +101,7 @@ def test_consistency_matches_the_chosen_teacher_on_replayed_samples_only():
     clser.buffer.add({"x": torch.randn(20, 4), "y": torch.randint(0, 3, (20,)),
                       "task": torch.zeros(20, dtype=torch.long)})
     with torch.no_grad():
-        clser.memory("stable", learner).weight.add_(0.7)
+        clser.memory("stable", learner).weight.add_(-0.2)
         clser.memory("plastic", learner).bias.sub_(0.4)
     stable = clser.memory("stable", learner)
     plastic = clser.memory("plastic", learner)
@@ -112,6 +115,10 @@ def test_consistency_matches_the_chosen_teacher_on_replayed_samples_only():
     expected = 2.0 * ((logits[6:] - teacher) ** 2).mean()
     torch.testing.assert_close(extras["clser_consistency"], expected)
     assert len(clser.buffer) == 26  # the current samples went in
+    fraction = learner.epoch_means  # the logged share of replayed rows taught by the stable
+    assert fraction.counts["clser/stable_teacher_fraction"] == 5
+    assert fraction.sums["clser/stable_teacher_fraction"].item() == use_s.sum().item()
+    assert 0 < use_s.sum() < 5  # both teachers taught some rows (the check is not vacuous)
 
 
 def test_no_consistency_term_without_replay_or_with_weight_zero():
