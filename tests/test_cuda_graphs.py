@@ -138,6 +138,21 @@ def test_swapped_in_weights_autocast_and_new_parameters() -> None:
     assert len(capture.captured) == 2 and len(cache.graphs) == 1
 
 
+def test_a_failed_capture_warns_once_and_runs_eagerly_after() -> None:
+    dnc, calls = small_dnc(), []
+
+    def failing(module, fn, sample_args, grad):
+        calls.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing\ndetails")
+
+    cache = GraphCache(dnc, failing)
+    x = torch.randn(2, 3, 4)
+    with pytest.warns(UserWarning, match="operation not permitted.*runs eagerly"):
+        assert cache.run(dnc._flat_forward, (x,)) is None
+    assert cache.run(dnc._flat_forward, (torch.randn(4, 3, 4),)) is None
+    assert calls == [1]  # no second attempt
+
+
 def test_paused_runs_eagerly() -> None:
     dnc, capture = small_dnc(), EagerCapture()
     cache = GraphCache(dnc, capture)

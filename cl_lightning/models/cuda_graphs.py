@@ -14,6 +14,8 @@ writes fixed memory, which sets the rules this module enforces:
   them, so each signature keeps a few *instances* (separate captures); an instance is busy
   from its forward until its backward has run or its autograd graph is freed. With every
   instance busy the call runs eagerly.
+* A capture that fails (an operation CUDA cannot capture) is reported once as a warning,
+  and the module runs eagerly from then on.
 * The graph reads the parameters it was captured with. Calls whose parameters are not
   those (``torch.func.functional_call`` with MAML's fast weights, a module moved to
   another device) run eagerly; outputs are returned as copies, never as the graph's own
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -64,7 +67,8 @@ def capture_on_gpu(module: nn.Module, fn: Run, sample_args: Sequence[Tensor],
     torch.cuda.current_stream().wait_stream(stream)
     pool = torch.cuda.graph_pool_handle()
     forward = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(forward, pool=pool, stream=stream):
+    # thread_local: CUDA work of other threads (a loader's pinning thread) cannot void it
+    with torch.cuda.graph(forward, pool=pool, stream=stream, capture_error_mode="thread_local"):
         outputs = fn(*static)
     if not grad:
         def replay_forward(*args: Tensor) -> tuple[Tensor, ...]:
@@ -78,7 +82,8 @@ def capture_on_gpu(module: nn.Module, fn: Run, sample_args: Sequence[Tensor],
     grad_buffers = [torch.empty_like(o) for o, d in zip(outputs, differentiable, strict=True)
                     if d]
     backward = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(backward, pool=pool, stream=stream):
+    with torch.cuda.graph(backward, pool=pool, stream=stream,
+                          capture_error_mode="thread_local"):
         found = iter(_grads_of(outputs, wrt, grad_buffers))
     # Per input of the replay (the arguments, then the parameters): its gradient buffer.
     input_grads = [next(found) if t.requires_grad else None for t in static + params]
@@ -162,6 +167,7 @@ class GraphCache:
         self.graphs: dict[tuple, list[_Instance]] = {}
         self.captures = 0
         self.replays = 0
+        self.failed: str | None = None  # why a capture failed (then every call is eager)
 
     @staticmethod
     def _param_ids(module: nn.Module) -> tuple | None:
@@ -177,7 +183,7 @@ class GraphCache:
     def run(self, fn: Run, args: Sequence[Tensor]) -> tuple[Tensor, ...] | None:
         """``fn(*args)`` from a graph; None where the call must run eagerly."""
         module = self.module()
-        if (module is None or getattr(_PAUSE, "depth", 0)
+        if (module is None or self.failed or getattr(_PAUSE, "depth", 0)
                 or torch.is_autocast_enabled(args[0].device.type)):
             return None
         params = self._param_ids(module)
@@ -197,7 +203,14 @@ class GraphCache:
         if instance is None:
             if len(instances) >= self.max_instances:
                 return None
-            instance = _Instance(self.capture(module, fn, args, grad))
+            try:
+                instance = _Instance(self.capture(module, fn, args, grad))
+            except RuntimeError as error:  # e.g. an operation that cannot be captured
+                self.failed = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+                warnings.warn(f"CUDA-graph capture of {type(module).__name__} failed "
+                              f"({self.failed}); it runs eagerly from now on (set its "
+                              "cuda_graphs option false to skip the attempt)", stacklevel=3)
+                return None
             instances.append(instance)
             self.captures += 1
         outputs = instance.replay(*args)
