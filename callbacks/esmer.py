@@ -146,10 +146,12 @@ class ESMER(ExperienceReplay):
 
     def sample_weights(self, learner: ContinualLearner, step: StepOutput) -> torch.Tensor | None:
         ema = self.semantic_memory(learner)
-        ema.train(learner.net.training)  # its own batch-norm statistics, as the reference
-        with torch.no_grad():
-            self._ema_logits = learner.train_logits(ema, step.inputs, step.batch["task"],
-                                                    **step.model_kwargs)
+        if ema.training != learner.net.training:
+            ema.train(learner.net.training)  # its own batch-norm statistics, as the reference
+        with torch.inference_mode():  # no autograd bookkeeping: the logits are targets
+            logits = learner.train_logits(ema, step.inputs, step.batch["task"],
+                                          **step.model_kwargs)
+        self._ema_logits = logits.clone()  # a normal tensor, which a loss may save
         current = ~step.replay_mask
         self._l_s = F.cross_entropy(self._ema_logits[current], step.targets[current],
                                     reduction="none")
@@ -195,12 +197,13 @@ class ESMER(ExperienceReplay):
             self.mu = update_loss_memory(self.mu, self._global_batch(learner, self._l_s),
                                          self.steps, self.loss_alpha, self.std_margin)
             self.mu_norm = a * self.mu_norm + (1.0 - a)
-        log = dict(on_step=False, on_epoch=True, batch_size=len(self._l_s))
-        # mu and warm-up are the same on every rank; the fractions are per-rank shares
-        learner.log("esmer/mu", self.loss_memory, **log)
-        learner.log("esmer/modulated_fraction", self._modulated, sync_dist=True, **log)
-        learner.log("esmer/admitted_fraction", admitted.float().mean(), sync_dist=True, **log)
-        learner.log("esmer/warmup", float(warmup), **log)
+        # sample-weighted epoch means over every rank's samples (mu and warm-up are the same
+        # on every rank; the fractions are per-rank shares); a tensor add per step each
+        n = len(self._l_s)
+        for name, value in (("mu", self.loss_memory), ("modulated_fraction", self._modulated),
+                            ("admitted_fraction", admitted.float().mean()),
+                            ("warmup", float(warmup))):
+            learner.add_epoch_mean(f"esmer/{name}", torch.as_tensor(value).detach() * n, n)
         self._l_s = self._ema_logits = None
 
     @staticmethod

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from callbacks.esmer import ESMER
+from cl_lightning.epoch_means import EpochMeans
 from cl_lightning.esmer_math import (
     admission_mask,
     ema_decay,
@@ -66,8 +67,10 @@ def test_ema_update_interpolates_parameters_only():
 def fake_learner(net, batches=4):
     trainer = SimpleNamespace(num_training_batches=batches, current_epoch=0,
                               datamodule=SimpleNamespace(epochs_per_task=1), loggers=[])
+    means = EpochMeans()
     return SimpleNamespace(trainer=trainer, net=net, device=torch.device("cpu"),
                            train_logits=lambda m, x, t: m(x), log=lambda *a, **k: None,
+                           add_epoch_mean=means.add, epoch_means=means,
                            eval_modes=lambda: ["domain_il"], primary_variant="domain_il")
 
 
@@ -106,6 +109,11 @@ def test_warmup_freezes_mu_and_admits_nothing_then_admits_low_loss():
     expected_admitted = int((l_s <= 1.2 * mu).sum())
     assert len(esmer.buffer) == 8 + expected_admitted
     assert esmer.steps == 4 and esmer.task_steps == 4
+    # the logged epoch means: 4 steps of 8 samples; admitted 0, 0, 8 and expected_admitted
+    means = learner.epoch_means
+    assert means.counts["esmer/admitted_fraction"] == 32
+    assert means.sums["esmer/admitted_fraction"].item() == 8 + expected_admitted
+    assert means.sums["esmer/warmup"].item() == 16  # two warm-up steps of 8
 
 
 def test_step_counter_counts_the_step_before_the_decays_as_the_reference():
