@@ -13,9 +13,10 @@ Kernels and the reference composition each one equals:
 * :func:`fused_erase_and_write`: :func:`~cl_lightning.models.dnc_addressing.erase_and_write`;
   fused for one write head, with several heads it runs the reference function.
 * :func:`fused_link_read`: :func:`~cl_lightning.models.dnc_addressing.update_link`, then
-  :func:`~cl_lightning.models.dnc_addressing.directional_weightings` on the new link. It is a
-  ``torch.library`` custom operator (``cl_lightning::dnc_link_read``), so a compiled DNC step
-  calls it as one kernel instead of tracing it.
+  :func:`~cl_lightning.models.dnc_addressing.directional_weightings` on the new link. Under
+  ``torch.compile`` it is a ``torch.library`` custom operator (``cl_lightning::dnc_link_read``),
+  so a compiled DNC step calls it as one kernel instead of tracing it; eagerly the same
+  functions run as a plain autograd function (the operator's wrappers are slower).
 
 When a backward pass is itself differentiated (``create_graph=True``, e.g. second-order
 MAML), the kernels differentiate through the reference function instead, so higher-order
@@ -165,8 +166,10 @@ def fused_erase_and_write(
     """Same as :func:`erase_and_write`; fused for one write head, plain otherwise."""
     if write_weights.shape[1] != 1:
         return erase_and_write(memory, write_weights, erase_vectors, write_vectors, psi)
+    # squeeze, not [:, 0]: a view whose backward is a view too (select's allocates zeros)
     return _EraseWrite.apply(
-        memory, write_weights[:, 0], erase_vectors[:, 0], write_vectors[:, 0], psi
+        memory, write_weights.squeeze(1), erase_vectors.squeeze(1), write_vectors.squeeze(1),
+        psi
     )
 
 
@@ -274,7 +277,7 @@ def _link_read_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs, output[0])
 
 
-def _link_read_grads(ctx, g_link, g_forward, g_backward):
+def _link_read_grads(ctx, g_link, g_forward, g_backward, backward=_link_read_backward_op):
     link, prec, w, prev_reads, new_link = ctx.saved_tensors
     if torch.is_grad_enabled():
         return _reference_grads(
@@ -283,12 +286,27 @@ def _link_read_grads(ctx, g_link, g_forward, g_backward):
     g_link = torch.zeros_like(new_link) if g_link is None else g_link
     g_forward = torch.zeros_like(g_backward) if g_forward is None else g_forward
     g_backward = torch.zeros_like(g_forward) if g_backward is None else g_backward
-    return _link_read_backward_op(
-        link, prec, w, prev_reads, new_link, g_link, g_forward, g_backward
-    )
+    return backward(link, prec, w, prev_reads, new_link, g_link, g_forward, g_backward)
 
 
 _link_read_op.register_autograd(_link_read_grads, setup_context=_link_read_setup)
+
+
+class _LinkRead(torch.autograd.Function):
+    """The same kernel as a plain autograd function, for eager mode: the custom operator's
+    Python wrappers cost about 0.4 ms per call and backward on a CPU (an output clone and
+    the generated autograd glue), more than the kernel itself at small sizes."""
+
+    @staticmethod
+    def forward(ctx, link, prev_precedence, write_weights, prev_read_weights):
+        outputs = _link_read_forward(link, prev_precedence, write_weights, prev_read_weights)
+        _link_read_setup(ctx, (link, prev_precedence, write_weights, prev_read_weights),
+                         outputs)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, g_link, g_forward, g_backward):
+        return _link_read_grads(ctx, g_link, g_forward, g_backward, _link_read_backward)
 
 
 def _link_scale(w: Tensor, shape: torch.Size, out: Tensor | None = None) -> Tensor:
@@ -319,7 +337,6 @@ def fused_link_read(
     Returns:
         ``(new_link, forward, backward)``: ``(B, Wr, N, N)``, ``(B, R, Wr, N)``, ``(B, R, Wr, N)``.
     """
-    new_link, forward, backward = _link_read_op(
-        link, prev_precedence, write_weights, prev_read_weights
-    )
+    op = _link_read_op if torch.compiler.is_compiling() else _LinkRead.apply
+    new_link, forward, backward = op(link, prev_precedence, write_weights, prev_read_weights)
     return new_link, forward.transpose(1, 2), backward.transpose(1, 2)
