@@ -136,6 +136,10 @@ def test_swapped_in_weights_autocast_and_new_parameters() -> None:
     with torch.no_grad():
         cache.run(dnc._flat_forward, (x,))
     assert len(capture.captured) == 2 and len(cache.graphs) == 1
+    dnc.output.requires_grad_(False)  # frozen: a graph made before would still train it
+    with torch.no_grad():
+        cache.run(dnc._flat_forward, (x,))
+    assert len(capture.captured) == 3 and len(cache.graphs) == 1
 
 
 def test_a_failed_capture_warns_once_and_runs_eagerly_after() -> None:

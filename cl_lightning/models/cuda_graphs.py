@@ -171,13 +171,14 @@ class GraphCache:
 
     @staticmethod
     def _param_ids(module: nn.Module) -> tuple | None:
-        """Storage of every parameter, or None when one is not a real parameter (a fast
-        weight swapped in by ``functional_call``)."""
+        """Storage and ``requires_grad`` of every parameter (a graph computes the gradients
+        of the parameters that required them at capture), or None when one is not a real
+        parameter (a fast weight swapped in by ``functional_call``)."""
         ids = []
         for p in module.parameters():
             if not isinstance(p, nn.Parameter):
                 return None
-            ids.append((p.data_ptr(), p.device, p.dtype, p.shape))
+            ids.append((p.data_ptr(), p.device, p.dtype, p.shape, p.requires_grad))
         return tuple(ids)
 
     def run(self, fn: Run, args: Sequence[Tensor]) -> tuple[Tensor, ...] | None:
@@ -189,7 +190,7 @@ class GraphCache:
         params = self._param_ids(module)
         if params is None:
             return None
-        if params != self.params:  # moved or rebuilt: the old graphs read stale memory
+        if params != self.params:  # moved, rebuilt or (un)frozen: the old graphs are stale
             self.graphs, self.params = {}, params
         grad = torch.is_grad_enabled()
         key = (grad, torch.is_inference_mode_enabled(),
