@@ -30,7 +30,7 @@ from torch import nn
 from callbacks.replay import ExperienceReplay
 from cl_lightning.checks import OptionError, require_at_least, require_in_range
 from cl_lightning.distributed import world_and_rank
-from cl_lightning.ema_model import EMAModel
+from cl_lightning.ema_model import EMAModel, frozen_logits
 from cl_lightning.esmer_math import ema_decay
 from cl_lightning.plugins import StepOutput
 
@@ -124,20 +124,13 @@ class CLSER(ExperienceReplay):
         # without match_votes, student and teachers are compared without their votes
         strip = not self.match_votes and step.vote_logits is not None
         full, matched = {}, {}
-        # inference mode: no autograd bookkeeping at all (the teachers only give targets)
-        with torch.inference_mode():
-            for name in ("stable", "plastic"):
-                model = self.memory(name, learner)
-                if model.training != learner.net.training:
-                    model.train(learner.net.training)  # own batch-norm statistics
-                full[name] = learner.train_logits(model, step.inputs[replay],
-                                                  step.batch["task"][replay],
-                                                  **step.rows_kwargs(replay))
-                matched[name] = full[name] - model.take_vote_logits() if strip else full[name]
-            _, use_stable = teacher_logits(full["stable"], full["plastic"],
-                                           step.targets[replay])
-            teacher = torch.where(use_stable[:, None], matched["stable"], matched["plastic"])
-        teacher = teacher.clone()  # a normal tensor, which the loss may save for backward
+        for name in ("stable", "plastic"):
+            model = self.memory(name, learner)
+            full[name] = frozen_logits(learner, model, step.inputs[replay],
+                                       step.batch["task"][replay], **step.rows_kwargs(replay))
+            matched[name] = full[name] - model.take_vote_logits() if strip else full[name]
+        _, use_stable = teacher_logits(full["stable"], full["plastic"], step.targets[replay])
+        teacher = torch.where(use_stable[:, None], matched["stable"], matched["plastic"])
         student = step.logits - step.vote_logits if strip else step.logits
         learner.add_epoch_mean("clser/stable_teacher_fraction", use_stable.sum().float(),
                                len(teacher))

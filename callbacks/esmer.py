@@ -32,7 +32,7 @@ from torch import nn
 from callbacks.replay import ExperienceReplay
 from cl_lightning.checks import OptionError, require_at_least, require_in_range
 from cl_lightning.distributed import world_and_rank
-from cl_lightning.ema_model import EMAModel
+from cl_lightning.ema_model import EMAModel, frozen_logits
 from cl_lightning.esmer_math import (
     admission_mask,
     ema_decay,
@@ -145,13 +145,8 @@ class ESMER(ExperienceReplay):
         self._weights = []
 
     def sample_weights(self, learner: ContinualLearner, step: StepOutput) -> torch.Tensor | None:
-        ema = self.semantic_memory(learner)
-        if ema.training != learner.net.training:
-            ema.train(learner.net.training)  # its own batch-norm statistics, as the reference
-        with torch.inference_mode():  # no autograd bookkeeping: the logits are targets
-            logits = learner.train_logits(ema, step.inputs, step.batch["task"],
-                                          **step.model_kwargs)
-        self._ema_logits = logits.clone()  # a normal tensor, which a loss may save
+        self._ema_logits = frozen_logits(learner, self.semantic_memory(learner), step.inputs,
+                                         step.batch["task"], **step.model_kwargs)
         current = ~step.replay_mask
         self._l_s = F.cross_entropy(self._ema_logits[current], step.targets[current],
                                     reduction="none")

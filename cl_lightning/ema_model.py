@@ -60,3 +60,17 @@ class EMAModel:
             self._pending = state
         else:
             self.model.load_state_dict(state)
+
+
+def frozen_logits(learner: Any, model: nn.Module, inputs: torch.Tensor, task: torch.Tensor,
+                  **kwargs: Any) -> torch.Tensor:
+    """``learner.train_logits`` of a frozen copy (an EMA model), in the working model's
+    train/eval mode (its own batch-norm statistics, as the references do), computed in
+    inference mode (no autograd bookkeeping: the logits are targets) and returned as a
+    normal tensor, which a loss may save for its backward."""
+    if model.training != learner.net.training:
+        model.train(learner.net.training)
+    with torch.inference_mode():
+        logits = learner.train_logits(model, inputs, task, **kwargs)
+    return logits.clone()
+
