@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Subset
 
-from callbacks.report import accuracy_heatmap, plt, print_few_shot, print_matrix, print_row
+from callbacks.report import accuracy_heatmap, figure_pixels, plt, print_few_shot, print_matrix, print_row
 from cl_lightning.checks import OptionError
 from cl_lightning.distributed import gather_objects
 from cl_lightning.few_shot import evaluate_task, mean_over_tasks, pick_shots
@@ -189,13 +189,14 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
         if self.heatmap and trainer.is_global_zero:
             primary = learner.primary_variant
             fig = accuracy_heatmap(self.rows[primary], f"accuracy matrix ({primary})")
+            pixels = figure_pixels(fig)
+            plt.close(fig)
             for logger in trainer.loggers:
                 experiment = getattr(logger, "experiment", None)
-                if hasattr(experiment, "add_figure"):
-                    experiment.add_figure("eval/accuracy_matrix", fig,
-                                          global_step=len(self.rows[primary]), close=False)
-            fig.savefig(os.path.join(out_dir, "accuracy_matrix.png"), dpi=100)
-            plt.close(fig)
+                if hasattr(experiment, "add_image"):
+                    experiment.add_image("eval/accuracy_matrix", pixels[..., :3],
+                                         global_step=len(self.rows[primary]), dataformats="HWC")
+            plt.imsave(os.path.join(out_dir, "accuracy_matrix.png"), pixels)
 
     def results(self, learner: ContinualLearner) -> dict[str, Any]:
         """The results.json document (schema in docs/usage.md)."""

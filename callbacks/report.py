@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -34,6 +35,14 @@ def accuracy_heatmap(rows: list[list[float]], title: str) -> Figure:
     fig.colorbar(im, ax=ax, label="accuracy (%)")
     fig.tight_layout()
     return fig
+
+
+def figure_pixels(fig: Figure) -> np.ndarray:
+    """The figure rendered once, as ``(H, W, 4)`` RGBA bytes at its own dpi: one drawing
+    serves TensorBoard (``add_image``) and the PNG file (``plt.imsave``), which
+    ``add_figure`` + ``savefig`` would draw twice."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba()).copy()
 
 
 def print_whole(*renderables: Any) -> None:

@@ -36,7 +36,20 @@ def test_fit_writes_results_checkpoints_and_a_real_matrix(tmp_path):
     ckpts = sorted(os.listdir(os.path.join(cli.trainer.log_dir, "checkpoints")))
     assert ckpts == ["last.ckpt", "task00.ckpt", "task01.ckpt", "task02.ckpt"]
     assert cli.trainer.current_epoch == 9  # 3 tasks x 3 epochs, derived by the CLI
-    assert os.path.exists(os.path.join(cli.trainer.log_dir, "accuracy_matrix.png"))
+    # One drawing of the heatmap per task end serves TensorBoard and the PNG file.
+    import io
+
+    import matplotlib.pyplot as plt
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    png = plt.imread(os.path.join(cli.trainer.log_dir, "accuracy_matrix.png"))
+    acc = EventAccumulator(cli.trainer.log_dir, size_guidance={"images": 0})
+    acc.Reload()
+    images = acc.Images("eval/accuracy_matrix")
+    assert [e.step for e in images] == [1, 2, 3]
+    last = plt.imread(io.BytesIO(images[-1].encoded_image_string), format="png")
+    assert last.shape == png[..., :3].shape and (last == png[..., :3]).all()
+    assert (images[0].height, images[0].width) != (0, 0) and png.std() > 0.05
 
 
 @pytest.mark.slow
