@@ -18,7 +18,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Subset
 
-from callbacks.report import accuracy_heatmap, figure_pixels, plt, print_few_shot, print_matrix, print_row
+from callbacks.report import (
+    accuracy_heatmap,
+    figure_pixels,
+    plt,
+    print_few_shot,
+    print_matrix,
+    print_row,
+)
 from cl_lightning.checks import OptionError
 from cl_lightning.distributed import gather_objects
 from cl_lightning.few_shot import evaluate_task, mean_over_tasks, pick_shots
