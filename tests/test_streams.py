@@ -369,6 +369,19 @@ def test_rotated_mnist_angles_from_the_seed(mnist):
     assert torch.equal(stack(again.tasks[1].test)[0], xs[1])
 
 
+def test_rotate_uint8_is_per_image_whatever_the_chunk():
+    """Chunking is only for speed: any chunk size gives each image's own rotation."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (37, 1, 28, 28), generator=g, dtype=torch.uint8)
+    for interpolation in ("bilinear", "nearest"):
+        one_by_one = torch.cat([rotate_uint8(images[i:i + 1], 33.3, interpolation)
+                                for i in range(len(images))])
+        for chunk in (1, 5, 512):
+            assert torch.equal(rotate_uint8(images, 33.3, interpolation, chunk=chunk),
+                               one_by_one)
+        assert not torch.equal(one_by_one, images)
+
+
 def test_rotated_mnist_rotates_counter_clockwise(mnist):
     root, raw = mnist
     dm = built(RotatedMNIST, root, num_tasks=1, min_angle=90.0, max_angle=90.0)
