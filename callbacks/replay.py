@@ -161,8 +161,8 @@ class ExperienceReplay(L.Callback, LearnerPlugin):
             # of the batch turns that into one mean over the union
             query = ~replay & ~step.support_mask  # MAML/context support is not in the loss
             n_rep, n_query = replay.sum(), query.sum()
-            w[replay] *= n_rep / (n_rep + n_query)
-            w[query] *= n_query / (n_rep + n_query)
+            n = n_rep + n_query  # support rows: n / n, exactly 1
+            w = w * (torch.where(replay, n_rep, torch.where(query, n_query, n)) / n)
         return w
 
     def stored_items(self, step: StepOutput) -> dict[str, torch.Tensor]:

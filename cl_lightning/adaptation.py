@@ -76,9 +76,11 @@ class Adaptation:
     def support_mask(self, replay: torch.Tensor) -> torch.Tensor:
         """(B,) bool: the first ``support_fraction`` of the current-task samples (the batch
         is shuffled), at least one, leaving at least one query; none if not adapting."""
-        current = (~replay).nonzero().squeeze(1)
         mask = torch.zeros_like(replay)
-        if self.adapting and len(current) >= 2:
+        if not self.adapting:
+            return mask
+        current = (~replay).nonzero().squeeze(1)
+        if len(current) >= 2:
             n = min(max(round(self.support_fraction * len(current)), 1), len(current) - 1)
             mask[current[:n]] = True
         return mask

@@ -19,6 +19,7 @@ from torch import nn
 
 from cl_lightning.adaptation import Adaptation
 from cl_lightning.checks import OptionError, require_at_least, require_in_range
+from cl_lightning.clipping import clip_grad_norm_, fast_clip_applies, optimizer_grads
 from cl_lightning.distributed import gather_objects
 from cl_lightning.episodic_index import EpisodicIndex
 from cl_lightning.epoch_means import EpochMeans, epoch_means
@@ -222,8 +223,9 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
         inputs = self.train_inputs(batch)
         replay = batch.get("replay", torch.zeros_like(batch["y"], dtype=torch.bool))
         support = self.support_mask(replay)
+        has_support = self.adapting and bool(support.any())
         recall = self.train_recall(inputs, batch["x"], batch["y"], replay)
-        label_map = self.episode_label_map(replay, bool(support.any()) or recall is not None)
+        label_map = self.episode_label_map(replay, has_support or recall is not None)
         targets = batch["y"]
         if label_map is not None:  # a shuffled-label episode: labels and recalls relabelled
             targets = label_map.gather(1, targets[:, None])[:, 0]
@@ -231,7 +233,7 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
                 recall = recall._replace(y=label_map.gather(1, recall.y))
         model_kwargs = {} if recall is None else {"recall": recall}
         models: list[ModelFn] = [lambda x: self.net(x, **model_kwargs)]
-        if support.any():
+        if has_support:
             batch = {**batch, "support": support}
             models = self.adapted_models(
                 (inputs[support], targets[support], batch["task"][support]),
@@ -259,9 +261,10 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
                 weights = weights * w
         step.weights = weights
         query = ~replay & ~support
-        terms = {"loss_current": (weights * losses)[query].mean()}
+        weighted = weights * losses
+        terms = {"loss_current": weighted[query].mean()}
         if replay.any():
-            terms["loss_replay"] = (weights * losses)[replay].mean()
+            terms["loss_replay"] = weighted[replay].mean()
         if novel is not None:
             terms["loss_novel"] = self.sample_losses(novel, targets[queries],
                                                      query[queries]).mean()
@@ -298,6 +301,20 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
             f"(term(s): {', '.join(bad) or 'total'}); lower the learning rate or check the data. "
             "The last good checkpoint was not overwritten."
         )
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
+                                    gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping, by :func:`~cl_lightning.clipping.clip_grad_norm_` where
+        that is the same arithmetic (bit-equal, a fifth of the cost)."""
+        grads = optimizer_grads(optimizer)
+        if (self.fabric is None and gradient_clip_val == self.trainer.gradient_clip_val
+                and fast_clip_applies(self.trainer.precision_plugin, gradient_clip_val,
+                                      gradient_clip_algorithm, grads)):
+            clip_grad_norm_(grads, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val,
+                                            gradient_clip_algorithm)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = outputs["step"]

@@ -166,6 +166,20 @@ def test_loss_average_modes(mode):
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_union_weights_leave_support_rows_at_one():
+    """With a MAML/context support (not in the loss), union weights split the mean between
+    the queries and the replayed rows only: hand values for 2 support, 4 query, 4 replay."""
+    er = ExperienceReplay(capacity=50, replay_batch_size=4, loss_average="union")
+    er.buffer = ReplayBuffer(capacity=50, seed=0)
+    er.buffer.add(batch(20, 100))
+    ext = er.extend_batch(LEARNER, batch(6))
+    ext["support"] = torch.tensor([True, True] + [False] * 8)
+    step = StepOutput(batch=ext, inputs=ext["x"], logits=torch.zeros(10, 3),
+                      losses=torch.rand(10), task=0)
+    w = er.sample_weights(LEARNER, step)
+    assert w.tolist() == [1.0, 1.0] + [0.5] * 8  # 4 / (4 + 4) for queries and replay
+
+
 def test_ranks_never_hold_more_than_the_capacity_together():
     assert shard_capacity("ER", 200, 10, 8) == 25  # 8 x 25 = 200
     with pytest.warns(UserWarning, match=r"capacity=200 over 8 processes is 25 items per "

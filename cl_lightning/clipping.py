@@ -1,0 +1,51 @@
+"""Gradient clipping by global L2 norm in five tensor operations.
+
+Lightning clips through its precision plugin into ``torch.nn.utils.clip_grad_norm_``; for a
+small model that chain costs more than the backward pass. :func:`clip_grad_norm_` does the
+same arithmetic on gradients of one device and dtype (the result is bit-equal), and
+:func:`fast_clip_applies` says when the learner may take this path instead of Lightning's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.precision import Precision
+from torch import Tensor
+
+
+def clip_grad_norm_(grads: list[Tensor], max_norm: float) -> Tensor:
+    """Scale ``grads`` in place so that their global L2 norm is at most ``max_norm`` ->
+    the norm before clipping (a scalar tensor). All on one device with one dtype."""
+    if not grads:
+        return torch.tensor(0.0)
+    with torch.no_grad():
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef)
+    return total
+
+
+def optimizer_grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The gradients of the optimizer's parameters that have one."""
+    return [p.grad for group in optimizer.param_groups for p in group["params"]
+            if p.grad is not None]
+
+
+def fast_clip_applies(precision_plugin: Any, clip_val: Any, algorithm: Any,
+                      grads: list[Tensor]) -> bool:
+    """Whether :func:`clip_grad_norm_` does what Lightning would: norm clipping with a
+    positive value, the plain precision plugin (mixed precision unscales, sharded and
+    DeepSpeed strategies clip their own way), and gradients of one device and dtype that
+    the foreach kernels take."""
+    if type(precision_plugin) is not Precision or algorithm not in (None, "norm"):
+        return False
+    if not isinstance(clip_val, (int, float)) or isinstance(clip_val, bool) or clip_val <= 0:
+        return False
+    if not grads:
+        return True
+    first = grads[0]
+    return (first.device.type in ("cpu", "cuda") and first.dtype.is_floating_point
+            and all(g.device == first.device and g.dtype == first.dtype
+                    and g.layout == torch.strided for g in grads))
