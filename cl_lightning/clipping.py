@@ -1,7 +1,8 @@
 """Gradient clipping by global L2 norm in five tensor operations.
 
-Lightning clips through its precision plugin into ``torch.nn.utils.clip_grad_norm_``; for a
-small model that chain costs more than the backward pass. :func:`clip_grad_norm_` does the
+Lightning clips through its precision plugin into ``torch.nn.utils.clip_grad_norm_``, which
+groups the gradients by device and dtype on every call; for a small model that chain costs
+about as much as the backward pass. :func:`clip_grad_norm_` does the
 same arithmetic on gradients of one device and dtype (the result is bit-equal), and
 :func:`fast_clip_applies` says when the learner may take this path instead of Lightning's.
 """
