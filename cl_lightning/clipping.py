@@ -2,7 +2,7 @@
 
 Lightning clips through its precision plugin into ``torch.nn.utils.clip_grad_norm_``, which
 groups the gradients by device and dtype on every call; for a small model that chain costs
-about as much as the backward pass. :func:`clip_grad_norm_` does the
+a tenth of a step (Split-MNIST MLP, batch 10 + 10). :func:`clip_grad_norm_` does the
 same arithmetic on gradients of one device and dtype (the result is bit-equal), and
 :func:`fast_clip_applies` says when the learner may take this path instead of Lightning's.
 """
