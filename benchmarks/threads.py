@@ -10,10 +10,10 @@ With ``--busy`` each config also runs both ways while another process spins on o
 (``python -c "while True: pass"``), the case of a shared machine or of two jobs on one
 box: there torch's threads wait for each other at every operator.
 
-Configs: the synthetic ones (``configs/synthetic*.yaml``), and Split-, Permuted- and
-Rotated-MNIST alone (fine-tuning) and with each method config of their folder. The CIFAR
-and Tiny-ImageNet configs (ResNet-18, GPU-sized) are left out; ``--only`` picks a subset
-by substring.
+Configs: every top-level config of ``configs/`` alone (the synthetic ones, the MNIST
+streams fine-tuning, the Split-MNIST agent), and each stream config with each method config
+of its folder. The CIFAR and Tiny-ImageNet configs (ResNet-18, GPU-sized) are left out;
+``--only`` picks a subset by substring.
 
     DATA_ROOT=... python benchmarks/threads.py [--max-steps 300] [--busy]
         [--only split_mnist] [--out benchmarks/results/threads_configs.md]
@@ -30,17 +30,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MNIST_STREAMS = ("split_mnist", "permuted_mnist", "rotated_mnist")
+GPU_STREAMS = ("split_cifar10", "split_cifar100", "split_tiny_imagenet")  # ResNet-18 configs
 
 
 def shipped_configs() -> list[list[str]]:
-    """``-c`` lists of every shipped CPU config, stream first."""
-    runs = [[str(p.relative_to(ROOT))] for p in sorted((ROOT / "configs").glob("synthetic*.yaml"))]
-    runs.append(["configs/split_mnist_agent.yaml"])
-    for stream in MNIST_STREAMS:
-        runs.append([f"configs/{stream}.yaml"])
-        for method in sorted((ROOT / "configs" / stream).glob("*.yaml")):
-            runs.append([f"configs/{stream}.yaml", str(method.relative_to(ROOT))])
+    """``-c`` lists of every shipped CPU config: each top-level config alone, then each
+    stream config with every method config of its folder (``configs/<stream>/``)."""
+    configs = ROOT / "configs"
+    runs = []
+    for top in sorted(configs.glob("*.yaml")):
+        if top.stem in GPU_STREAMS:
+            continue
+        runs.append([f"configs/{top.name}"])
+        for method in sorted((configs / top.stem).glob("*.yaml")):
+            runs.append([f"configs/{top.name}", f"configs/{top.stem}/{method.name}"])
     return runs
 
 
