@@ -30,6 +30,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.run_table import train_args  # noqa: E402
+
 GPU_STREAMS = ("split_cifar10", "split_cifar100", "split_tiny_imagenet")  # ResNet-18 configs
 
 
@@ -54,16 +58,13 @@ def needs_mnist(configs: list[str]) -> bool:
 def run_once(configs: list[str], threads: int, args: argparse.Namespace) -> float:
     """Wall seconds of one run; exits with the run's output if it fails."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "train.py", "fit"]
-        for c in configs:
-            cmd += ["-c", c]
-        cmd += ["--threads", str(threads), "--trainer.max_steps", str(args.max_steps),
-                "--trainer.enable_progress_bar", "false",
-                "--evaluation.eval_initial", "false",
-                "--trainer.logger.init_args.save_dir", out,
-                "--checkpoint.dirpath", str(Path(out) / "checkpoints")]
+        extra = [arg for c in configs[1:] for arg in ("-c", c)]
+        extra += ["--threads", str(threads), "--trainer.max_steps", str(args.max_steps),
+                  "--evaluation.eval_initial", "false",
+                  "--checkpoint.dirpath", str(Path(out) / "checkpoints")]
         if needs_mnist(configs):
-            cmd += ["--data.root", args.data_root, "--data.download", "false"]
+            extra += ["--data.root", args.data_root, "--data.download", "false"]
+        cmd = [sys.executable, "train.py", *train_args(configs[0], extra, 0, out, "threads")]
         start = time.perf_counter()
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         wall = time.perf_counter() - start
