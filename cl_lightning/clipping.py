@@ -1,4 +1,4 @@
-"""Gradient clipping by global L2 norm in five tensor operations.
+"""Gradient clipping by global L2 norm: torch's arithmetic, called directly.
 
 Lightning clips through its precision plugin into ``torch.nn.utils.clip_grad_norm_``, which
 groups the gradients by device and dtype on every call; for a small model that chain costs
