@@ -43,8 +43,18 @@ def _probe(width: int, device: torch.device) -> Tensor:
 
 def same_item(a: Tensor, b: Tensor) -> Tensor:
     """``(len(a), len(b))`` bool: fingerprints that match to float64 rounding."""
-    scale = torch.maximum(a.abs()[:, None], b.abs()[None, :]).clamp_min(1.0)
-    return (a[:, None] - b[None, :]).abs() <= 1e-9 * scale
+    return same_print(a[:, None], b[None, :])
+
+
+def same_print(a: Tensor, b: Tensor) -> Tensor:
+    """Elementwise (broadcast) :func:`same_item`: ``a`` and ``b`` match to float64 rounding."""
+    return (a - b).abs() <= 1e-9 * torch.maximum(a.abs(), b.abs()).clamp_min(1.0)
+
+
+def cosine_similarities(queries: Tensor, keys: Tensor) -> Tensor:
+    """``(B, D), (S, D)`` -> ``(B, S)`` cosine similarity of every query with every key."""
+    q = torch.nn.functional.normalize(queries.float(), dim=1)
+    return q @ torch.nn.functional.normalize(keys.float(), dim=1).T
 
 
 def nearest(queries: Tensor, keys: Tensor, k: int,
@@ -60,20 +70,49 @@ def nearest(queries: Tensor, keys: Tensor, k: int,
         ``index (B, k)`` into ``keys`` (0 where invalid), ``similarity (B, k)`` (descending),
         ``valid (B, k)`` bool.
     """
-    q = torch.nn.functional.normalize(queries.float(), dim=1)
-    kn = torch.nn.functional.normalize(keys.float(), dim=1)
-    sim = q @ kn.T
+    sim = cosine_similarities(queries, keys)
     if exclude is not None:
         sim = sim.masked_fill(exclude, float("-inf"))
-    take = min(k, keys.shape[0])
-    top, index = sim.topk(take, dim=1)
+    if keys.shape[0] < k:  # fewer stored items than neighbours asked for
+        sim = torch.cat([sim, sim.new_full((len(sim), k - keys.shape[0]), float("-inf"))], 1)
+    return _valid_top(*sim.topk(k, dim=1))
+
+
+def _valid_top(top: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``topk`` output -> (index, similarity, valid), excluded places zeroed."""
     valid = torch.isfinite(top)
-    if take < k:  # fewer stored items than neighbours asked for
-        pad = k - take
-        top = torch.cat([top, top.new_full((len(q), pad), float("-inf"))], 1)
-        index = torch.cat([index, index.new_zeros(len(q), pad)], 1)
-        valid = torch.cat([valid, valid.new_zeros(len(q), pad)], 1)
     return index.masked_fill(~valid, 0), top.masked_fill(~valid, 0.0), valid
+
+
+def nearest_others(queries: Tensor, keys: Tensor, k: int, query_prints: Tensor,
+                   key_prints: Tensor, small_store: int = 256
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`nearest` excluding, for every query, the keys of its own item:
+    ``nearest(queries, keys, k, same_item(query_prints, key_prints))`` (the same neighbours
+    and similarities; equal keys may tie in another order), without building the ``(B, S)``
+    exclusion mask.
+
+    The fingerprints are compared only on each query's ``k + 2`` most similar keys: if at
+    most 2 of them are its own item, the ``k`` best of the others are the answer, since
+    every key outside the candidates is less similar than all of them. Rows with more (an
+    item stored more than twice) are answered by the full mask. (Two spare places: CPU
+    ``topk`` slows down several-fold from 16 places on.) A store of at most ``small_store``
+    items takes the full mask, which is as cheap there (``benchmarks/retrieval_speed.py``).
+    """
+    spare = 2
+    if keys.shape[0] <= max(k + spare, small_store):
+        return nearest(queries, keys, k, same_item(query_prints, key_prints))
+    sim = cosine_similarities(queries, keys)
+    top, cand = sim.topk(k + spare, dim=1)
+    own = same_print(query_prints[:, None], key_prints[cand])
+    best, pos = top.masked_fill(own, float("-inf")).topk(k, dim=1)
+    index = cand.gather(1, pos)
+    crowded = own.sum(1) > spare
+    if bool(crowded.any()):
+        rows = crowded.nonzero().squeeze(1)
+        full = sim[rows].masked_fill(same_item(query_prints[rows], key_prints), float("-inf"))
+        best[rows], index[rows] = full.topk(k, dim=1)
+    return _valid_top(best, index)
 
 
 class EpisodicIndex:

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from cl_lightning.checks import OptionError
-from cl_lightning.episodic_index import EpisodicIndex, fingerprint, nearest, same_item
+from cl_lightning.episodic_index import EpisodicIndex, fingerprint, nearest_others
 from cl_lightning.epoch_means import EpochMeans
 from cl_lightning.learner_types import ModelFn, Store
 from cl_lightning.local_adaptation import LocalAdaptation
@@ -63,8 +63,7 @@ class Recalling:
         k = self.net.recall_slots
         query = self.net.recall_keys(inputs).float()
         prints = fingerprint(store["x"]) if prints is None else prints
-        exclude = same_item(fingerprint(raw), prints.to(raw.device))
-        index, _, valid = nearest(query, keys, k, exclude)
+        index, _, valid = nearest_others(query, keys, k, fingerprint(raw), prints.to(raw.device))
         used, inverse = torch.unique(index, return_inverse=True)
         x = store["x"].to(inputs.device)[used]
         y = store["y"].to(inputs.device)[index]

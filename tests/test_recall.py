@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback
 
 from cl_lightning.checks import OptionError
-from cl_lightning.episodic_index import EpisodicIndex, fingerprint, nearest, same_item
+from cl_lightning.episodic_index import (
+    EpisodicIndex,
+    fingerprint,
+    nearest,
+    nearest_others,
+    same_item,
+)
 from cl_lightning.models.agent import MemoryAgent
 from cl_lightning.models.dnc import DNCOptions
 from cl_lightning.models.recall import (
@@ -53,6 +59,33 @@ def test_nearest_returns_the_true_cosine_neighbours_of_a_hand_built_store():
     index, sim, valid = nearest(queries, keys[:3], 4, exclude[:, :3])
     assert index[0, :2].tolist() == [2, 1] and valid[0].tolist() == [True, True, False, False]
     assert valid[1].tolist() == [True, True, True, False] and (sim[~valid] == 0).all()
+
+
+def test_nearest_others_equals_the_full_exclusion_mask():
+    """Candidates-only exclusion gives the full mask's neighbours: queries stored once,
+    twice, k + 3 times (more own copies than spare candidates: the fallback), not stored,
+    and stores too small for the candidate shortcut; ties between equal copies may come in
+    either order."""
+    g = torch.Generator().manual_seed(3)
+    k = 4
+    store = torch.randn(40, 6, generator=g)
+    queries = torch.cat([store[:5], torch.randn(5, 6, generator=g), store[7:8]])
+    store = torch.cat([store, store[7:8].expand(k + 2, 6)])  # item 7 stored k + 3 times
+    store[30] = store[2]  # item 2 twice
+    for size in (len(store), k + 2, 5):
+        keys, qp, kp = store[:size], fingerprint(queries), fingerprint(store[:size])
+        got = nearest_others(queries, keys, k, qp, kp, small_store=0)
+        want = nearest(queries, keys, k, same_item(qp, kp))
+        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+        # equal copies of an item tie: compare the neighbours' keys, not their slots
+        assert torch.equal(keys[got[0]], keys[want[0]])
+        own = same_item(qp, kp).gather(1, got[0])
+        assert not own[got[2]].any()  # never the query's own item
+    # the query stored k + 3 times (the fallback) still finds k other items
+    index, _, valid = nearest_others(queries[-1:], store, k, fingerprint(queries[-1:]),
+                                     fingerprint(store), small_store=0)
+    assert valid.all() and not same_item(fingerprint(queries[-1:]),
+                                         fingerprint(store[index[0]])).any()
 
 
 def test_fingerprints_match_equal_inputs_only():
