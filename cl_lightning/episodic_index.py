@@ -89,8 +89,8 @@ def nearest_others(queries: Tensor, keys: Tensor, k: int, query_prints: Tensor,
                    ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`nearest` excluding, for every query, the keys of its own item:
     ``nearest(queries, keys, k, same_item(query_prints, key_prints))`` (the same neighbours
-    and similarities; equal keys may tie in another order), without building the ``(B, S)``
-    exclusion mask.
+    and similarities; keys at exactly equal similarity may come in another order), without
+    building the ``(B, S)`` exclusion mask.
 
     The fingerprints are compared only on each query's ``k + 2`` most similar keys: if at
     most 2 of them are its own item, the ``k`` best of the others are the answer, since
