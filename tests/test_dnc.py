@@ -759,3 +759,38 @@ def test_bf16_autocast_keeps_the_memory_in_float32_and_stays_close(fused: bool) 
     ref_flat = torch.cat([g.flatten() for g in ref_grads])
     assert torch.isfinite(flat).all()
     assert torch.nn.functional.cosine_similarity(flat, ref_flat, dim=0) > 0.99
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"write_heads": 2}, {"fused": False}, {"dealloc": True, "masking": True},
+    {"sharpness": True}, {"sharpness": 2.0},
+])
+def test_first_step_of_an_unwritten_state_skips_the_link_exactly(options: dict) -> None:
+    """A state from ``initial_state`` (here primed with memory and reads, as recall does,
+    link and precedence untouched) skips the first step's link update; values and every
+    gradient are bit-equal to the full update of the same zero link (a copy, which the DNC
+    cannot know to be empty). With sharpening nothing is skipped (zero sharpens to uniform)."""
+    model = small_dnc(**options)
+    x = torch.randn(3, 6, 4, requires_grad=True)
+    primed = random_state(model, 3)
+    primed = primed._replace(read_weights=primed.read_weights.requires_grad_(),
+                             memory=primed.memory.requires_grad_())
+    calls = []
+    full_update = model._link_read
+    model._link_read = lambda *a: calls.append(1) or full_update(*a)
+
+    def run(state: DNCState) -> tuple[list[torch.Tensor], int]:
+        calls.clear()
+        y, final = model(x, state)
+        leaves = [x, primed.read_weights, primed.memory, *model.parameters()]
+        grads = torch.autograd.grad((y.square().sum() + final.link.sum()), leaves,
+                                    allow_unused=True)
+        return [y, *final, *(g for g in grads if g is not None)], len(calls)
+
+    skipped, n_skipped = run(primed)
+    full, n_full = run(primed._replace(link=primed.link.clone()))
+    assert n_full == 6
+    assert n_skipped == (6 if model.learned_sharpness or model.fixed_sharpness else 5)
+    assert len(skipped) == len(full)
+    for a, b in zip(skipped, full, strict=True):
+        assert torch.equal(a, b)

@@ -26,6 +26,7 @@ input part of the controller's gates is computed for all time steps at once.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -38,6 +39,15 @@ from cl_lightning.checks import OptionError
 from cl_lightning.models import dnc_addressing as addr
 from cl_lightning.models import dnc_kernels as kernels
 from cl_lightning.models.cuda_graphs import graph_cache
+
+_EMPTY_LINKS: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
+"""The all-zero link tensors :meth:`DNC.initial_state` made, by ``id`` (entries vanish
+with their tensors). A state whose link is one of them has never been written."""
+
+
+def is_empty_link(link: Tensor) -> bool:
+    """True if ``link`` is a link tensor :meth:`DNC.initial_state` made (all zeros)."""
+    return _EMPTY_LINKS.get(id(link)) is link
 
 
 class DNCState(NamedTuple):
@@ -341,12 +351,14 @@ class DNC(nn.Module):
         b, n, w = batch_size, self.memory_slots, self.word_size
         r, wr, h = self.read_heads, self.write_heads, self.hidden_size
         links = n if self.temporal_links else 0
+        link = torch.zeros(b, wr, links, links, **kw)
+        _EMPTY_LINKS[id(link)] = link
         return DNCState(
             h=torch.zeros(b, h, **kw),
             c=torch.zeros(b, h, **kw),
             memory=torch.zeros(b, n, w, **kw),
             usage=torch.zeros(b, n, **kw),
-            link=torch.zeros(b, wr, links, links, **kw),
+            link=link,
             precedence=torch.zeros(b, wr, links, **kw),
             read_weights=torch.zeros(b, r, n, **kw),
             write_weights=torch.zeros(b, wr, n, **kw),
@@ -392,10 +404,15 @@ class DNC(nn.Module):
                                for t in state))
         x_gates = self.input_gates(x).unbind(1)
         hidden, reads, diags = [], [], []
+        # A state that was never written has an all-zero link and precedence: the first
+        # step's link update and directional reads are exact zeros, skipped (eager only:
+        # a compiled step keeps one graph for every time step).
+        skip_link = (self.temporal_links and not self.compile_step and self.link_free_start
+                     and is_empty_link(state.link))
         for t in range(steps):
             state, diag = (compiled_step(x.device.type)(self, x_gates[t], state)
                            if self.compile_step
-                           else self.step(x_gates[t], state))
+                           else self.step(x_gates[t], state, empty_link=skip_link and t == 0))
             hidden.append(state.h)
             reads.append(state.read_vectors.flatten(1))
             if return_trace:
@@ -406,13 +423,24 @@ class DNC(nn.Module):
             return y, state
         return y, state, DNCTrace(*(torch.stack(ds, 1) for ds in zip(*diags, strict=True)))
 
-    def step(self, x_gates: Tensor, state: DNCState) -> tuple[DNCState, tuple[Tensor, ...]]:
+    @property
+    def link_free_start(self) -> bool:
+        """Whether an empty link reads as zero: true without sharpening (a sharpened zero
+        distribution is uniform)."""
+        return not self.learned_sharpness and self.fixed_sharpness is None
+
+    def step(self, x_gates: Tensor, state: DNCState, empty_link: bool = False
+             ) -> tuple[DNCState, tuple[Tensor, ...]]:
         """One time step.
 
         Args:
             x_gates: ``(B, 4H)`` input contribution to the controller gates
                 (``self.input_gates(x_t)``).
             state: previous :class:`DNCState`.
+            empty_link: the state's link and precedence are all zero (a state never
+                written, see :func:`is_empty_link`) and there is no sharpening: the link
+                stays zero and the reads are the content reads scaled by their mode,
+                exactly what the full update gives then, without computing it.
 
         Returns:
             ``(state, diagnostics)``; ``diagnostics`` holds the fields of :class:`DNCTrace`
@@ -424,11 +452,11 @@ class DNC(nn.Module):
             # Under autocast the controller's matmuls run in low precision; the addressing
             # (cosines, the allocation sort, products of usages, the link) stays in the state's.
             with torch.autocast(raw.device.type, enabled=False):
-                return self._memory_step(raw.to(state.memory.dtype), h, c, state)
-        return self._memory_step(raw, h, c, state)
+                return self._memory_step(raw.to(state.memory.dtype), h, c, state, empty_link)
+        return self._memory_step(raw, h, c, state, empty_link)
 
     def _memory_step(
-        self, raw: Tensor, h: Tensor, c: Tensor, state: DNCState
+        self, raw: Tensor, h: Tensor, c: Tensor, state: DNCState, empty_link: bool = False
     ) -> tuple[DNCState, tuple[Tensor, ...]]:
         """The write and the read of one step, from the interface pre-activations ``raw``."""
         if self.clip_value is not None:
@@ -462,7 +490,11 @@ class DNC(nn.Module):
         read_content = self._content(
             memory, iface.read_keys, iface.read_strengths, iface.read_masks
         )
-        if self.temporal_links:
+        if self.temporal_links and empty_link:
+            # L' = (1 - w_i - w_j) 0 + w_i 0 = 0 and L' r = 0: only the content mode is left
+            precedence = addr.update_precedence(state.precedence, write_weights)
+            link, read_weights = state.link, iface.read_modes[..., -1:] * read_content
+        elif self.temporal_links:
             link, precedence, read_weights = self._link_read(
                 state, iface, write_weights, read_content
             )
