@@ -3,7 +3,7 @@
 A fixed probe batch per task (the first ``probe_size`` test samples of each task) runs
 through the agent with the DNC's trace on. Logged per task end:
 
-- ``memory/slots``: three heatmaps of tasks x slots: total write weight, total read
+- ``memory/slots``: three heatmaps of tasks x slots, side by side: total write weight, total read
   weight and final usage per slot (which slots each task writes to, and reads from);
 - ``memory/task_NN``: read and write weightings over time for the task just trained;
 - scalars ``memory/task_NN/{allocation_gate, write_gate, read_backward, read_content,
@@ -150,17 +150,21 @@ def write_overlap(writes: torch.Tensor) -> float:
 
 
 def slot_maps(writes: torch.Tensor, reads: torch.Tensor, usage: torch.Tensor) -> plt.Figure:
-    """Three (tasks, N) heatmaps: write weight, read weight and usage per slot."""
-    fig, axes = plt.subplots(3, 1, figsize=(8, 2 + 0.45 * len(writes) * 3), sharex=True)
+    """Three (tasks, N) heatmaps side by side: write weight, read weight and usage per
+    slot. At most 8 inches high, however many tasks (drawn at every logged task end)."""
+    tasks = len(writes)
+    fig, axes = plt.subplots(1, 3, figsize=(13, min(2.0 + 0.22 * tasks, 8.0)), sharey=True)
     for ax, data, title in zip(axes, (writes, reads, usage),
-                               ("write weight per slot (sum over time)",
-                                "read weight per slot (sum over time and heads)",
-                                "usage per slot after the sequence"), strict=True):
-        im = ax.imshow(data.cpu().numpy(), aspect="auto", cmap="magma")
+                               ("write weight (sum over time)",
+                                "read weight (sum over time and heads)",
+                                "usage after the sequence"), strict=True):
+        im = ax.imshow(data.cpu().numpy(), aspect="auto", cmap="magma",
+                       interpolation="nearest")
         ax.set_title(title, fontsize=9)
-        ax.set_ylabel("task")
+        ax.set_xlabel("memory slot")
         fig.colorbar(im, ax=ax)
-    axes[-1].set_xlabel("memory slot")
+    axes[0].set_ylabel("task")
+    axes[0].set_yticks(range(0, tasks, -(-tasks // 20)))  # whole tasks, at most 20 ticks
     fig.tight_layout()
     return fig
 

@@ -195,3 +195,21 @@ def test_memory_monitor_measures_reads_and_writes_of_recalled_slots(tmp_path):
     # lands mostly on them (chance: 1/4 of the recalled slots)
     assert value["recall_same_label"] > 0.7
     assert 0.0 <= value["read_same_label"] <= 1.0 and 0.0 <= value["write_on_recalled"] <= 1.0
+
+
+@pytest.mark.parametrize("tasks", [1, 5, 50])
+def test_memory_slot_maps_stay_bounded_with_whole_task_ticks(tasks):
+    import matplotlib.pyplot as plt
+
+    from callbacks.memory_monitor import slot_maps
+
+    data = torch.rand(tasks, 12)
+    fig = slot_maps(data, data, data)
+    try:
+        assert fig.get_size_inches()[1] <= 8.0  # drawn at every logged task end
+        fig.canvas.draw()
+        ticks = fig.axes[0].get_yticks()
+        visible = [t for t in ticks if -0.5 <= t <= tasks - 0.5]
+        assert visible and all(float(t).is_integer() for t in visible)
+    finally:
+        plt.close(fig)
