@@ -42,7 +42,9 @@ from cl_lightning.models.cuda_graphs import graph_cache
 
 _EMPTY_LINKS: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
 """The all-zero link tensors :meth:`DNC.initial_state` made, by ``id`` (entries vanish
-with their tensors). A state whose link is one of them has never been written."""
+with their tensors). A state whose link is one of them has never been written: the DNC
+never changes a state's tensors in place, and a caller that did would have to replace the
+link (``state._replace(link=...)``), which takes the full update."""
 
 
 def is_empty_link(link: Tensor) -> bool:
