@@ -106,8 +106,18 @@ class ContinualCLI(LightningCLI):
             check_readable_checkpoint(path)
 
     def before_fit(self) -> None:
-        # LightningCLI calls fit with the instantiated config (config_init), so the
-        # resolved path goes there
+        self._resolve_ckpt_path()
+
+    def before_validate(self) -> None:
+        self._resolve_ckpt_path()
+
+    def before_test(self) -> None:
+        self._resolve_ckpt_path()
+
+    def _resolve_ckpt_path(self) -> None:
+        """``--ckpt_path last|auto`` -> the newest last.ckpt, for every subcommand.
+        LightningCLI calls the subcommand with the instantiated config (config_init), so
+        the resolved path goes there."""
         cfg = self.config_init[self.subcommand]
         if cfg.get("ckpt_path") in ("last", "auto"):
             cfg["ckpt_path"] = self._resolve_last(required=cfg["ckpt_path"] == "last")

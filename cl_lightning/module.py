@@ -8,6 +8,7 @@ read lives in :mod:`cl_lightning.recalling`, the MAML/context adaptation in
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +35,9 @@ from cl_lightning.recalling import Recalling
 from cl_lightning.rng import collect_rng_states, restore_rng_states
 from cl_lightning.stream import StreamInfo
 from cl_lightning.task_accuracy import TaskAccuracy
+
+# ``task`` and ``lr`` are logged unsynced on purpose (see on_train_epoch_start).
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(task|lr)'")
 
 NetFactory = Callable[[Sequence[int], int], Classifier]
 """Builds the classifier from ``(input_shape, num_classes)``; in a config, a ``class_path``
@@ -327,11 +331,11 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         task = self.current_task
-        # the same on every rank; sync_dist only keeps Lightning from warning under DDP
-        self.log("task", float(task), prog_bar=True, on_step=False, on_epoch=True,
-                 sync_dist=True)
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_epoch=True,
-                 sync_dist=True)
+        # Equal on every rank, so not synced: a synced epoch value is reduced when first
+        # read, and rank 0's progress bar reads these at its epoch end, before the other
+        # ranks reach the next collective (_log_epoch_means): the ranks would deadlock.
+        self.log("task", float(task), prog_bar=True, on_step=False, on_epoch=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_epoch=True)
         if self._task_started != task:
             self._task_started = task
             for p in self.plugins():

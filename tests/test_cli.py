@@ -88,6 +88,14 @@ def test_test_command_reports_every_task(tmp_path, capsys):
     run_cli(tmp_path, "--ckpt_path", ckpt, command="test")
     out = capsys.readouterr().out
     assert "test: accuracy per task" in out and "domain_il" in out
+    # `last` finds the same checkpoint for test and validate as for fit (not an untrained net)
+    for command in ("test", "validate"):
+        by_name = run_cli(tmp_path, "--ckpt_path", "last", command=command)
+        assert by_name.trainer.ckpt_path == ckpt
+        rows = capsys.readouterr().out
+        assert f"{command}: accuracy per task" in rows
+        assert [ln for ln in rows.splitlines() if "│ domain_il" in ln] == \
+            [ln for ln in out.splitlines() if "│ domain_il" in ln][-1:]
 
 
 def test_unknown_option_is_refused(tmp_path, capsys):

@@ -16,7 +16,10 @@ def test_two_process_ddp_run_with_replay_checkpoints_both_shards(tmp_path):
     proc = run_train("--trainer.callbacks+=callbacks.replay.ExperienceReplay",
                      "--trainer.callbacks.capacity", "60",
                      "--trainer.callbacks.replay_batch_size", "8",
-                     "--trainer.logger.save_dir", str(tmp_path), ddp_devices=2)
+                     "--trainer.logger.save_dir", str(tmp_path),
+                     # rank 0's progress bar reads the epoch's metrics before the other
+                     # rank's epoch-end collectives: no metric read there may communicate
+                     "--trainer.enable_progress_bar", "true", ddp_devices=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = glob.glob(os.path.join(str(tmp_path), "*", "version_0"))
     with open(os.path.join(run_dir, "results.json")) as f:
