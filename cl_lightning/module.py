@@ -326,8 +326,10 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
         for p in self.plugins():
             p.after_step(self, step)
 
-    def on_fit_start(self) -> None:
-        self.check_recall()
+    def setup(self, stage: str) -> None:
+        # Before the model summary and any data loading: a bad recall size fails at once.
+        if stage == "fit":
+            self.check_recall()
 
     def on_train_epoch_start(self) -> None:
         task = self.current_task

@@ -298,11 +298,20 @@ def test_the_step_carries_the_recalled_votes_part_of_the_logits_to_der_pp(tiny_r
     assert probe.steps and all(s.vote_logits is None for s in probe.steps)
 
 
+class NoFitStart(Callback):
+    """Fails the run if fitting gets as far as the callbacks' fit start (model summary)."""
+
+    def on_fit_start(self, trainer, pl_module):
+        raise AssertionError("the run reached fit start before refusing its options")
+
+
 def test_more_recall_slots_than_buffer_items_is_refused(tiny_run, capsys):
+    # Refused in setup, before the model summary and the first data loading.
     line = refused(capsys, tiny_run, *CLI_AGENT, "--model.net.recall_slots", "6",
                    "--trainer.callbacks+=callbacks.replay.ExperienceReplay",
                    "--trainer.callbacks.capacity", "5",
-                   "--trainer.callbacks.replay_batch_size", "4")
+                   "--trainer.callbacks.replay_batch_size", "4",
+                   "--trainer.callbacks+=tests.test_recall.NoFitStart")
     assert "model.net.recall_slots (6) is larger than the replay buffer (capacity=5)" in line
 
 
