@@ -1,7 +1,8 @@
 """ContinualEvaluation: the accuracy matrix, its summary, TensorBoard and results.json.
 
 During ``fit`` it evaluates every task's test set (past and future) before training starts
-(the initial row, used for FWT) and at the end of every training phase, writes one row of
+(the initial row, used for FWT) and at the end of every training phase (with
+``eval_future=False`` only the tasks trained so far and the next one), writes one row of
 the accuracy matrix per evaluation variant, logs scalars and a heatmap, and rewrites
 ``results.json`` in the log directory. Its rows are part of every checkpoint, so a resumed
 run continues the same matrix. Under ``validate``/``test`` it reports one row.
@@ -10,6 +11,7 @@ run continues the same matrix. Under ``validate``/``test`` it reports one row.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +33,7 @@ from cl_lightning.distributed import gather_objects
 from cl_lightning.few_shot import evaluate_task, mean_over_tasks, pick_shots
 from cl_lightning.metrics import summarize
 from cl_lightning.plugins import LearnerPlugin
+from cl_lightning.rng import generators_untouched
 
 if TYPE_CHECKING:
     from cl_lightning.module import ContinualLearner
@@ -51,6 +54,11 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
             adaptation"); empty disables it.
         few_shot_every_task: measure it at every task end (default: after the last task).
         few_shot_seed: seed of the draws of the examples.
+        eval_future: at every task end, evaluate the tasks not trained yet too (the
+            matrix's upper triangle). ``False`` evaluates the tasks trained so far and the
+            next one (all that every summary metric, FWT included, reads) and leaves the rest
+            of the row empty (NaN; ``null`` in results.json): on a stream of T tasks about
+            half the evaluation work. The initial row and joint runs are always whole.
     """
 
     plugin_order = 1000  # after every strategy's own task-end work
@@ -64,12 +72,14 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
         few_shot_shots: list[int] | None = None,
         few_shot_every_task: bool = False,
         few_shot_seed: int = 0,
+        eval_future: bool = True,
     ) -> None:
         shots = [5, 20] if few_shot_shots is None else list(few_shot_shots)
         if any(n < 1 for n in shots):
             raise OptionError(f"evaluation.few_shot_shots must be >= 1 each, got {shots}")
         self.few_shot_shots, self.few_shot_every_task = shots, few_shot_every_task
         self.few_shot_seed = few_shot_seed
+        self.eval_future = eval_future
         self.few_shot: dict[str, Any] | None = None
         self.eval_initial = eval_initial
         self.results_file = results_file
@@ -80,15 +90,17 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
         self.run_config: dict[str, Any] = {}
 
     # ----- evaluation --------------------------------------------------------------------
-    def evaluate(self, trainer: L.Trainer, learner: ContinualLearner) -> dict[str, list[float]]:
-        """Accuracy (percent) on every task, per variant; all ranks take part."""
+    def evaluate(self, trainer: L.Trainer, learner: ContinualLearner,
+                 tasks: int | None = None) -> dict[str, list[float]]:
+        """Accuracy (percent) on every task (the first ``tasks`` if given; NaN for the
+        others), per variant; all ranks take part."""
         models = list(learner.eval_models().values())
         modes = [m.training for m in models]
         for m in models:
             m.eval()
         loaders = trainer.datamodule.eval_loaders(trainer.global_rank, trainer.world_size)
         with trainer.strategy.precision_plugin.forward_context():
-            for loader in loaders:
+            for loader in loaders[:tasks]:
                 for batch in loader:
                     learner.eval_step(learner.transfer_batch_to_device(batch, learner.device, 0))
         for m, mode in zip(models, modes, strict=True):
@@ -97,11 +109,17 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: ContinualLearner) -> None:
         if self.eval_initial and self.initial is None:
-            self.initial = self.evaluate(trainer, pl_module)
+            with generators_untouched():
+                self.initial = self.evaluate(trainer, pl_module)
 
     def on_task_end(self, learner: ContinualLearner, task: int) -> None:
+        with generators_untouched():  # how much is evaluated never changes training
+            self._task_end(learner, task)
+
+    def _task_end(self, learner: ContinualLearner, task: int) -> None:
         trainer = learner.trainer
-        accs = self.evaluate(trainer, learner)
+        upto = None if self.eval_future or trainer_joint(learner) else task + 2
+        accs = self.evaluate(trainer, learner, upto)
         for name, row in accs.items():
             self.rows.setdefault(name, []).append(row)
         last = task == trainer.datamodule.num_phases - 1
@@ -182,7 +200,8 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
             metrics = {f"eval/{name}/{k}": v for k, v in s.items()
                        if k not in ("accuracy_matrix", "initial_accuracy") and v is not None}
             last = s["accuracy_matrix"][-1]
-            metrics.update({f"eval/{name}/acc_task{j:02d}": a for j, a in enumerate(last)})
+            metrics.update({f"eval/{name}/acc_task{j:02d}": a for j, a in enumerate(last)
+                            if not math.isnan(a)})
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
         if self.few_shot is not None:
@@ -229,7 +248,7 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
         path = os.path.join(out_dir, self.results_file)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(doc, f, indent=2, default=_jsonable)
+            json.dump(_no_nan(doc), f, indent=2, default=_jsonable, allow_nan=False)
         os.replace(tmp, path)  # atomic: a crash never leaves a half-written file
 
     # ----- checkpointed state ------------------------------------------------------------
@@ -263,6 +282,19 @@ def log_dir(trainer: L.Trainer) -> str:
     path = trainer.log_dir or trainer.default_root_dir
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def _no_nan(obj: Any) -> Any:
+    """``obj`` with NaN floats (tasks not evaluated) as ``None``: strict JSON."""
+    if isinstance(obj, torch.Tensor):
+        obj = obj.tolist()
+    if isinstance(obj, dict):
+        return {k: _no_nan(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_no_nan(v) for v in obj]
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj
 
 
 def _jsonable(obj: Any) -> Any:

@@ -35,6 +35,7 @@ from callbacks import report  # noqa: F401  (selects the Agg backend)
 from cl_lightning.checks import require_at_least
 from cl_lightning.models.agent import MemoryAgent
 from cl_lightning.plugins import LearnerPlugin
+from cl_lightning.rng import generators_untouched
 
 if TYPE_CHECKING:
     from cl_lightning.module import ContinualLearner
@@ -92,7 +93,8 @@ class MemoryMonitor(L.Callback, LearnerPlugin):
         if not isinstance(learner.net, MemoryAgent):
             rank_zero_warn("MemoryMonitor needs model.net to be a MemoryAgent; nothing logged")
             return
-        traces, scalars = self.traces(learner)
+        with generators_untouched():  # rank 0 only: the ranks' generators stay in step
+            traces, scalars = self.traces(learner)
         writes = torch.stack([t.write_weights.sum(dim=(1, 2)).mean(0) for t in traces])
         reads = torch.stack([t.read_weights.sum(dim=(1, 2)).mean(0) for t in traces])
         usage = torch.stack([t.usage[:, -1].mean(0) for t in traces])

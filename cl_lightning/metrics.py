@@ -110,8 +110,12 @@ def summarize(
 ) -> Summary:
     """All summary metrics of an accuracy matrix (see the module docstring)."""
     m = _as_matrix(matrix)
-    if torch.isnan(m[:, : (seen or m.shape[0])]).any():
-        raise ValueError("accuracy matrix has NaN entries on seen tasks")
+    rows = m.shape[0]
+    trained = (torch.ones(rows, m.shape[1], dtype=torch.bool) if seen is not None and seen != rows
+               else torch.ones(rows, m.shape[1], dtype=torch.bool).tril())  # R[i, j<=i]
+    trained[:, (seen or rows):] = False
+    if torch.isnan(m[trained]).any():
+        raise ValueError("accuracy matrix has NaN entries on trained tasks")
     fwt = forward_transfer(m, None if initial is None else torch.as_tensor(initial), seen)
     return Summary(
         avg_accuracy=average_accuracy(m, seen),

@@ -9,6 +9,8 @@ gather is a matched collective) and :func:`restore_rng_states` gives each rank i
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -70,3 +72,17 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     if "cuda" in states and torch.cuda.is_available():
         saved = states["cuda"]
         torch.cuda.set_rng_state_all(saved[: torch.cuda.device_count()])
+
+
+@contextmanager
+def generators_untouched() -> Iterator[None]:
+    """Run the body without moving any generator a run draws from: this process's states
+    are captured on entry and put back on exit. Observers (evaluation, memory probes) run
+    inside it, so what they draw (a DataLoader iterator draws its base seed from torch's
+    generator) never changes training, however much or little they evaluate, and a probe
+    that only rank 0 runs leaves the ranks' generators in step."""
+    states = local_rng_states()
+    try:
+        yield
+    finally:
+        restore_rng_states(states)

@@ -10,10 +10,12 @@ import torch
 from cl_lightning.checks import find_usage_error
 from cl_lightning.cli import DEBUG_ENV
 from tests.conftest import (
+    ROOT,
     read_results,
     refused,
     run_cli,
     run_train,
+    tensorboard_logger,
 )
 
 
@@ -50,6 +52,41 @@ def test_fit_writes_results_checkpoints_and_a_real_matrix(tmp_path):
     last = plt.imread(io.BytesIO(images[-1].encoded_image_string), format="png")
     assert last.shape == png[..., :3].shape and (last == png[..., :3]).all()
     assert (images[0].height, images[0].width) != (0, 0) and png.std() > 0.05
+
+
+@pytest.mark.slow
+def test_without_future_tasks_the_matrix_skips_only_what_no_metric_reads(tmp_path, capsys):
+    import json
+
+    from cl_lightning.cli import main
+
+    def default_run(name, *extra):
+        # The default config (a recalling agent with shuffled-label episodes: training draws
+        # from torch's generator), shortened. Each test loader used to draw a seed from that
+        # generator, so evaluating fewer tasks changed training.
+        return main(["fit", "-c", str(ROOT / "configs" / "synthetic.yaml"),
+                     "--data.num_tasks", "3", "--data.epochs_per_task", "1",
+                     "--data.train_per_task", "200", "--data.test_per_task", "100",
+                     "--trainer.enable_progress_bar", "false",
+                     *tensorboard_logger(tmp_path, name), *extra])
+
+    full = read_results(default_run("full", "--evaluation.eval_future", "true"))
+    capsys.readouterr()
+    cli = default_run("past", "--evaluation.eval_future", "false")
+    printed = capsys.readouterr().out
+    with open(os.path.join(cli.trainer.log_dir, "results.json")) as f:
+        def no_constant(name):
+            raise AssertionError(f"results.json holds {name}: not strict JSON")
+        part = json.load(f, parse_constant=no_constant)
+    m, ref = part["accuracy_matrix"], full["accuracy_matrix"]
+    # After task 0: tasks 0 and 1 (the next task, which FWT reads); task 2 not evaluated.
+    assert m[0][2] is None and all(v is not None for row in m[1:] for v in row)
+    assert [v for row in m for v in row if v is not None] == [
+        r for i, row in enumerate(ref) for j, r in enumerate(row) if not (i == 0 and j == 2)]
+    assert part["initial_accuracy"] == full["initial_accuracy"]  # the initial row stays whole
+    for key in ("avg_accuracy", "avg_incremental_accuracy", "forgetting", "bwt", "fwt"):
+        assert part[key] == full[key], key
+    assert re.search(r"^    0 +[0-9.]+ +[0-9.]+ +-$", printed, re.M), printed
 
 
 @pytest.mark.slow

@@ -55,6 +55,18 @@ def test_partial_matrix_counts_only_seen_tasks():
     assert s.fwt == pytest.approx(10 - 12)
 
 
+def test_tasks_not_evaluated_beyond_the_next_leave_every_metric_unchanged():
+    nan = float("nan")
+    four = [[90.0, 10.0, 20.0, 5.0], [60.0, 80.0, 30.0, 7.0],
+            [50.0, 70.0, 95.0, 9.0], [45.0, 65.0, 90.0, 85.0]]
+    b = [10.0, 12.0, 25.0, 4.0]
+    skipped = [[90.0, 10.0, nan, nan], [60.0, 80.0, 30.0, nan], *four[2:]]
+    assert summarize(skipped, b) == summarize(four, b)
+    # A NaN on a trained task (lower triangle) is a broken matrix, not a skipped task.
+    with pytest.raises(ValueError, match="NaN entries on trained tasks"):
+        summarize([[90.0, 10.0, nan, nan], [nan, 80.0, 30.0, nan], *four[2:]], b)
+
+
 def test_joint_single_phase_sees_every_task():
     s = summarize([[80.0, 90.0, 100.0]], B, seen=3)
     assert s.avg_accuracy == pytest.approx(90.0)
