@@ -4,8 +4,9 @@ A DNC state that was never written (from ``DNC.initial_state``, also when recall
 its memory) has an all-zero link and precedence, so the first time step's link update and
 directional reads are exact zeros; the DNC skips them (values and gradients bit-equal:
 ``tests/test_dnc.py::test_first_step_of_an_unwritten_state_skips_the_link_exactly``). This
-script times the MemoryAgent of ``configs/synthetic.yaml`` (4 tokens, DNC 32 x 32, 2 read
-heads, controller 64, 8 recalled neighbours) both ways, interleaved in one process: an
+script times the MemoryAgent of ``configs/synthetic.yaml`` (DNC 32 x 32, 2 read heads,
+controller 64, 8 recalled neighbours; 4 tokens per query, as when it was measured: the
+config now has 3) both ways, interleaved in one process: an
 evaluation forward at batch 256 and a training step (forward, backward, Adam) at batch 64.
 The reference path treats every link as written (the full update of the zero link).
 
