@@ -248,7 +248,7 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
         path = os.path.join(out_dir, self.results_file)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(_no_nan(doc), f, indent=2, default=_jsonable, allow_nan=False)
+            json.dump(_plain(doc), f, indent=2, default=str, allow_nan=False)
         os.replace(tmp, path)  # atomic: a crash never leaves a half-written file
 
     # ----- checkpointed state ------------------------------------------------------------
@@ -284,22 +284,15 @@ def log_dir(trainer: L.Trainer) -> str:
     return path
 
 
-def _no_nan(obj: Any) -> Any:
-    """``obj`` with NaN floats (tasks not evaluated) as ``None``: strict JSON."""
+def _plain(obj: Any) -> Any:
+    """``obj`` as strict JSON values: tensors, tuples and sets as lists, NaN (a task not
+    evaluated) as ``None``; anything else JSON cannot hold is written as its ``str``."""
     if isinstance(obj, torch.Tensor):
         obj = obj.tolist()
     if isinstance(obj, dict):
-        return {k: _no_nan(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_no_nan(v) for v in obj]
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set):
+        return [_plain(v) for v in obj]
     if isinstance(obj, float) and math.isnan(obj):
         return None
     return obj
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, tuple | set):
-        return list(obj)
-    return str(obj)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import matplotlib
@@ -29,7 +30,7 @@ def accuracy_heatmap(rows: list[list[float]], title: str) -> Figure:
     if n_tasks <= 10:
         for i, row in enumerate(rows):
             for j, v in enumerate(row):
-                if v != v:  # NaN: a task not evaluated (blank cell)
+                if math.isnan(v):  # a task not evaluated: a blank cell
                     continue
                 ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
                         color="white" if v < 60 else "black")
@@ -59,8 +60,8 @@ def format_matrix(rows: list[list[float]], name: str) -> str:
     """Plain-text accuracy matrix (any number of tasks; no terminal-width squeezing)."""
     head = "phase " + "".join(f"{'T' + str(j):>6}" for j in range(len(rows[0])))
     lines = [f"Accuracy matrix ({name}, %): row = after phase, column = task", head]
-    lines += [f"{i:>5} " + "".join("     -" if v != v else f"{v:6.1f}" for v in row)
-              for i, row in enumerate(rows)]  # v != v: NaN, a task not evaluated
+    lines += [f"{i:>5} " + "".join("     -" if math.isnan(v) else f"{v:6.1f}" for v in row)
+              for i, row in enumerate(rows)]  # "-": a task not evaluated (NaN)
     return "\n".join(lines)
 
 

@@ -111,10 +111,11 @@ def summarize(
     """All summary metrics of an accuracy matrix (see the module docstring)."""
     m = _as_matrix(matrix)
     rows = m.shape[0]
-    trained = (torch.ones(rows, m.shape[1], dtype=torch.bool) if seen is not None and seen != rows
-               else torch.ones(rows, m.shape[1], dtype=torch.bool).tril())  # R[i, j<=i]
-    trained[:, (seen or rows):] = False
-    if torch.isnan(m[trained]).any():
+    if seen is not None and seen != rows:  # joint: every seen task trains in every phase
+        trained = m[:, :seen]
+    else:  # R[i, j] for j <= i (a sequential stream leaves later tasks unevaluated at will)
+        trained = m[:, :rows][torch.ones(rows, rows, dtype=torch.bool).tril()]
+    if torch.isnan(trained).any():
         raise ValueError("accuracy matrix has NaN entries on trained tasks")
     fwt = forward_transfer(m, None if initial is None else torch.as_tensor(initial), seen)
     return Summary(
