@@ -57,7 +57,8 @@ class ESMER(ExperienceReplay):
             are not admitted to the buffer (reference 1.2).
         consistency_weight: ``gamma``, weight of the logit MSE on replayed samples (0.15).
         warmup_epochs: epochs (may be fractional) at the start of every task with no
-            buffer admission and a frozen ``mu`` (reference 1).
+            buffer admission and a frozen ``mu`` (reference 1); must be below the
+            stream's ``epochs_per_task``, or nothing is ever admitted.
         report: which model is the primary result: the semantic memory (``ema``) or the
             working model.
         ema_seed: seed of the EMA-update draws (the same on every DDP rank, so every rank's
@@ -119,6 +120,13 @@ class ESMER(ExperienceReplay):
         return self._semantic.model
 
     def setup(self, trainer: Any, pl_module: ContinualLearner, stage: str) -> None:
+        epochs = getattr(trainer.datamodule, "epochs_per_task", None)
+        if stage == "fit" and epochs is not None and self.warmup_epochs >= epochs:
+            raise OptionError(
+                f"ESMER warmup_epochs ({self.warmup_epochs:g}) covers every epoch of a task "
+                f"(data.epochs_per_task {epochs}): nothing would ever enter the buffer; set "
+                f"trainer.callbacks.init_args.warmup_epochs below {epochs} (e.g. "
+                f"{0.2 * epochs:g})")
         super().setup(trainer, pl_module, stage)
         if self.report == "ema":
             pl_module.primary_variant = "ema/" + pl_module.eval_modes()[0]

@@ -29,6 +29,7 @@ SMALL_AGENT = ["--model.net.init_args.dnc.memory_slots", "12",
                "--model.net.init_args.dnc.word_size", "8",
                "--model.net.init_args.dnc.hidden_size", "16",
                "--model.net.init_args.token_dim", "16", "--model.net.init_args.core_output", "16"]
+SHORT_WARMUP = ["--trainer.callbacks.init_args.warmup_epochs", "0.5"]
 LSTM = ["--model.net", "cl_lightning.models.agent.LSTMClassifier",
         "--model.net.num_tokens", "2", "--model.net.hidden_size", "16"]
 
@@ -81,14 +82,17 @@ def matrix_runs(roots: dict[str, str]) -> dict[str, list[str]]:
         for method in sorted((CONFIGS / stream).glob("*.yaml")):
             agent = "models.agent.MemoryAgent" in method.read_text()
             net = (small_cnn_agent if agent else small_resnet) if stream in images else []
+            # one epoch per task: the ESMER configs' whole-epoch warm-up must shrink too
+            warmup = (SHORT_WARMUP if stream in images and method.stem.startswith("esmer")
+                      else [])
             runs[f"{stream}/{method.stem}"] = [*c(f"{stream}.yaml", f"{stream}/{method.name}"),
-                                               *small, *net]
+                                               *small, *net, *warmup]
     runs["split_mnist_agent"] = [*c("split_mnist_agent.yaml"), *shrink["split_mnist"],
                                  "--data.download", "false"]
     runs["split_cifar10/agent_cnn+esmer"] = [
         *c("split_cifar10.yaml", "split_cifar10/esmer_200.yaml", "methods/agent.yaml",
            "methods/agent_cnn.yaml"), *shrink["split_cifar10"], *small_cnn_agent,
-        "--data.download", "false"]
+        *SHORT_WARMUP, "--data.download", "false"]
     return runs
 
 

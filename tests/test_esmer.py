@@ -4,6 +4,7 @@ import math
 import os
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from cl_lightning.esmer_math import (
 )
 from cl_lightning.plugins import StepOutput
 from cl_lightning.replay import ReplayBuffer
-from tests.conftest import hand_step, read_results, run_cli
+from tests.conftest import hand_step, read_results, refused, run_cli
 
 
 def test_modulation_weights_by_hand():
@@ -230,3 +231,24 @@ def test_esmer_with_the_memory_agent(tmp_path):
     assert res["primary_variant"] == "ema/domain_il"
     assert all(working[t][t] > res["variants"]["domain_il"]["initial_accuracy"][t] + 20
                for t in range(3))
+
+
+class NoFitStart(L.Callback):
+    """Fails the run if fitting gets as far as the callbacks' fit start."""
+
+    def on_fit_start(self, trainer, pl_module):
+        raise AssertionError("the run reached fit start before refusing its options")
+
+
+@pytest.mark.parametrize("warmup, epochs", [("1", "1"), ("2.5", "2")])
+def test_a_warmup_that_covers_every_epoch_of_a_task_is_refused(tmp_path, capsys, warmup,
+                                                                epochs):
+    # With the warm-up as long as a task, nothing would ever be admitted: ESMER would
+    # silently train without replay. Refused in setup, before fitting starts.
+    line = refused(capsys, run_cli, tmp_path, "--trainer.callbacks+=callbacks.esmer.ESMER",
+                   "--trainer.callbacks.capacity", "60",
+                   "--trainer.callbacks.warmup_epochs", warmup,
+                   "--data.epochs_per_task", epochs,
+                   "--trainer.callbacks+=tests.test_esmer.NoFitStart")
+    assert f"ESMER warmup_epochs ({warmup}) covers every epoch of a task" in line
+    assert f"warmup_epochs below {epochs}" in line
