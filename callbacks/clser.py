@@ -30,7 +30,7 @@ from torch import nn
 from callbacks.replay import ExperienceReplay
 from cl_lightning.checks import OptionError, require_at_least, require_in_range
 from cl_lightning.distributed import world_and_rank
-from cl_lightning.ema_model import EMAModel, frozen_logits
+from cl_lightning.ema_model import EMAModel, frozen_logits, warn_if_slower_than_stream
 from cl_lightning.esmer_math import ema_decay
 from cl_lightning.plugins import StepOutput
 
@@ -112,6 +112,14 @@ class CLSER(ExperienceReplay):
     def on_fit_start(self, trainer: Any, pl_module: ContinualLearner) -> None:
         for name in self._memories:  # copies of the net before its first step (or restored)
             self.memory(name, pl_module)
+
+    def on_train_start(self, trainer: Any, pl_module: ContinualLearner) -> None:
+        steps = trainer.num_training_batches * trainer.max_epochs
+        for name in ("plastic", "stable"):
+            warn_if_slower_than_stream(
+                f"CLS-ER's {name} model", getattr(self, f"{name}_alpha"),
+                getattr(self, f"{name}_update_prob"), steps, f"{name}_alpha",
+                f"{name}_update_prob")
 
     def eval_models(self, learner: ContinualLearner) -> dict[str, nn.Module]:
         return {name: self.memory(name, learner) for name in ("stable", "plastic")}

@@ -32,7 +32,7 @@ from torch import nn
 from callbacks.replay import ExperienceReplay
 from cl_lightning.checks import OptionError, require_at_least, require_in_range
 from cl_lightning.distributed import world_and_rank
-from cl_lightning.ema_model import EMAModel, frozen_logits
+from cl_lightning.ema_model import EMAModel, frozen_logits, warn_if_slower_than_stream
 from cl_lightning.esmer_math import (
     admission_mask,
     ema_decay,
@@ -130,6 +130,11 @@ class ESMER(ExperienceReplay):
         super().setup(trainer, pl_module, stage)
         if self.report == "ema":
             pl_module.primary_variant = "ema/" + pl_module.eval_modes()[0]
+
+    def on_train_start(self, trainer: Any, pl_module: ContinualLearner) -> None:
+        warn_if_slower_than_stream(
+            "ESMER's semantic memory", self.ema_alpha, self.ema_update_prob,
+            trainer.num_training_batches * trainer.max_epochs, "ema_alpha", "ema_update_prob")
 
     def eval_models(self, learner: ContinualLearner) -> dict[str, nn.Module]:
         return {"ema": self.semantic_memory(learner)}

@@ -11,6 +11,7 @@ import copy
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from cl_lightning.esmer_math import ema_update
@@ -60,6 +61,23 @@ class EMAModel:
             self._pending = state
         else:
             self.model.load_state_dict(state)
+
+
+def warn_if_slower_than_stream(where: str, alpha: float, update_prob: float,
+                               stream_steps: float, alpha_name: str, prob_name: str) -> bool:
+    """Warn (and return True) when an EMA of decay cap ``alpha``, updated after a step
+    with probability ``update_prob``, averages over more steps than the whole stream has:
+    ``1 / ((1 - alpha) * update_prob)`` steps against ``stream_steps``. Such an EMA never
+    leaves the plain-average start of its decay ``min(1 - 1/(n + 1), alpha)``: at the end
+    it is the mean of every step's weights, far behind the working model."""
+    horizon = float("inf") if alpha >= 1 or update_prob <= 0 else 1 / ((1 - alpha) * update_prob)
+    if not stream_steps or stream_steps == float("inf") or horizon <= stream_steps:
+        return False
+    rank_zero_warn(
+        f"{where}: the EMA averages over about {horizon:,.0f} steps (1 / ((1 - {alpha_name}) "
+        f"x {prob_name})), more than the {stream_steps:,.0f} steps of the whole stream, so "
+        f"it stays far behind the working model; lower {alpha_name} or raise {prob_name}")
+    return True
 
 
 def frozen_logits(learner: Any, model: nn.Module, inputs: torch.Tensor, task: torch.Tensor,
