@@ -71,8 +71,8 @@ def warn_if_slower_than_stream(where: str, alpha: float, update_prob: float,
     leaves the plain-average start of its decay ``min(1 - 1/(n + 1), alpha)``: at the end
     it is the mean of every step's weights, far behind the working model."""
     horizon = float("inf") if alpha >= 1 or update_prob <= 0 else 1 / ((1 - alpha) * update_prob)
-    if not stream_steps or stream_steps == float("inf") or horizon <= stream_steps:
-        return False
+    if not 0 < stream_steps < float("inf") or horizon <= stream_steps:
+        return False  # a stream of unknown length (no batches counted, no epoch limit)
     rank_zero_warn(
         f"{where}: the EMA averages over about {horizon:,.0f} steps (1 / ((1 - {alpha_name}) "
         f"x {prob_name})), more than the {stream_steps:,.0f} steps of the whole stream, so "

@@ -24,7 +24,8 @@ def test_horizon_is_one_over_the_decay_gap_times_the_update_probability():
     assert check(0.99, 0.5, 200) == [] and check(0.99, 0.5, 10_000) == []
     assert len(check(1.0, 0.5, 10**9)) == 1  # a decay of 1 never moves
     assert len(check(0.9, 0.0, 10**9)) == 1  # nor does an EMA never updated
-    assert check(0.999, 0.1, float("inf")) == []  # a stream of unknown length: no claim
+    for unknown in (float("inf"), 0, -1):  # a stream of unknown length: no claim
+        assert check(0.999, 0.1, unknown) == []
 
 
 def warnings_of(tmp_path, *args):
