@@ -22,8 +22,9 @@ head's weight matrix).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -65,6 +66,13 @@ class TokenClassifier(Classifier):
             flattened tokens whose output joins the core's readout at the head (0: none).
             The core's recurrent state is narrow; this path gives the head the encoder's
             features in full, and leaves the core to what needs memory.
+        compile_forward: run the whole forward of a query (encoder, the recalled
+            neighbours' write, the core over the tokens, the head) as one ``torch.compile``
+            graph, and its backward as another (a forward with a context runs eagerly).
+            Per-operation overhead sets the speed of these small tensors on a CPU; the
+            first calls of each shape compile (a minute or more on a CPU, seconds once
+            inductor's on-disk cache holds the graphs). Values equal the eager forward's
+            to float rounding.
     """
 
     supports_context = True
@@ -72,7 +80,8 @@ class TokenClassifier(Classifier):
 
     def __init__(self, input_shape: Sequence[int], num_classes: int,
                  encoder: EncoderKind = "auto", num_tokens: int = 4, token_dim: int = 64,
-                 cnn_width: int = 20, readout: Readout = "last", skip_hidden: int = 0) -> None:
+                 cnn_width: int = 20, readout: Readout = "last", skip_hidden: int = 0,
+                 compile_forward: bool = False) -> None:
         super().__init__()
         if readout not in ("last", "mean"):
             raise OptionError(f"model.net.readout must be 'last' or 'mean', got {readout!r}")
@@ -80,6 +89,7 @@ class TokenClassifier(Classifier):
         self.encoder = build_encoder(input_shape, encoder, num_tokens, token_dim, cnn_width)
         self.readout = readout
         self.skip_hidden = skip_hidden
+        self.compile_forward = compile_forward
         if skip_hidden:
             width = self.encoder.num_tokens * self.encoder.token_dim
             self.skip = nn.Sequential(nn.Linear(width, skip_hidden), nn.ReLU())
@@ -157,6 +167,14 @@ class TokenClassifier(Classifier):
     def forward(self, x: torch.Tensor, context: Context | None = None,
                 context_mask: torch.Tensor | None = None,
                 recall: Recall | None = None) -> torch.Tensor:
+        if self.compile_forward and context is None and not torch.compiler.is_compiling():
+            return compiled_forward(x.device.type)(self, x, recall=recall)
+        return self._forward(x, context, context_mask, recall)
+
+    def _forward(self, x: torch.Tensor, context: Context | None = None,
+                 context_mask: torch.Tensor | None = None,
+                 recall: Recall | None = None) -> torch.Tensor:
+        """The eager forward (see :meth:`forward`)."""
         features = self.features(x, context, context_mask, recall)
         if self.recall_size:
             k = self.recall_size
@@ -167,6 +185,21 @@ class TokenClassifier(Classifier):
         """:attr:`last_vote_logits`, cleared (no graph is kept on the module)."""
         votes, self.last_vote_logits = self.last_vote_logits, None
         return votes
+
+
+@functools.cache
+def compiled_forward(device_type: str = "cpu") -> Callable[..., torch.Tensor]:
+    """``TokenClassifier._forward`` through ``torch.compile``, shared by every net and
+    called with the module as its first argument (as :func:`~cl_lightning.models.dnc.
+    compiled_step`): nothing compiled is stored on an instance, so a deepcopy (an EMA
+    model) runs its own weights, and parameters swapped in by ``functional_call`` are the
+    graph's inputs. On a CPU inductor's C++ wrapper calls the kernels without Python."""
+    options = {"cpp_wrapper": True} if device_type == "cpu" else None
+    # one graph per kind of call: with or without a recall, with gradients or not, the
+    # working model's or a frozen copy's parameters, train or eval mode (dynamo's
+    # default limit of 8 would send the rest back to eager)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(TokenClassifier._forward, options=options)
 
 
 def _masked_expand(t: torch.Tensor, batch: int, mask: torch.Tensor | None,
@@ -210,7 +243,7 @@ class MemoryAgent(TokenClassifier):
             trusting its weights more than a vote of the neighbours; 0 starts with the
             votes ignored (the recalled labels still reach the DNC's reads).
         **kwargs: the encoder options of :class:`TokenClassifier` (encoder, num_tokens,
-            token_dim, cnn_width, readout, skip_hidden).
+            token_dim, cnn_width, readout, skip_hidden, compile_forward).
     """
 
     def __init__(

@@ -49,6 +49,8 @@ link (``state._replace(link=...)``), which takes the full update."""
 
 def is_empty_link(link: Tensor) -> bool:
     """True if ``link`` is a link tensor :meth:`DNC.initial_state` made (all zeros)."""
+    if torch.compiler.is_compiling():  # a weak dictionary does not trace: take the full update
+        return False
     return _EMPTY_LINKS.get(id(link)) is link
 
 
@@ -354,7 +356,8 @@ class DNC(nn.Module):
         r, wr, h = self.read_heads, self.write_heads, self.hidden_size
         links = n if self.temporal_links else 0
         link = torch.zeros(b, wr, links, links, **kw)
-        _EMPTY_LINKS[id(link)] = link
+        if not torch.compiler.is_compiling():
+            _EMPTY_LINKS[id(link)] = link
         return DNCState(
             h=torch.zeros(b, h, **kw),
             c=torch.zeros(b, h, **kw),
