@@ -282,7 +282,8 @@ class DNC(nn.Module):
             of hundreds of small kernels, captured on the first call of each input
             signature (shapes, ``requires_grad``, grad mode). Same values and gradients as
             the eager DNC (bitwise on an H200). Calls it cannot serve run eagerly: on a CPU,
-            with ``compile_step``, under autocast, with ``return_trace``, with swapped-in
+            with ``compile_step``, inside a compiled forward (the agent's
+            ``compile_forward``), under autocast, with ``return_trace``, with swapped-in
             parameters (``functional_call``), inside
             :func:`~cl_lightning.models.cuda_graphs.paused` (the learner's second-order
             MAML inner loop: a replay has no double backward).
@@ -383,7 +384,8 @@ class DNC(nn.Module):
         Returns:
             ``(y, state)`` or ``(y, state, trace)``; ``y`` is ``(B, T, O)``.
         """
-        if self.cuda_graphs and x.is_cuda and not (return_trace or self.compile_step):
+        if (self.cuda_graphs and x.is_cuda and not (return_trace or self.compile_step)
+                and not torch.compiler.is_compiling()):  # (a compiled graph of its own)
             args = (x,) if state is None else (x, *state)
             outputs = graph_cache(self).run(self._flat_forward, args)
             if outputs is not None:
