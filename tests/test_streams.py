@@ -637,7 +637,9 @@ def test_full_agent_one_cli_epoch_per_task_on_colour_images(tmp_path, cifar10, u
              "--model.net.init_args.dnc.word_size", "8",
              "--model.net.init_args.dnc.hidden_size", "16",
              "--model.net.init_args.core_output", "16", "--model.meta.init_args.steps", "2")
+    # one epoch per task: ESMER's whole-epoch warm-up would admit nothing (refused)
     res = run_fit(tmp_path, "SplitCIFAR10", cifar10[0], "--trainer.limit_train_batches", "3",
+                  "--trainer.callbacks.init_args.warmup_epochs", "0.5",
                   configs=("split_cifar10.yaml", "split_cifar10/esmer_200.yaml",
                            "methods/agent.yaml", "methods/agent_cnn.yaml", "methods/maml.yaml",
                            "methods/context.yaml"), net=small)
