@@ -61,7 +61,7 @@ def test_without_future_tasks_the_matrix_skips_only_what_no_metric_reads(tmp_pat
     from cl_lightning.cli import main
 
     def default_run(name, *extra):
-        # The default config (a recalling agent with shuffled-label episodes: training draws
+        # The default config (a recalling agent with novel-input episodes: training draws
         # from torch's generator), shortened. Each test loader used to draw a seed from that
         # generator, so evaluating fewer tasks changed training.
         return main(["fit", "-c", str(ROOT / "configs" / "synthetic.yaml"),
