@@ -33,7 +33,7 @@ from torch import nn
 
 from cl_lightning.checks import OptionError, require_at_least
 from cl_lightning.models.backbones import Classifier
-from cl_lightning.models.dnc import DNC, DNCOptions
+from cl_lightning.models.dnc import DNC, DNCOptions, compile_for_device
 from cl_lightning.models.encoders import EncoderKind, build_encoder
 from cl_lightning.models.recall import (
     Recall,
@@ -193,13 +193,12 @@ def compiled_forward(device_type: str = "cpu") -> Callable[..., torch.Tensor]:
     called with the module as its first argument (as :func:`~cl_lightning.models.dnc.
     compiled_step`): nothing compiled is stored on an instance, so a deepcopy (an EMA
     model) runs its own weights, and parameters swapped in by ``functional_call`` are the
-    graph's inputs. On a CPU inductor's C++ wrapper calls the kernels without Python."""
-    options = {"cpp_wrapper": True} if device_type == "cpu" else None
+    graph's inputs (options per device: :func:`~cl_lightning.models.dnc.compile_for_device`)."""
     # one graph per kind of call: with or without a recall, with gradients or not, the
     # working model's or a frozen copy's parameters, train or eval mode (dynamo's
     # default limit of 8 would send the rest back to eager)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(TokenClassifier._forward, options=options)
+    return compile_for_device(TokenClassifier._forward, device_type)
 
 
 def _masked_expand(t: torch.Tensor, batch: int, mask: torch.Tensor | None,

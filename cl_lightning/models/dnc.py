@@ -29,7 +29,7 @@ import functools
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -576,13 +576,19 @@ class DNC(nn.Module):
         )
 
 
+def compile_for_device(fn: Callable[..., Any], device_type: str) -> Callable[..., Any]:
+    """``torch.compile(fn)`` with the options for ``device_type``: on a CPU inductor's C++
+    wrapper calls the kernels without Python in between (about 20% faster per DNC step at
+    B 32)."""
+    options = {"cpp_wrapper": True} if device_type == "cpu" else None
+    return torch.compile(fn, options=options)
+
+
 @functools.cache
 def compiled_step(device_type: str = "cpu") -> Callable[..., tuple[DNCState, tuple[Tensor, ...]]]:
     """``DNC.step`` through ``torch.compile``, shared by every DNC and called with the module
     as its first argument: no compiled function is stored on an instance, so deepcopy (ESMER's
     semantic memory), pickling and checkpoints see a plain module, and a copy never runs
     through a function bound to its original. Built on first use (importing the compiler
-    costs seconds), one per device type: on a CPU inductor's C++ wrapper calls the step's
-    kernels without Python in between (about 20% faster per step at B 32)."""
-    options = {"cpp_wrapper": True} if device_type == "cpu" else None
-    return torch.compile(DNC.step, options=options)
+    costs seconds), one per device type (:func:`compile_for_device`)."""
+    return compile_for_device(DNC.step, device_type)
