@@ -31,6 +31,7 @@ from cl_lightning.losses import present_class_cross_entropy
 from cl_lightning.meta import MetaLearning
 from cl_lightning.models.backbones import MLP, Classifier
 from cl_lightning.plugins import LearnerPlugin, StepOutput
+from cl_lightning.read_mixture import ReadMixture
 from cl_lightning.recalling import Recalling
 from cl_lightning.rng import collect_rng_states, restore_rng_states
 from cl_lightning.stream import StreamInfo
@@ -91,6 +92,12 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
             adapted, per query, on the query's recalled neighbours
             (:class:`~cl_lightning.local_adaptation.LocalAdaptation`, MbPA-style), as the
             variants ``local/<mode>`` (and ``ema/local/<mode>``); None: off.
+        read_mixture: with a net that recalls, evaluate (and read few-shot supports) with
+            the net's prediction mixed with its memory's vote, each calibrated on the
+            store's items predicted leave-one-out and weighted by how well it predicts them
+            (:class:`~cl_lightning.read_mixture.ReadMixture`); training is unchanged.
+            Costs one pass of the net over the store per evaluation. None: the net's
+            prediction alone.
         use_head_fast_path: when only the head adapts in the inner loop and the net is a
             head on features, compute the support features once (same values and
             gradients as the generic path, which ``false`` selects).
@@ -116,6 +123,7 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
         input_shuffle: float = 0.0,
         recall_refresh: int = 50,
         local_adaptation: LocalAdaptation | None = None,
+        read_mixture: ReadMixture | None = None,
         use_head_fast_path: bool = True,
         ace: bool = False,
     ) -> None:
@@ -171,6 +179,11 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
                               "(model.net.init_args.recall_slots > 0) with a linear head; "
                               "remove model.local_adaptation or set recall_slots")
         self.local_adaptation = local_adaptation
+        if read_mixture is not None and not self.recalling:
+            raise OptionError("model.read_mixture needs a net that recalls "
+                              "(MemoryAgent with model.net.init_args.recall_slots > 0); "
+                              "remove model.read_mixture or set recall_slots")
+        self.read_mixture = read_mixture
         self.meta, self.context, self.support_fraction = meta, context, support_fraction
         self.use_head_fast_path = use_head_fast_path
         self.ace = ace

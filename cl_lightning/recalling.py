@@ -22,6 +22,10 @@ from cl_lightning.learner_types import ModelFn, Store
 from cl_lightning.local_adaptation import LocalAdaptation
 from cl_lightning.models.recall import Recall, permute_elements, same_label_mass
 from cl_lightning.plugins import LearnerPlugin
+from cl_lightning.read_mixture import MixtureFit, ReadMixture
+
+STORE_CHUNK = 1024
+"""Stored items answered per forward when the read mixture is fitted."""
 
 
 class Recalling:
@@ -31,6 +35,7 @@ class Recalling:
     device: torch.device
     recall_index: EpisodicIndex
     local_adaptation: LocalAdaptation | None
+    read_mixture: ReadMixture | None
     recall_from_batch: float
     input_shuffle: float
     _epoch_means: EpochMeans
@@ -67,7 +72,7 @@ class Recalling:
         used, inverse = torch.unique(index, return_inverse=True)
         x = store["x"].to(inputs.device)[used]
         y = store["y"].to(inputs.device)[index]
-        return Recall(x, inverse, y, valid)
+        return Recall(x, inverse, y, valid, index)
 
     @torch.no_grad()
     def index_store(self, store: Store) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,28 +130,50 @@ class Recalling:
         it is. ``index``: the store's :meth:`index_store`, if already computed (else it is
         computed once, on the first call). ``local``: each query's head is first adapted
         on its recalled neighbours (``model.local_adaptation``; their features are read
-        the same way, each recalling its own neighbours)."""
+        the same way, each recalling its own neighbours). With ``model.read_mixture`` the
+        logits are the mixture's log-probabilities, fitted on the store on the first call."""
         model = self.net if model is None else model
         store = self.store() if store is None and self.recalling else store
         if not self.recalling or store is None:
             return lambda x: model(x, **kwargs)
         store = {k: v.to(self.device) for k, v in store.items()}
-        cached = [] if index is None else [index]
+        cached: list[Any] = [] if index is None else [index]
+        mixture = self.read_mixture
+        votes_of = getattr(model, "recall_votes", self.net.recall_votes)
 
-        def read(x: torch.Tensor) -> torch.Tensor:
+        def answer(x: torch.Tensor) -> tuple[torch.Tensor, Recall]:
             if not cached:
                 cached.append(self.index_store(store))
             keys, prints = cached[0]
             recall = self.retrieve(x, x, store, keys, prints)
             if not local:
-                return model(x, recall=recall, **kwargs)
+                return model(x, recall=recall, **kwargs), recall
             near = recall.x  # the distinct neighbours, each read with its own recall
             near_feats = model.features(near, recall=self.retrieve(near, near, store, keys,
                                                                    prints))
             assert self.local_adaptation is not None
             return self.local_adaptation.logits(
                 model.head, model.features(x, recall=recall, **kwargs),
-                near_feats[recall.index], recall.y, recall.valid)
+                near_feats[recall.index], recall.y, recall.valid), recall
+
+        @torch.no_grad()
+        def fit_mixture(mixture: ReadMixture) -> MixtureFit:
+            net_logits, votes = [], []
+            for chunk in store["x"].split(STORE_CHUNK):
+                chunk_logits, recall = answer(chunk)
+                net_logits.append(chunk_logits)
+                votes.append(votes_of(chunk, recall))
+            return mixture.fit(torch.cat(net_logits), torch.cat(votes), store["y"])
+
+        def read(x: torch.Tensor) -> torch.Tensor:
+            logits, recall = answer(x)
+            if mixture is None:
+                return logits
+            if len(cached) < 2:  # each stored item answered leave-one-out, once
+                cached.append(fit_mixture(mixture))
+            assert recall.rows is not None
+            return mixture.log_probs(cached[1], logits, votes_of(x, recall), recall.rows,
+                                     recall.valid)
 
         return read
 

@@ -321,6 +321,23 @@ class MemoryAgent(TokenClassifier):
                              "episodic read; set recall_slots > 0")
         return self._keys(x)
 
+    def _read_weights(self, x: torch.Tensor, recall: Recall, tokens: torch.Tensor | None = None,
+                      keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cosines ``(B, k)`` of each query with its recalled neighbours and the primed
+        read's weights over them (softmax of the learned strength times the cosine)."""
+        keys = self._keys(recall.x) if keys is None else keys
+        cos = recall_cosines(self._keys(x, tokens), keys, recall.index)
+        return cos, weights_from_cosines(cos, recall.valid, F.softplus(self.recall_strength))
+
+    def _votes(self, weights: torch.Tensor, recall: Recall) -> torch.Tensor:
+        votes = weights.new_zeros(len(weights), self.recall_size)
+        return votes.scatter_add(1, recall.y, weights)
+
+    def recall_votes(self, x: torch.Tensor, recall: Recall) -> torch.Tensor:
+        """``(B, num_classes)`` the memory's own answer: the primed read's mass per
+        recalled label (sums to 1 over a query's valid neighbours; zeros without any)."""
+        return self._votes(self._read_weights(x, recall)[1], recall)
+
     def recall_state(self, x: torch.Tensor, tokens: torch.Tensor,
                      recall: Recall) -> tuple[Any, torch.Tensor]:
         if not self.recall_slots:
@@ -330,12 +347,11 @@ class MemoryAgent(TokenClassifier):
             raise OptionError(f"{k} recalled neighbours do not fit recall_slots="
                              f"{self.recall_slots}")
         valid = recall.valid
-        query = self._keys(x, tokens)  # (B, D)
         keys = self._keys(recall.x)  # (U, D): each distinct neighbour once
-        cos = recall_cosines(query, keys, recall.index)
+        cos, weights = self._read_weights(x, recall, tokens, keys)
         state = self.core.initial_state(b, tokens.device)
         dtype = state.memory.dtype  # the memory's, also where autocast computes in bf16
-        weights = weights_from_cosines(cos, valid, F.softplus(self.recall_strength)).to(dtype)
+        weights = weights.to(dtype)
         key_words = gather_rows(self.recall_word(keys), recall.index)  # (B, k, W/2)
         words = torch.cat([key_words, self.recall_label(recall.y)], -1).to(dtype)
         words = words * valid[..., None].to(dtype)
@@ -348,8 +364,7 @@ class MemoryAgent(TokenClassifier):
         read_v = torch.einsum("bk,bkw->bw", weights, words).to(dtype)[:, None].expand(b, r, -1)
         state = state._replace(memory=memory, usage=usage, read_weights=read_w.contiguous(),
                                read_vectors=read_v.contiguous())
-        votes = torch.zeros(b, self.recall_size, dtype=weights.dtype, device=weights.device)
-        log_votes = recall_log_votes(votes.scatter_add(1, recall.y, weights))
+        log_votes = recall_log_votes(self._votes(weights, recall))
         if self.recall_gate is not None:
             nearest_cos = cos.masked_fill(~valid, -1.0).max(1, keepdim=True).values
             log_votes = log_votes * F.softplus(self.recall_gate[0] * nearest_cos

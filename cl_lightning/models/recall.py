@@ -27,16 +27,19 @@ class Recall(NamedTuple):
     index: ``(B, k)`` long, each query's neighbours as rows of ``x``.
     y: ``(B, k)`` long, their labels (as the query should read them).
     valid: ``(B, k)`` bool, False for empty neighbour places.
+    rows: ``(B, k)`` long, each neighbour's row in the store it came from (None if unknown).
     """
 
     x: Tensor
     index: Tensor
     y: Tensor
     valid: Tensor
+    rows: Tensor | None = None
 
-    def select(self, rows: Tensor) -> Recall:
-        """The recall of a subset of the queries (``rows``: bool mask or indices)."""
-        return Recall(self.x, self.index[rows], self.y[rows], self.valid[rows])
+    def select(self, queries: Tensor) -> Recall:
+        """The recall of a subset of the queries (bool mask or indices)."""
+        return Recall(self.x, self.index[queries], self.y[queries], self.valid[queries],
+                      None if self.rows is None else self.rows[queries])
 
     def permuted(self, perm: Tensor) -> Recall:
         """The same neighbours with every stored input's elements permuted by ``perm``
