@@ -39,9 +39,10 @@ from cl_lightning.models.recall import recall_log_votes  # noqa: E402
 FIT_ONLY = ("ckpt_path", "weights_only")
 
 
-def load_run(run: Path, data_root: str) -> ContinualCLI:
+def load_run(run: Path, data_root: str | None) -> ContinualCLI:
     """The run's learner, stream and callbacks rebuilt from its config, with the last
-    checkpoint's weights and strategy state loaded."""
+    checkpoint's weights and strategy state loaded (``data_root``: the stream's
+    ``data.root``, None for a stream without one)."""
     config = yaml.safe_load((run / "config.yaml").read_text())
     for key in FIT_ONLY:
         config.pop(key, None)
@@ -49,7 +50,9 @@ def load_run(run: Path, data_root: str) -> ContinualCLI:
         path = Path(tmp) / "config.yaml"
         path.write_text(yaml.safe_dump(config))
         cli = ContinualCLI(
-            args=["-c", str(path), "--data.root", data_root, "--data.download", "false",
+            args=["-c", str(path),
+                  *([] if data_root is None else ["--data.root", data_root,
+                                                  "--data.download", "false"]),
                   "--trainer.logger", "false", "--trainer.default_root_dir", tmp,
                   "--evaluation.print_table", "false", "--evaluation.heatmap", "false"],
             run=False, save_config_callback=None)

@@ -156,3 +156,27 @@ def test_reader_follows_the_weights_where_the_vote_is_at_chance(gate):
     vote_acc = 100.0 * float((votes_only(qx, recall).argmax(1) == rule(qx)).float().mean())
     assert vote_acc < 70.0  # the vote alone is near chance
     assert _accuracy(read, qx, rule(qx)) >= 99.0
+
+
+def test_the_benchmark_reads_the_final_buffer_as_the_evaluation_did(tmp_path, capsys,
+                                                                     monkeypatch):
+    """benchmarks/read_mixture.py on a finished run without the mixture: its "no mixture"
+    accuracy on the final buffer is the run's own final average accuracy (the same reads
+    of the same test sets), and its held-out rows exist for the domain-IL stream."""
+    from benchmarks import read_mixture as bench
+    from tests.conftest import read_results, run_cli
+
+    cli = run_cli(tmp_path, *CLI_AGENT, *ER, "--model.net.recall_slots", "2")
+    avg = read_results(cli)["avg_accuracy"]
+    run = cli.trainer.log_dir
+    monkeypatch.setattr("sys.argv", ["read_mixture.py", "--runs", run, "--per-class", "3",
+                                     "--draws", "2"])
+    capsys.readouterr()
+    bench.main()
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "working" in line]
+    assert [r[2].strip() for r in rows] == ["final buffer, every task",
+                                            "held-out task, 3 per class, 2 draws"]
+    assert float(rows[0][4]) == pytest.approx(avg, abs=0.051)
+    for row in rows:
+        assert all(0.0 <= float(v) <= 100.0 for v in row[3:])
