@@ -53,7 +53,7 @@ def scores(learner, model, store: dict, x: torch.Tensor, y: torch.Tensor,
     for i in range(0, len(x), 1000):
         part = x[i:i + 1000]
         recall = learner.retrieve(part, part, store, *index)
-        votes.append(getattr(model, "recall_votes", learner.net.recall_votes)(part, recall))
+        votes.append(learner.votes_of(model)(part, recall))
     shown = learner.mode_logits(torch.cat(votes), task, mode)
     out["vote"] = 100.0 * float((shown.argmax(1) == y).float().mean())
     return out

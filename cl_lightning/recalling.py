@@ -137,14 +137,15 @@ class Recalling:
         if not self.recalling or store is None:
             return lambda x: model(x, **kwargs)
         store = {k: v.to(self.device) for k, v in store.items()}
-        cached: list[Any] = [] if index is None else [index]
+        # computed on the first call, kept for the reader's life
+        cached: dict[str, Any] = {"index": index, "mixture": None}
         mixture = self.read_mixture
-        votes_of = getattr(model, "recall_votes", self.net.recall_votes)
+        votes_of = self.votes_of(model)
 
         def answer(x: torch.Tensor) -> tuple[torch.Tensor, Recall]:
-            if not cached:
-                cached.append(self.index_store(store))
-            keys, prints = cached[0]
+            if cached["index"] is None:
+                cached["index"] = self.index_store(store)
+            keys, prints = cached["index"]
             recall = self.retrieve(x, x, store, keys, prints)
             if not local:
                 return model(x, recall=recall, **kwargs), recall
@@ -169,13 +170,19 @@ class Recalling:
             logits, recall = answer(x)
             if mixture is None:
                 return logits
-            if len(cached) < 2:  # each stored item answered leave-one-out, once
-                cached.append(fit_mixture(mixture))
+            if cached["mixture"] is None:  # each stored item answered leave-one-out, once
+                cached["mixture"] = fit_mixture(mixture)
             assert recall.rows is not None
-            return mixture.log_probs(cached[1], logits, votes_of(x, recall), recall.rows,
-                                     recall.valid)
+            return mixture.log_probs(cached["mixture"], logits, votes_of(x, recall),
+                                     recall.rows, recall.valid)
 
         return read
+
+    def votes_of(self, model: nn.Module | ModelFn) -> ModelFn:
+        """``(x, recall) -> (B, C)`` the memory's vote as ``model`` reads it: its own
+        ``recall_votes`` (an EMA copy's learned read strength), else the net's (an adapted
+        model is a function of the net's weights)."""
+        return getattr(model, "recall_votes", self.net.recall_votes)
 
     def check_recall(self) -> None:
         """Fail early where recall cannot work: more neighbours than the buffer holds."""
