@@ -12,7 +12,8 @@ Two stores per run (each a log directory with ``config.yaml`` and ``checkpoints/
     python benchmarks/read_mixture.py --runs logs/synthetic/version_0 --per-class 5 --draws 5
 
 Prints a markdown table: run, model, store, then accuracy (%) of the memory's vote alone,
-the model without the mixture, with ``gate store`` and with ``gate local``.
+the model without the mixture, with ``gate store``, with ``gate local``, and with ``gate
+store`` without the jackknife correction.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from read_ceiling import load_run  # noqa: E402
 from cl_lightning.few_shot import pick_shots  # noqa: E402
 from cl_lightning.read_mixture import ReadMixture  # noqa: E402
 
-GATES = {"none": None, "store": ReadMixture("store"), "local": ReadMixture("local")}
+GATES = {"none": None, "store": ReadMixture("store"), "local": ReadMixture("local"),
+         "store, no jackknife": ReadMixture("store", jackknife=False)}
 
 
 @torch.no_grad()
@@ -68,8 +70,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=None,
                     help="score only these models (working, stable, plastic, ...); default all")
     args = ap.parse_args()
-    lines = ["| run | model | store | vote alone | no mixture | gate store | gate local |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| run | model | store | vote alone | no mixture | gate store | gate local "
+             "| gate store, no jackknife |", "|---|---|---|---|---|---|---|---|"]
     for run in map(Path, args.runs):
         cli = load_run(run, args.data_root)
         learner, dm = cli.model, cli.datamodule
@@ -105,7 +107,8 @@ def main() -> None:
                              f"{args.draws} draws", mean))
             for where, s in rows:
                 lines.append(f"| {label} | {name} | {where} | {s['vote']:.1f} | {s['none']:.1f} "
-                             f"| {s['store']:.1f} | {s['local']:.1f} |")
+                             f"| {s['store']:.1f} | {s['local']:.1f} "
+                             f"| {s['store, no jackknife']:.1f} |")
     print("\n".join(lines))
 
 

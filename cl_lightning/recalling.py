@@ -16,13 +16,19 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from cl_lightning.checks import OptionError
-from cl_lightning.episodic_index import EpisodicIndex, fingerprint, nearest_others
+from cl_lightning.episodic_index import (
+    EpisodicIndex,
+    fingerprint,
+    nearest,
+    nearest_others,
+    same_item,
+)
 from cl_lightning.epoch_means import EpochMeans
 from cl_lightning.learner_types import ModelFn, Store
 from cl_lightning.local_adaptation import LocalAdaptation
 from cl_lightning.models.recall import Recall, permute_elements, same_label_mass
 from cl_lightning.plugins import LearnerPlugin
-from cl_lightning.read_mixture import MixtureFit, ReadMixture
+from cl_lightning.read_mixture import MixtureFit, ReadMixture, same_class_partners
 
 STORE_CHUNK = 1024
 """Stored items answered per forward when the read mixture is fitted."""
@@ -59,16 +65,24 @@ class Recalling:
 
     @torch.no_grad()
     def retrieve(self, inputs: torch.Tensor, raw: torch.Tensor, store: Store,
-                 keys: torch.Tensor, prints: torch.Tensor | None = None) -> Recall:
+                 keys: torch.Tensor, prints: torch.Tensor | None = None,
+                 also_exclude: torch.Tensor | None = None) -> Recall:
         """Each query's ``recall_slots`` nearest stored items by the net's key (cosine),
         never the query itself (an identical stored input is skipped).
 
         inputs: (B, ...) what the model sees; raw: (B, ...) the un-augmented inputs;
-        keys: (S, D) the store's keys; prints: (S,) their fingerprints, if known."""
+        keys: (S, D) the store's keys; prints: (S,) their fingerprints, if known;
+        also_exclude: (B,) a store row each query may not retrieve either (-1: none)."""
         k = self.net.recall_slots
         query = self.net.recall_keys(inputs).float()
-        prints = fingerprint(store["x"]) if prints is None else prints
-        index, _, valid = nearest_others(query, keys, k, fingerprint(raw), prints.to(raw.device))
+        prints = (fingerprint(store["x"]) if prints is None else prints).to(raw.device)
+        if also_exclude is None:
+            index, _, valid = nearest_others(query, keys, k, fingerprint(raw), prints)
+        else:
+            exclude = same_item(fingerprint(raw), prints)
+            rows = (also_exclude >= 0).nonzero().squeeze(1)
+            exclude[rows, also_exclude[rows]] = True
+            index, _, valid = nearest(query, keys, k, exclude)
         used, inverse = torch.unique(index, return_inverse=True)
         x = store["x"].to(inputs.device)[used]
         y = store["y"].to(inputs.device)[index]
@@ -142,11 +156,12 @@ class Recalling:
         mixture = self.read_mixture
         votes_of = self.votes_of(model)
 
-        def answer(x: torch.Tensor) -> tuple[torch.Tensor, Recall]:
+        def answer(x: torch.Tensor, also_exclude: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, Recall]:
             if cached["index"] is None:
                 cached["index"] = self.index_store(store)
             keys, prints = cached["index"]
-            recall = self.retrieve(x, x, store, keys, prints)
+            recall = self.retrieve(x, x, store, keys, prints, also_exclude)
             if not local:
                 return model(x, recall=recall, **kwargs), recall
             near = recall.x  # the distinct neighbours, each read with its own recall
@@ -158,13 +173,24 @@ class Recalling:
                 near_feats[recall.index], recall.y, recall.valid), recall
 
         @torch.no_grad()
-        def fit_mixture(mixture: ReadMixture) -> MixtureFit:
+        def store_answers(partners: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            """The net's logits and the vote for every stored item, read without itself
+            (and without its partner, if given)."""
             net_logits, votes = [], []
-            for chunk in store["x"].split(STORE_CHUNK):
-                chunk_logits, recall = answer(chunk)
+            for rows in torch.arange(len(store["y"]), device=self.device).split(STORE_CHUNK):
+                chunk = store["x"][rows]
+                chunk_logits, recall = answer(
+                    chunk, None if partners is None else partners[rows])
                 net_logits.append(chunk_logits)
                 votes.append(votes_of(chunk, recall))
-            return mixture.fit(torch.cat(net_logits), torch.cat(votes), store["y"])
+            return torch.cat(net_logits), torch.cat(votes)
+
+        def fit_mixture(mixture: ReadMixture) -> MixtureFit:
+            left_out = store_answers(None)
+            if not mixture.jackknife:
+                return mixture.fit(store["y"], left_out)
+            partners = same_class_partners(store["y"].cpu(), torch.Generator().manual_seed(0))
+            return mixture.fit(store["y"], left_out, store_answers(partners.to(self.device)))
 
         def read(x: torch.Tensor) -> torch.Tensor:
             logits, recall = answer(x)

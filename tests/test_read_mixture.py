@@ -12,8 +12,10 @@ from cl_lightning.read_mixture import (
     ReadMixture,
     fit_scale,
     fit_store_weight,
+    jackknife_log_probs,
     local_gate,
     mix_log_probs,
+    same_class_partners,
     vote_logits,
 )
 from tests.conftest import refused
@@ -60,6 +62,47 @@ def test_local_gate_sums_the_evidence_of_a_querys_valid_neighbours():
     valid = torch.tensor([[True, True, False], [False, False, False]])
     gate = local_gate(evidence, rows, valid)
     assert gate.tolist() == pytest.approx([1 / (1 + math.exp(-1.0)), 0.5])
+
+
+def test_jackknife_extrapolates_away_from_the_smaller_store():
+    """Leave-one-out (0.5, 0.5), leave-two-out (0.8, 0.2): 2 log a - log b is proportional
+    to log(0.25 / 0.8, 0.25 / 0.2), which normalises to (0.2, 0.8)."""
+    a = torch.tensor([[0.5, 0.5]]).log()
+    b = torch.tensor([[0.8, 0.2]]).log()
+    assert jackknife_log_probs(a, b).exp().tolist()[0] == pytest.approx([0.2, 0.8])
+    assert jackknife_log_probs(a, a).exp().tolist()[0] == pytest.approx([0.5, 0.5])
+
+
+def test_partners_are_other_items_of_the_same_class_each_chosen_once():
+    y = torch.tensor([2, 0, 2, 1, 0, 2, 0, 3, 1])
+    for seed in range(5):
+        partners = same_class_partners(y, torch.Generator().manual_seed(seed))
+        alone = y == 3
+        assert partners[alone].tolist() == [-1]
+        paired = (~alone).nonzero().squeeze(1)
+        assert bool((partners[paired] != paired).all())
+        assert torch.equal(y[partners[paired]], y[paired])
+        # a cyclic order within each class: every item is someone's partner exactly once
+        assert sorted(partners[paired].tolist()) == paired.tolist()
+
+
+def test_retrieval_can_leave_out_one_more_row_per_query():
+    from cl_lightning.module import ContinualLearner
+    from cl_lightning.stream import StreamInfo
+
+    info = StreamInfo("domain-il", 1, 2, (2,), ((0, 1),))
+    learner = ContinualLearner(
+        net=lambda s, c: MemoryAgent(s, c, recall_slots=2, **SMALL_AGENT), stream=info)
+    angles = torch.tensor([0.0, 0.1, 0.2, 0.3, 1.5])
+    x = torch.stack([angles.cos(), angles.sin()], 1)
+    store = {"x": x, "y": torch.tensor([0, 0, 0, 0, 1])}
+    index = learner.index_store(store)
+    plain = learner.retrieve(x[:2], x[:2], store, *index)
+    # item 0's nearest others: 1 then 2; item 1's: 0 and 2 (equally near)
+    assert plain.rows[0].tolist() == [1, 2] and sorted(plain.rows[1].tolist()) == [0, 2]
+    fewer = learner.retrieve(x[:2], x[:2], store, *index, torch.tensor([1, -1]))
+    assert fewer.rows[0].tolist() == [2, 3]  # itself and row 1 left out
+    assert sorted(fewer.rows[1].tolist()) == [0, 2]  # -1: nothing more left out
 
 
 def test_bad_gate_fails_with_the_option_name(tiny_run, capsys):
