@@ -138,9 +138,11 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
         kept = every_ranks_samples(learner.store())
         loaders = dm.eval_loaders(trainer.global_rank, trainer.world_size)
         per_task = []
+        before = learner.reader()  # one reader of the store for every task (built lazily)
         for t, loader in enumerate(loaders):
             pool = None if kept is None else {k: v[kept["task"] == t] for k, v in kept.items()}
-            per_task.append(evaluate_task(learner, pool, loader, self.few_shot_shots, g))
+            per_task.append(evaluate_task(learner, pool, loader, self.few_shot_shots, g,
+                                          before))
         tasks = {mode: {key: [r[mode][key] for r in per_task] for key in per_task[0][mode]}
                  for mode in per_task[0]}
         heldout = None
@@ -154,7 +156,7 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
             test = [{"x": x, "y": y, "task": torch.zeros_like(y)} for x, y in DataLoader(
                 Subset(task.test, range(trainer.global_rank, len(task.test), trainer.world_size)),
                 batch_size=dm.eval_batch_size)]
-            heldout = evaluate_task(learner, pool, test, self.few_shot_shots, g)
+            heldout = evaluate_task(learner, pool, test, self.few_shot_shots, g, before)
         return {"after_task": after_task, "shots": self.few_shot_shots,
                 "examples_from": "replay buffer" if kept is not None else None,
                 "tasks": tasks, "heldout": heldout}

@@ -71,17 +71,21 @@ def accuracy(learner: ContinualLearner, model: ModelFn,
 
 def evaluate_task(learner: ContinualLearner, pool: dict[str, torch.Tensor] | None,
                   loader: Iterable[dict[str, torch.Tensor]], shots: list[int],
-                  generator: torch.Generator) -> dict[str, dict[str, float | None]]:
+                  generator: torch.Generator, before: ModelFn | None = None
+                  ) -> dict[str, dict[str, float | None]]:
     """One task's few-shot results: ``{eval mode: {"before": acc, "<mode>/<n>": acc}}``.
 
     ``pool``: items (``x``, ``y``, ``task``) to draw the n-per-class support from; with
     no pool (nothing kept for the task) only ``before`` is measured, the rest is None.
+    ``before``: the model read before adapting (default ``learner.reader()``; pass one
+    reader for every task so its store index and read mixture are built once).
     """
     was_training = learner.net.training
     learner.net.eval()
     batches = list(loader)
     results: dict[str, dict[str, float | None]] = {m: {} for m in learner.eval_modes()}
-    for mode, acc in accuracy(learner, learner.reader(), batches).items():
+    before = learner.reader() if before is None else before
+    for mode, acc in accuracy(learner, before, batches).items():
         results[mode]["before"] = acc
     for n in shots:
         support = None
