@@ -85,15 +85,16 @@ def _valid_top(top: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def nearest_others(queries: Tensor, keys: Tensor, k: int, query_prints: Tensor,
-                   key_prints: Tensor, small_store: int = 256
-                   ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`nearest` excluding, for every query, the keys of its own item:
-    ``nearest(queries, keys, k, same_item(query_prints, key_prints))`` (the same neighbours
-    and similarities; keys at exactly equal similarity may come in another order), without
-    building the ``(B, S)`` exclusion mask.
+                   key_prints: Tensor, small_store: int = 256,
+                   also_exclude: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`nearest` excluding, for every query, the keys of its own item (and the row
+    ``also_exclude[i]`` for query ``i``, where given and not -1):
+    ``nearest(queries, keys, k, exclusion_mask(query_prints, key_prints, also_exclude))``
+    (the same neighbours and similarities; keys at exactly equal similarity may come in
+    another order), without building the ``(B, S)`` exclusion mask.
 
     The fingerprints are compared only on each query's ``k + 2`` most similar keys: if at
-    most 2 of them are its own item, the ``k`` best of the others are the answer, since
+    most 2 of them are excluded, the ``k`` best of the others are the answer, since
     every key outside the candidates is less similar than all of them. Rows with more (an
     item stored more than twice) are answered by the full mask. (Two spare places: CPU
     ``topk`` slows down several-fold from 16 places on.) A store of at most ``small_store``
@@ -101,18 +102,32 @@ def nearest_others(queries: Tensor, keys: Tensor, k: int, query_prints: Tensor,
     """
     spare = 2
     if keys.shape[0] <= max(k + spare, small_store):
-        return nearest(queries, keys, k, same_item(query_prints, key_prints))
+        return nearest(queries, keys, k, exclusion_mask(query_prints, key_prints, also_exclude))
     sim = cosine_similarities(queries, keys)
     top, cand = sim.topk(k + spare, dim=1)
     own = same_print(query_prints[:, None], key_prints[cand])
+    if also_exclude is not None:
+        own |= cand == also_exclude[:, None]
     best, pos = top.masked_fill(own, float("-inf")).topk(k, dim=1)
     index = cand.gather(1, pos)
     crowded = own.sum(1) > spare
     if bool(crowded.any()):
         rows = crowded.nonzero().squeeze(1)
-        full = sim[rows].masked_fill(same_item(query_prints[rows], key_prints), float("-inf"))
-        best[rows], index[rows] = full.topk(k, dim=1)
+        mask = exclusion_mask(query_prints[rows], key_prints,
+                              None if also_exclude is None else also_exclude[rows])
+        best[rows], index[rows] = sim[rows].masked_fill(mask, float("-inf")).topk(k, dim=1)
     return _valid_top(best, index)
+
+
+def exclusion_mask(query_prints: Tensor, key_prints: Tensor,
+                   also_exclude: Tensor | None = None) -> Tensor:
+    """``(B, S)`` bool: each query's own item (:func:`same_item`) and, where
+    ``also_exclude[i] >= 0``, row ``also_exclude[i]``."""
+    mask = same_item(query_prints, key_prints)
+    if also_exclude is not None:
+        rows = (also_exclude >= 0).nonzero().squeeze(1)
+        mask[rows, also_exclude[rows]] = True
+    return mask
 
 
 class EpisodicIndex:

@@ -16,13 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from cl_lightning.checks import OptionError
-from cl_lightning.episodic_index import (
-    EpisodicIndex,
-    fingerprint,
-    nearest,
-    nearest_others,
-    same_item,
-)
+from cl_lightning.episodic_index import EpisodicIndex, fingerprint, nearest_others
 from cl_lightning.epoch_means import EpochMeans
 from cl_lightning.learner_types import ModelFn, Store
 from cl_lightning.local_adaptation import LocalAdaptation
@@ -76,13 +70,8 @@ class Recalling:
         k = self.net.recall_slots
         query = self.net.recall_keys(inputs).float()
         prints = (fingerprint(store["x"]) if prints is None else prints).to(raw.device)
-        if also_exclude is None:
-            index, _, valid = nearest_others(query, keys, k, fingerprint(raw), prints)
-        else:
-            exclude = same_item(fingerprint(raw), prints)
-            rows = (also_exclude >= 0).nonzero().squeeze(1)
-            exclude[rows, also_exclude[rows]] = True
-            index, _, valid = nearest(query, keys, k, exclude)
+        index, _, valid = nearest_others(query, keys, k, fingerprint(raw), prints,
+                                         also_exclude=also_exclude)
         used, inverse = torch.unique(index, return_inverse=True)
         x = store["x"].to(inputs.device)[used]
         y = store["y"].to(inputs.device)[index]

@@ -13,6 +13,7 @@ from lightning.pytorch import Callback
 from cl_lightning.checks import OptionError
 from cl_lightning.episodic_index import (
     EpisodicIndex,
+    exclusion_mask,
     fingerprint,
     nearest,
     nearest_others,
@@ -81,6 +82,15 @@ def test_nearest_others_equals_the_full_exclusion_mask():
         assert torch.equal(keys[got[0]], keys[want[0]])
         own = same_item(qp, kp).gather(1, got[0])
         assert not own[got[2]].any()  # never the query's own item
+        # one more row left out per query (-1: none), on every path: each query's nearest
+        # other key, so the candidates' mask must drop it
+        extra = got[0][:, 0].clone()
+        extra[[1, 5]] = -1
+        got = nearest_others(queries, keys, k, qp, kp, small_store=0, also_exclude=extra)
+        want = nearest(queries, keys, k, exclusion_mask(qp, kp, extra))
+        assert torch.equal(got[1], want[1]) and torch.equal(keys[got[0]], keys[want[0]])
+        left = extra >= 0
+        assert not (got[0][left] == extra[left, None]).logical_and(got[2][left]).any()
     # the query stored k + 3 times (the fallback) still finds k other items
     index, _, valid = nearest_others(queries[-1:], store, k, fingerprint(queries[-1:]),
                                      fingerprint(store), small_store=0)
