@@ -92,3 +92,19 @@ def frozen_logits(learner: Any, model: nn.Module, inputs: torch.Tensor, task: to
         logits = learner.train_logits(model, inputs, task, **kwargs)
     return logits.clone()
 
+
+
+def same_function(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two models compute the same function because one is an exact copy of the
+    other: the same object, or the same class in the same train/eval mode with equal
+    parameters and buffers (an EMA copy before its first update). Copies made by
+    ``copy.deepcopy`` carry the same options; two independently configured models of one
+    class with equal weights are not told apart from copies."""
+    if a is b:
+        return True
+    if type(a) is not type(b) or a.training != b.training:
+        return False
+    sa, sb = a.state_dict(keep_vars=True), b.state_dict(keep_vars=True)
+    return sa.keys() == sb.keys() and all(
+        sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k])
+        for k in sa)

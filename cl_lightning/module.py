@@ -22,6 +22,7 @@ from cl_lightning.adaptation import Adaptation
 from cl_lightning.checks import OptionError, require_at_least, require_in_range
 from cl_lightning.clipping import clip_grad_norm_, fast_clip_applies, optimizer_grads
 from cl_lightning.distributed import gather_objects
+from cl_lightning.ema_model import same_function
 from cl_lightning.episodic_index import EpisodicIndex
 from cl_lightning.epoch_means import EpochMeans, epoch_means
 from cl_lightning.learner_types import ModelFn
@@ -193,7 +194,9 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
         self._eval_metrics: dict[str, TaskAccuracy] = {}
         self._task_started: int | None = None
         self.recall_index = EpisodicIndex(recall_refresh)
-        self._eval_readers: dict[str, ModelFn] = {}  # per evaluation pass
+        # per evaluation pass: (model, local, reader) of each variant; variants whose models
+        # compute the same function share one reader (see eval_step)
+        self._eval_readers: dict[str, tuple[nn.Module, bool, ModelFn]] = {}
         self._epoch_means = EpochMeans()  # loss terms (and recall mass), logged per epoch
 
     # ----- model -------------------------------------------------------------------------
@@ -419,14 +422,29 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
 
     @torch.no_grad()
     def eval_step(self, batch: dict[str, torch.Tensor]) -> None:
-        """Update every variant's per-task accuracy with one test batch."""
+        """Update every variant's per-task accuracy with one test batch. Variants whose
+        models compute the same function (an EMA copy before its first update: the
+        initial row of a CLS-ER or ESMER run) are read once and scored from those logits."""
+        logits_of: dict[int, torch.Tensor] = {}
         for prefix, model in self.eval_variants():
-            if prefix not in self._eval_readers:
-                self._eval_readers[prefix] = self.reader(model, local=prefix.endswith("local/"))
-            logits = self._eval_readers[prefix](batch["x"])
+            read = self._eval_reader(prefix, model)
+            if id(read) not in logits_of:
+                logits_of[id(read)] = read(batch["x"])
+            logits = logits_of[id(read)]
             for mode in self.eval_modes():
                 shown = self.mode_logits(logits, batch["task"], mode)
                 self._metric(prefix + mode).update(shown.argmax(1), batch["y"], batch["task"])
+
+    def _eval_reader(self, prefix: str, model: nn.Module) -> ModelFn:
+        """The reader of one variant for this evaluation pass: built on its first batch,
+        or the reader of an earlier variant whose model computes the same function."""
+        if prefix not in self._eval_readers:
+            local = prefix.endswith("local/")
+            twin = next((read for m, loc, read in self._eval_readers.values()
+                         if loc == local and same_function(m, model)), None)
+            self._eval_readers[prefix] = (model, local,
+                                          twin or self.reader(model, local=local))
+        return self._eval_readers[prefix][2]
 
     def eval_variants(self) -> list[tuple[str, nn.Module]]:
         """(variant prefix, model) of every evaluated variant: each of :meth:`eval_models`,

@@ -188,6 +188,33 @@ def test_clser_through_the_cli_reports_the_stable_model_and_resumes(tmp_path):
         torch.testing.assert_close(
             torch.tensor(resumed["variants"][variant]["accuracy_matrix"]),
             torch.tensor(res["variants"][variant]["accuracy_matrix"]), atol=1e-6, rtol=0)
+    # the three models start as one: the initial row reads them once, with equal rows
+    assert (res["variants"]["plastic/domain_il"]["initial_accuracy"]
+            == res["variants"]["domain_il"]["initial_accuracy"] == initial)
+    reads, accs = evaluate_one_batch(full)
+    assert reads == 3  # trained apart: each model is read
+    models = full.model.eval_models()
+    models["plastic/"].load_state_dict(models["stable/"].state_dict())
+    reads, twins = evaluate_one_batch(full)
+    assert reads == 2 and twins["plastic/domain_il"][0] == twins["stable/domain_il"][0]
+    assert twins["stable/domain_il"][0] == accs["stable/domain_il"][0]
+
+
+def evaluate_one_batch(cli):
+    """(forwards of the evaluated models, per-variant accuracies) of one test batch of
+    task 0 through the learner's evaluation step, every model in eval mode."""
+    learner = cli.model
+    batch = next(iter(cli.datamodule.eval_loaders(0, 1)[0]))
+    calls = []
+    hooks = []
+    for model in learner.eval_models().values():
+        model.eval()
+        hooks.append(model.register_forward_hook(lambda *_: calls.append(1)))
+    learner.eval_step(batch)
+    accs = learner.compute_eval()
+    for hook in hooks:
+        hook.remove()
+    return len(calls), accs
 
 
 def test_memories_read_each_replayed_query_s_own_recall():

@@ -1,10 +1,13 @@
-"""The EMA models' horizon check: an EMA slower than the whole stream is reported."""
+"""The EMA models' horizon check (an EMA slower than the whole stream is reported) and
+the test of a copy that still computes its source's function."""
 
 import warnings
 
 import pytest
+import torch
+from torch import nn
 
-from cl_lightning.ema_model import warn_if_slower_than_stream
+from cl_lightning.ema_model import EMAModel, same_function, warn_if_slower_than_stream
 from tests.conftest import run_cli
 
 
@@ -55,3 +58,31 @@ def test_clser_names_the_model_that_is_too_slow(tmp_path, slow):
         args += [f"--trainer.callbacks.{name}_alpha", "0.999" if name == slow else fast[name]]
     (message,) = warnings_of(tmp_path, *args)
     assert message.startswith(f"CLS-ER's {slow} model") and f"lower {slow}_alpha" in message
+
+
+def test_a_copy_computes_its_source_s_function_until_it_is_updated():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    ema = EMAModel()
+    copy = ema.get(net, "cpu")
+    assert same_function(net, net) and same_function(net, copy)
+    ema.update(net, 1.0)  # a decay of 1 keeps the copy as it is
+    assert same_function(net, copy)
+    with torch.no_grad():
+        net[2].weight[0, 0] += 1e-6  # the working model takes a step
+    assert not same_function(net, copy)
+    ema.update(net, 0.0)  # and the copy follows it exactly
+    assert same_function(net, copy)
+    copy.eval()  # train/eval mode is part of the function (batch-norm statistics)
+    assert not same_function(net, copy)
+    copy.train()
+    copy[1].running_mean += 1.0  # so are the buffers
+    assert not same_function(net, copy)
+    copy[1].running_mean -= 1.0
+    assert same_function(net, copy)
+
+    class Residual(nn.Sequential):  # the same weights in another class: another function
+        def forward(self, x):
+            return super().forward(x) + x[:, :2]
+
+    assert not same_function(net, Residual(*net))
