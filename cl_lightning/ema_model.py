@@ -93,7 +93,6 @@ def frozen_logits(learner: Any, model: nn.Module, inputs: torch.Tensor, task: to
     return logits.clone()
 
 
-
 def same_function(a: nn.Module, b: nn.Module) -> bool:
     """Whether two models compute the same function because one is an exact copy of the
     other: the same object, or the same class in the same train/eval mode with equal
