@@ -417,7 +417,12 @@ def test_every_fused_kernel_has_a_reference_case() -> None:
 @pytest.mark.parametrize("case", list(KERNEL_CASES))
 def test_fused_kernel_equals_reference(case: str) -> None:
     kernel, reference, make_inputs = KERNEL_CASES[case]
-    args = make_inputs()
+    check_kernel_against_reference(kernel, reference, make_inputs())
+
+
+def check_kernel_against_reference(kernel, reference, args: tuple) -> None:
+    """``kernel(*args)`` equals ``reference(*args)``: values, first- and second-order
+    gradients in float64 and float32, then gradcheck and gradgradcheck."""
     for dtype, tol in ((torch.float64, KERNEL_TOL), (torch.float32, {})):
         typed = [
             t.detach().to(dtype).requires_grad_(t.requires_grad) if t is not None else None

@@ -29,7 +29,7 @@ import functools
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,10 @@ from torch import Tensor, nn
 from cl_lightning.checks import OptionError
 from cl_lightning.models import dnc_addressing as addr
 from cl_lightning.models import dnc_kernels as kernels
+from cl_lightning.models import dnc_link_native
 from cl_lightning.models.cuda_graphs import graph_cache
+
+LinkKernel = Literal["aten", "cpp"]
 
 _EMPTY_LINKS: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
 """The all-zero link tensors :meth:`DNC.initial_state` made, by ``id`` (entries vanish
@@ -229,6 +232,9 @@ class DNCOptions:
         cuda_graphs: on a GPU, replay the DNC's forward (and backward) over the sequence
             from CUDA graphs (see :class:`DNC`): 5-13x faster per time step on one H200,
             bit-equal; no effect on a CPU or with ``compile_step``.
+        link_kernel: ``aten`` or ``cpp``: on a CPU, run the link update and directional
+            reads (forward and backward) as one C++ kernel built on first use (see
+            :class:`DNC`).
     """
 
     hidden_size: int = 128
@@ -243,6 +249,7 @@ class DNCOptions:
     compile_step: bool = False
     temporal_links: bool = True
     cuda_graphs: bool = True
+    link_kernel: LinkKernel = "aten"
 
 
 class DNC(nn.Module):
@@ -287,6 +294,13 @@ class DNC(nn.Module):
             parameters (``functional_call``), inside
             :func:`~cl_lightning.models.cuda_graphs.paused` (the learner's second-order
             MAML inner loop: a replay has no double backward).
+        link_kernel: ``aten`` (PyTorch operations) or ``cpp``: on a CPU, the link update
+            and both directional reads, and their gradients, as a C++ kernel that makes one
+            pass over each ``N x N`` link matrix each way instead of about 24
+            (:mod:`~cl_lightning.models.dnc_link_native`); values and gradients equal to
+            float rounding. It is compiled on first use (a C++ compiler and ``ninja``;
+            about half a minute, then cached on disk); construction fails with one line if
+            it cannot be built. GPU tensors and second-order gradients use the ATen path.
     """
 
     def __init__(
@@ -308,8 +322,14 @@ class DNC(nn.Module):
         compile_step: bool = False,
         temporal_links: bool = True,
         cuda_graphs: bool = True,
+        link_kernel: LinkKernel = "aten",
     ) -> None:
         super().__init__()
+        if link_kernel not in ("aten", "cpp"):
+            raise OptionError(f"{dnc_link_native.OPTION} must be 'aten' or 'cpp', "
+                              f"got {link_kernel!r}")
+        if link_kernel == "cpp":
+            dnc_link_native.load()  # build now: a missing compiler fails here, in one line
         if strength_activation not in ("softplus", "oneplus"):
             raise OptionError(f"unknown strength_activation {strength_activation!r}")
         learned_sharpness = sharpness is True
@@ -329,6 +349,7 @@ class DNC(nn.Module):
         self.compile_step = compile_step
         self.cuda_graphs = cuda_graphs
         self.temporal_links = temporal_links
+        self.link_kernel = link_kernel
         self.learned_sharpness, self.fixed_sharpness = learned_sharpness, fixed
         self._strength_fn = F.softplus if strength_activation == "softplus" else addr.oneplus
         self.layout = InterfaceLayout(
@@ -530,7 +551,8 @@ class DNC(nn.Module):
         """Link and precedence update, then the read weightings mixed by the read modes."""
         if self.fused:
             link, forward, backward = kernels.fused_link_read(
-                state.link, state.precedence, write_weights, state.read_weights
+                state.link, state.precedence, write_weights, state.read_weights,
+                native=self.link_kernel == "cpp",
             )
         else:
             link = addr.update_link(state.link, state.precedence, write_weights)
@@ -573,6 +595,7 @@ class DNC(nn.Module):
             + (", compile_step=True" if self.compile_step else "")
             + ("" if self.temporal_links else ", temporal_links=False")
             + ("" if self.cuda_graphs else ", cuda_graphs=False")
+            + ("" if self.link_kernel == "aten" else f", link_kernel={self.link_kernel}")
         )
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from cl_lightning.models import dnc_link_native
 from cl_lightning.models.dnc_addressing import (
     EPSILON,
     content_weighting,
@@ -181,15 +182,25 @@ def _link_read_reference(link, prev_precedence, write_weights, prev_read_weights
 
 
 def _link_read_forward(
-    link: Tensor, prev_precedence: Tensor, write_weights: Tensor, prev_read_weights: Tensor
+    link: Tensor, prev_precedence: Tensor, write_weights: Tensor, prev_read_weights: Tensor,
+    native: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Values of :func:`_link_read_reference`, with ``(B, Wr, R, N)`` directional outputs.
 
     Work is done on ``(B * Wr, N, N)`` views; row-broadcast operands are expanded explicitly
     because PyTorch's CPU kernels are several times slower on a trailing broadcast dimension.
+    With ``native`` (and a tensor :func:`~cl_lightning.models.dnc_link_native.usable`) the
+    C++ kernel computes the same in one pass per link matrix.
     """
     batch, num_writes, n, _ = link.shape
     num_reads = prev_read_weights.shape[1]
+    out_shape = (batch, num_writes, num_reads, n)
+    if native and dnc_link_native.usable(link):
+        new_link, forward, backward = dnc_link_native.load().link_read_forward(
+            link.reshape(-1, n, n).contiguous(), prev_precedence.reshape(-1, n).contiguous(),
+            write_weights.reshape(-1, n).contiguous(),
+            _per_write_head(prev_read_weights, num_writes).contiguous())
+        return new_link.view_as(link), forward.view(out_shape), backward.view(out_shape)
     flat_link = link.reshape(-1, n, n)
     w = write_weights.reshape(-1, n)
     new_link = _link_scale(w, flat_link.shape).mul_(flat_link)
@@ -198,7 +209,6 @@ def _link_read_forward(
     reads = _per_write_head(prev_read_weights, num_writes)
     forward = torch.bmm(reads, new_link.transpose(1, 2))
     backward = torch.bmm(reads, new_link)
-    out_shape = (batch, num_writes, num_reads, n)
     return new_link.view_as(link), forward.view(out_shape), backward.view(out_shape)
 
 
@@ -211,6 +221,7 @@ def _link_read_backward(
     g_link: Tensor,
     g_forward: Tensor,
     g_backward: Tensor,
+    native: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """First-order gradients of :func:`_link_read_forward` (``new_link`` is its output),
     touching each ``N x N`` matrix as few times as possible.
@@ -218,6 +229,7 @@ def _link_read_backward(
     Autograd on the composite needs about twice as many passes over the ``(B, Wr, N, N)``
     tensors (broadcast reductions, a copy for the zeroed diagonal, one gradient accumulation
     per use of the link). Only tensors that exist anyway (old and new link) are needed.
+    With ``native`` the C++ kernel makes one pass (see :func:`_link_read_forward`).
     """
     batch, num_writes, num_reads, n = g_forward.shape
     link, new_link = link.reshape(-1, n, n), new_link.reshape(-1, n, n)
@@ -226,6 +238,16 @@ def _link_read_backward(
     # Incoming gradients may be strided views; CPU bmm falls back to a per-sample loop then.
     g_forward = g_forward.reshape(-1, num_reads, n).contiguous()
     g_backward = g_backward.reshape(-1, num_reads, n).contiguous()
+    if native and dnc_link_native.usable(link):
+        g_link_prev, g_prec, g_write, g_reads = dnc_link_native.load().link_read_backward(
+            link.contiguous(), prec.contiguous(), w.contiguous(), reads.contiguous(),
+            g_link.reshape(-1, n, n).contiguous(), g_forward, g_backward)
+        return (
+            g_link_prev.view(batch, num_writes, n, n),
+            g_prec.view(batch, num_writes, n),
+            g_write.view(batch, num_writes, n),
+            g_reads.view(batch, num_writes, num_reads, n).sum(1),
+        )
     g_reads = torch.bmm(g_forward, new_link) + torch.bmm(g_backward, new_link.transpose(1, 2))
     g_reads = g_reads.view(batch, num_writes, num_reads, n).sum(1)
     # Total gradient of the new link: from later steps and from both directional reads.
@@ -257,7 +279,7 @@ _link_read_op = torch.library.custom_op(
 
 
 @_link_read_op.register_fake
-def _(link, prev_precedence, write_weights, prev_read_weights):
+def _(link, prev_precedence, write_weights, prev_read_weights, native=False):
     batch, num_writes, n, _ = link.shape
     out_shape = (batch, num_writes, prev_read_weights.shape[1], n)
     return link.new_empty(link.shape), link.new_empty(out_shape), link.new_empty(out_shape)
@@ -268,13 +290,14 @@ _link_read_backward_op = torch.library.custom_op(
 
 
 @_link_read_backward_op.register_fake
-def _(link, prec, w, prev_reads, new_link, g_link, g_forward, g_backward):
+def _(link, prec, w, prev_reads, new_link, g_link, g_forward, g_backward, native=False):
     return (link.new_empty(link.shape), prec.new_empty(prec.shape), w.new_empty(w.shape),
             prev_reads.new_empty(prev_reads.shape))
 
 
 def _link_read_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs, output[0])
+    ctx.save_for_backward(*inputs[:4], output[0])
+    ctx.native = inputs[4]
 
 
 def _link_read_grads(ctx, g_link, g_forward, g_backward, backward=_link_read_backward_op):
@@ -282,11 +305,12 @@ def _link_read_grads(ctx, g_link, g_forward, g_backward, backward=_link_read_bac
     if torch.is_grad_enabled():
         return _reference_grads(
             _link_read_reference, (link, prec, w, prev_reads), (g_link, g_forward, g_backward)
-        )
+        ) + (None,)
     g_link = torch.zeros_like(new_link) if g_link is None else g_link
     g_forward = torch.zeros_like(g_backward) if g_forward is None else g_forward
     g_backward = torch.zeros_like(g_forward) if g_backward is None else g_backward
-    return backward(link, prec, w, prev_reads, new_link, g_link, g_forward, g_backward)
+    return backward(link, prec, w, prev_reads, new_link, g_link, g_forward, g_backward,
+                    ctx.native) + (None,)
 
 
 _link_read_op.register_autograd(_link_read_grads, setup_context=_link_read_setup)
@@ -298,10 +322,10 @@ class _LinkRead(torch.autograd.Function):
     the generated autograd glue), more than the kernel itself at small sizes."""
 
     @staticmethod
-    def forward(ctx, link, prev_precedence, write_weights, prev_read_weights):
-        outputs = _link_read_forward(link, prev_precedence, write_weights, prev_read_weights)
-        _link_read_setup(ctx, (link, prev_precedence, write_weights, prev_read_weights),
-                         outputs)
+    def forward(ctx, link, prev_precedence, write_weights, prev_read_weights, native):
+        inputs = (link, prev_precedence, write_weights, prev_read_weights, native)
+        outputs = _link_read_forward(*inputs)
+        _link_read_setup(ctx, inputs, outputs)
         return outputs
 
     @staticmethod
@@ -324,7 +348,8 @@ def _per_write_head(read_weights: Tensor, num_writes: int) -> Tensor:
 
 
 def fused_link_read(
-    link: Tensor, prev_precedence: Tensor, write_weights: Tensor, prev_read_weights: Tensor
+    link: Tensor, prev_precedence: Tensor, write_weights: Tensor, prev_read_weights: Tensor,
+    native: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Same values and gradients as :func:`update_link` + :func:`directional_weightings`, faster.
 
@@ -333,10 +358,14 @@ def fused_link_read(
         prev_precedence: ``(B, Wr, N)`` previous precedence weightings.
         write_weights: ``(B, Wr, N)`` current write weightings.
         prev_read_weights: ``(B, R, N)`` read weightings of the previous step.
+        native: on a CPU, compute with the C++ kernel of
+            :mod:`~cl_lightning.models.dnc_link_native` (one pass per link matrix each way,
+            equal to float rounding); elsewhere, or for other dtypes, the ATen path.
 
     Returns:
         ``(new_link, forward, backward)``: ``(B, Wr, N, N)``, ``(B, R, Wr, N)``, ``(B, R, Wr, N)``.
     """
     op = _link_read_op if torch.compiler.is_compiling() else _LinkRead.apply
-    new_link, forward, backward = op(link, prev_precedence, write_weights, prev_read_weights)
+    new_link, forward, backward = op(
+        link, prev_precedence, write_weights, prev_read_weights, native)
     return new_link, forward.transpose(1, 2), backward.transpose(1, 2)
