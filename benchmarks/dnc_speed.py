@@ -10,9 +10,10 @@ LSTM controller 128, one write head) on CPU with ``torch.set_num_threads(--threa
   split, batched matmuls, plain autograd);
 * ``fused``: the default, with hand-written backward passes for content addressing, the
   erase/add write and the link update + directional reads;
-* ``cpp``: the default with ``link_kernel="cpp"`` (the link update, directional reads and
-  their gradients as one C++ kernel, :mod:`cl_lightning.models.dnc_link_native`; built on
-  first use, the first call's time is in ``compile s``);
+* ``cpp-link``, ``cpp-step``: the default with ``cpp_kernels="link"`` (the link update,
+  directional reads and their gradients as one C++ kernel) or ``"step"`` (the whole memory
+  step as one), :mod:`cl_lightning.models.dnc_native`; built on first use (the first call's
+  time is in ``compile s``);
 * ``nolinks``: the default with ``temporal_links=False`` (content reads only, no link matrix):
   a different model, listed for what the link matrix costs;
 * ``compile-*``: ``compile_step=True``, the time step compiled with inductor (one graph,
@@ -198,22 +199,25 @@ VARIANTS = {  # name: (label, kind, compiled, backward)
     "naive": ("naive reference-style port (B×R×N×N, per-field Linear)", "naive", False, True),
     "autograd": ("ours, plain autograd (`fused=False`)", "autograd", False, True),
     "fused": ("ours, fused backward passes (default)", "fused", False, True),
-    "cpp": ("ours, fused + `link_kernel=cpp`", "cpp", False, True),
+    "cpp-link": ("ours, `cpp_kernels=link`", "cpp-link", False, True),
+    "cpp-step": ("ours, `cpp_kernels=step`", "cpp-step", False, True),
     "nolinks": ("ours, `temporal_links=False` (content reads only)", "nolinks", False, True),
     "compile-autograd": ("ours, plain autograd + torch.compile(step)", "autograd", True, True),
     "compile-fused": ("ours, fused + torch.compile(step)", "fused", True, True),
-    "compile-cpp": ("ours, fused + `link_kernel=cpp` + torch.compile(step)", "cpp", True, True),
+    "compile-cpp-link": ("ours, `cpp_kernels=link` + torch.compile(step)", "cpp-link", True,
+                         True),
     "compile-nolinks": ("ours, `temporal_links=False` + torch.compile(step)", "nolinks", True,
                         True),
     "pytorch-dnc-fwd": ("pytorch-dnc DNC, forward only", "pytorch-dnc", False, False),
     "autograd-fwd": ("ours, plain autograd, forward only", "autograd", False, False),
     "fused-fwd": ("ours, fused (default), forward only", "fused", False, False),
-    "cpp-fwd": ("ours, fused + `link_kernel=cpp`, forward only", "cpp", False, False),
+    "cpp-link-fwd": ("ours, `cpp_kernels=link`, forward only", "cpp-link", False, False),
+    "cpp-step-fwd": ("ours, `cpp_kernels=step`, forward only", "cpp-step", False, False),
     "nolinks-fwd": ("ours, `temporal_links=False`, forward only", "nolinks", False, False),
     "compile-fused-fwd": ("ours, fused + torch.compile(step), forward only", "fused", True,
                           False),
-    "compile-cpp-fwd": ("ours, fused + `link_kernel=cpp` + torch.compile(step), forward only",
-                        "cpp", True, False),
+    "compile-cpp-link-fwd": ("ours, `cpp_kernels=link` + torch.compile(step), forward only",
+                             "cpp-link", True, False),
 }
 
 
@@ -239,7 +243,7 @@ def build(args: argparse.Namespace, kind: str, compiled: bool = False) -> nn.Mod
         temporal_links=(kind != "nolinks"),
         compile_step=compiled,
         cuda_graphs=False,  # eager on a GPU too (gpu_check.py times the graphs apart)
-        link_kernel="cpp" if kind == "cpp" else "aten",
+        cpp_kernels=kind[4:] if kind.startswith("cpp-") else "off",
     )
 
 
@@ -303,7 +307,7 @@ def main() -> None:
         s = stats[name]
         base = "pytorch-dnc" if backward else "pytorch-dnc-fwd"
         ratio = f"{stats[base]['cpu'] / s['cpu']:.2f}" if base in stats else "-"
-        comp = f"{first_call[name]:.0f}" if compiled or kind == "cpp" else "-"
+        comp = f"{first_call[name]:.0f}" if compiled or kind.startswith("cpp-") else "-"
         print(f"| {label} | {s['wall']:.2f} | {s['wall_min']:.2f} | {s['cpu']:.2f} | {ratio} | "
               f"{comp} |")
 

@@ -86,17 +86,19 @@ def test_relative_links_resolve(page):
 
 
 def test_readme_architecture_map_names_every_source_file():
-    """Each Python file of the packages, of benchmarks/ and train.py has its line in the
-    README's architecture map."""
+    """Each Python and C++ file of the packages, of benchmarks/ and train.py has its line in
+    the README's architecture map."""
     block = section((ROOT / "README.md").read_text(), "## Architecture map")
     mapped = {line.split()[0] for line in block.splitlines() if line.strip()
               and not line.startswith("```")}
-    files = {str(p.relative_to(ROOT)) for d in SOURCE_DIRS for p in (ROOT / d).rglob("*.py")}
+    files = {str(p.relative_to(ROOT)) for d in SOURCE_DIRS for pattern in ("*.py", "*.cpp", "*.h")
+             for p in (ROOT / d).rglob(pattern)}
     files |= {str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks").glob("*.py")}
     files.add("train.py")
     missing = sorted(files - mapped)
     assert not missing, f"README 'Architecture map' lacks: {missing}"
-    gone = sorted(p for p in mapped if p.endswith(".py") and not (ROOT / p).exists())
+    gone = sorted(p for p in mapped
+                  if p.endswith((".py", ".cpp", ".h")) and not (ROOT / p).exists())
     assert not gone, f"README 'Architecture map' names files that do not exist: {gone}"
 
 

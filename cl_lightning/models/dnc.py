@@ -38,10 +38,10 @@ from torch import Tensor, nn
 from cl_lightning.checks import OptionError
 from cl_lightning.models import dnc_addressing as addr
 from cl_lightning.models import dnc_kernels as kernels
-from cl_lightning.models import dnc_link_native
+from cl_lightning.models import dnc_native
 from cl_lightning.models.cuda_graphs import graph_cache
 
-LinkKernel = Literal["aten", "cpp"]
+CppKernels = Literal["off", "link", "step"]
 
 _EMPTY_LINKS: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
 """The all-zero link tensors :meth:`DNC.initial_state` made, by ``id`` (entries vanish
@@ -232,9 +232,9 @@ class DNCOptions:
         cuda_graphs: on a GPU, replay the DNC's forward (and backward) over the sequence
             from CUDA graphs (see :class:`DNC`): 5-13x faster per time step on one H200,
             bit-equal; no effect on a CPU or with ``compile_step``.
-        link_kernel: ``aten`` or ``cpp``: on a CPU, run the link update and directional
-            reads (forward and backward) as one C++ kernel built on first use (see
-            :class:`DNC`).
+        cpp_kernels: ``off``, ``link`` or ``step``: on a CPU, run the link update and
+            directional reads, or the whole memory step, forward and backward, as C++
+            kernels built on first use (see :class:`DNC`).
     """
 
     hidden_size: int = 128
@@ -249,7 +249,7 @@ class DNCOptions:
     compile_step: bool = False
     temporal_links: bool = True
     cuda_graphs: bool = True
-    link_kernel: LinkKernel = "aten"
+    cpp_kernels: CppKernels = "off"
 
 
 class DNC(nn.Module):
@@ -294,13 +294,18 @@ class DNC(nn.Module):
             parameters (``functional_call``), inside
             :func:`~cl_lightning.models.cuda_graphs.paused` (the learner's second-order
             MAML inner loop: a replay has no double backward).
-        link_kernel: ``aten`` (PyTorch operations) or ``cpp``: on a CPU, the link update
-            and both directional reads, and their gradients, as a C++ kernel that makes one
-            pass over each ``N x N`` link matrix each way instead of about 24
-            (:mod:`~cl_lightning.models.dnc_link_native`); values and gradients equal to
-            float rounding. It is compiled on first use (a C++ compiler and ``ninja``;
-            about half a minute, then cached on disk); construction fails with one line if
-            it cannot be built. GPU tensors and second-order gradients use the ATen path.
+        cpp_kernels: ``off`` (PyTorch operations), ``link`` or ``step``: on a CPU, C++
+            kernels (:mod:`~cl_lightning.models.dnc_native`) with hand-written first-order
+            gradients, equal to the PyTorch path to float rounding. ``link``: the link update
+            and both directional reads, one pass over each ``N x N`` link matrix each way
+            instead of about 24 (also inside ``compile_step``'s graph). ``step``: the whole
+            memory step (usage, allocation, write, reads) as one call each way, in eager
+            mode; it serves one write head without masking, de-allocation or sharpening
+            (other options are refused), and ``compile_step`` runs the ``link`` kernel in
+            its place. They are compiled on first use (a C++ compiler and ``ninja``; under a
+            minute, then cached on disk); construction fails with one line if they cannot
+            be built. GPU tensors, other dtypes than float32/float64 and second-order
+            gradients take the PyTorch path.
     """
 
     def __init__(
@@ -322,14 +327,20 @@ class DNC(nn.Module):
         compile_step: bool = False,
         temporal_links: bool = True,
         cuda_graphs: bool = True,
-        link_kernel: LinkKernel = "aten",
+        cpp_kernels: CppKernels = "off",
     ) -> None:
         super().__init__()
-        if link_kernel not in ("aten", "cpp"):
-            raise OptionError(f"{dnc_link_native.OPTION} must be 'aten' or 'cpp', "
-                              f"got {link_kernel!r}")
-        if link_kernel == "cpp":
-            dnc_link_native.load()  # build now: a missing compiler fails here, in one line
+        if cpp_kernels not in ("off", "link", "step"):
+            raise OptionError(f"{dnc_native.OPTION} must be 'off', 'link' or 'step', "
+                              f"got {cpp_kernels!r}")
+        if cpp_kernels == "step" and (write_heads != 1 or masking or dealloc or sharpness
+                                      is not False or not temporal_links or not fused
+                                      or not stop_write_gradient):
+            raise OptionError(f"{dnc_native.OPTION} step serves one write head with temporal "
+                              "links and without masking, dealloc or sharpness; use "
+                              f"{dnc_native.OPTION} link")
+        if cpp_kernels != "off":
+            dnc_native.load()  # build now: a missing compiler fails here, in one line
         if strength_activation not in ("softplus", "oneplus"):
             raise OptionError(f"unknown strength_activation {strength_activation!r}")
         learned_sharpness = sharpness is True
@@ -349,7 +360,7 @@ class DNC(nn.Module):
         self.compile_step = compile_step
         self.cuda_graphs = cuda_graphs
         self.temporal_links = temporal_links
-        self.link_kernel = link_kernel
+        self.cpp_kernels = cpp_kernels
         self.learned_sharpness, self.fixed_sharpness = learned_sharpness, fixed
         self._strength_fn = F.softplus if strength_activation == "softplus" else addr.oneplus
         self.layout = InterfaceLayout(
@@ -490,6 +501,9 @@ class DNC(nn.Module):
         if self.clip_value is not None:
             raw = raw.clamp(-self.clip_value, self.clip_value)
         iface = self.layout.parse(raw, self._strength_fn)
+        if (self.cpp_kernels == "step" and not torch.compiler.is_compiling()
+                and dnc_native.usable(state.memory)):
+            return self._native_memory_step(iface, h, c, state)
 
         usage, psi = addr.update_usage(
             state.usage,
@@ -545,6 +559,27 @@ class DNC(nn.Module):
         )
         return new_state, diagnostics
 
+    def _native_memory_step(self, iface: Interface, h: Tensor, c: Tensor, state: DNCState
+                            ) -> tuple[DNCState, tuple[Tensor, ...]]:
+        """:meth:`_memory_step` as the C++ kernel (``cpp_kernels="step"``: one write head)."""
+        # squeeze, not [:, 0]: a view whose backward is a view (select's fills zeros)
+        memory, usage, link, precedence, read_weights, writes, read_vectors, allocation = (
+            kernels.fused_memory_step(
+                state.memory, state.usage, state.link.squeeze(1), state.precedence.squeeze(1),
+                state.read_weights, state.write_weights.squeeze(1), iface.read_keys,
+                iface.read_strengths, iface.write_keys.squeeze(1),
+                iface.write_strengths.squeeze(1), iface.erase_vectors.squeeze(1),
+                iface.write_vectors.squeeze(1), iface.free_gates,
+                iface.allocation_gates.squeeze(1), iface.write_gates.squeeze(1),
+                iface.read_modes))
+        write_weights = writes.unsqueeze(1)
+        new_state = DNCState(h, c, memory, usage, link.unsqueeze(1), precedence.unsqueeze(1),
+                             read_weights, write_weights, read_vectors)
+        diagnostics = (read_weights, write_weights, allocation.unsqueeze(1), usage,
+                       iface.allocation_gates, iface.write_gates, iface.free_gates,
+                       iface.read_modes)
+        return new_state, diagnostics
+
     def _link_read(
         self, state: DNCState, iface: Interface, write_weights: Tensor, read_content: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -552,7 +587,7 @@ class DNC(nn.Module):
         if self.fused:
             link, forward, backward = kernels.fused_link_read(
                 state.link, state.precedence, write_weights, state.read_weights,
-                native=self.link_kernel == "cpp",
+                native=self.cpp_kernels != "off",
             )
         else:
             link = addr.update_link(state.link, state.precedence, write_weights)
@@ -595,7 +630,7 @@ class DNC(nn.Module):
             + (", compile_step=True" if self.compile_step else "")
             + ("" if self.temporal_links else ", temporal_links=False")
             + ("" if self.cuda_graphs else ", cuda_graphs=False")
-            + ("" if self.link_kernel == "aten" else f", link_kernel={self.link_kernel}")
+            + ("" if self.cpp_kernels == "off" else f", cpp_kernels={self.cpp_kernels}")
         )
 
 

@@ -16,7 +16,11 @@ Kernels and the reference composition each one equals:
   :func:`~cl_lightning.models.dnc_addressing.directional_weightings` on the new link. Under
   ``torch.compile`` it is a ``torch.library`` custom operator (``cl_lightning::dnc_link_read``),
   so a compiled DNC step calls it as one kernel instead of tracing it; eagerly the same
-  functions run as a plain autograd function (the operator's wrappers are slower).
+  functions run as a plain autograd function (the operator's wrappers are slower). With
+  ``native=True`` it runs the C++ kernel of :mod:`~cl_lightning.models.dnc_native`.
+* :func:`fused_memory_step` (C++ only, one write head): a whole memory step, from
+  :func:`~cl_lightning.models.dnc_addressing.update_usage` to
+  :func:`~cl_lightning.models.dnc_addressing.read_vectors` (:func:`_memory_step_reference`).
 
 When a backward pass is itself differentiated (``create_graph=True``, e.g. second-order
 MAML), the kernels differentiate through the reference function instead, so higher-order
@@ -32,13 +36,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cl_lightning.models import dnc_link_native
+from cl_lightning.models import dnc_native
 from cl_lightning.models.dnc_addressing import (
     EPSILON,
+    allocation_weighting,
     content_weighting,
     directional_weightings,
     erase_and_write,
+    read_vectors,
+    read_weighting,
     update_link,
+    update_precedence,
+    update_usage,
+    write_weighting,
 )
 
 
@@ -189,14 +199,14 @@ def _link_read_forward(
 
     Work is done on ``(B * Wr, N, N)`` views; row-broadcast operands are expanded explicitly
     because PyTorch's CPU kernels are several times slower on a trailing broadcast dimension.
-    With ``native`` (and a tensor :func:`~cl_lightning.models.dnc_link_native.usable`) the
+    With ``native`` (and a tensor :func:`~cl_lightning.models.dnc_native.usable`) the
     C++ kernel computes the same in one pass per link matrix.
     """
     batch, num_writes, n, _ = link.shape
     num_reads = prev_read_weights.shape[1]
     out_shape = (batch, num_writes, num_reads, n)
-    if native and dnc_link_native.usable(link):
-        new_link, forward, backward = dnc_link_native.load().link_read_forward(
+    if native and dnc_native.usable(link):
+        new_link, forward, backward = dnc_native.load().link_read_forward(
             link.reshape(-1, n, n).contiguous(), prev_precedence.reshape(-1, n).contiguous(),
             write_weights.reshape(-1, n).contiguous(),
             _per_write_head(prev_read_weights, num_writes).contiguous())
@@ -238,8 +248,8 @@ def _link_read_backward(
     # Incoming gradients may be strided views; CPU bmm falls back to a per-sample loop then.
     g_forward = g_forward.reshape(-1, num_reads, n).contiguous()
     g_backward = g_backward.reshape(-1, num_reads, n).contiguous()
-    if native and dnc_link_native.usable(link):
-        g_link_prev, g_prec, g_write, g_reads = dnc_link_native.load().link_read_backward(
+    if native and dnc_native.usable(link):
+        g_link_prev, g_prec, g_write, g_reads = dnc_native.load().link_read_backward(
             link.contiguous(), prec.contiguous(), w.contiguous(), reads.contiguous(),
             g_link.reshape(-1, n, n).contiguous(), g_forward, g_backward)
         return (
@@ -359,7 +369,7 @@ def fused_link_read(
         write_weights: ``(B, Wr, N)`` current write weightings.
         prev_read_weights: ``(B, R, N)`` read weightings of the previous step.
         native: on a CPU, compute with the C++ kernel of
-            :mod:`~cl_lightning.models.dnc_link_native` (one pass per link matrix each way,
+            :mod:`~cl_lightning.models.dnc_native` (one pass per link matrix each way,
             equal to float rounding); elsewhere, or for other dtypes, the ATen path.
 
     Returns:
@@ -369,3 +379,75 @@ def fused_link_read(
     new_link, forward, backward = op(
         link, prev_precedence, write_weights, prev_read_weights, native)
     return new_link, forward.transpose(1, 2), backward.transpose(1, 2)
+
+
+def _memory_step_reference(memory, usage, link, precedence, prev_reads, prev_writes, read_keys,
+                           read_strengths, write_key, write_strength, erase, write_vector,
+                           free_gates, allocation_gate, write_gate, read_modes):
+    """The composition :func:`fused_memory_step` computes, from the reference functions (one
+    write head, the previous write weights as constants; shapes as it takes them)."""
+    new_usage, _ = update_usage(usage, prev_writes.unsqueeze(1), free_gates, prev_reads)
+    write_content = content_weighting(memory, write_key.unsqueeze(1), write_strength[:, None])
+    allocation = allocation_weighting(new_usage)
+    writes = write_weighting(write_content, allocation.unsqueeze(1), allocation_gate[:, None],
+                             write_gate[:, None])
+    new_memory = erase_and_write(memory, writes, erase.unsqueeze(1), write_vector.unsqueeze(1))
+    read_content = content_weighting(new_memory, read_keys, read_strengths)
+    new_link = update_link(link.unsqueeze(1), precedence.unsqueeze(1), writes)
+    forward, backward = directional_weightings(new_link, prev_reads)
+    new_precedence = update_precedence(precedence.unsqueeze(1), writes)
+    reads = read_weighting(read_content, forward, backward, read_modes)
+    return (new_memory, new_usage, new_link[:, 0], new_precedence[:, 0], reads, writes[:, 0],
+            read_vectors(reads, new_memory), allocation)
+
+
+# Which saved tensors give the shape of each output's zero gradient (an unused output).
+_OUTPUT_SHAPES = (16, 17, 2, 3, 18, 19, 6, 20)
+
+
+class _MemoryStep(torch.autograd.Function):
+    """:func:`_memory_step_reference` through the C++ kernel, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = dnc_native.load().memory_step_forward([t.contiguous() for t in inputs])
+        # new memory, usage, reads, writes, allocation, then the kernel's intermediates
+        ctx.save_for_backward(*inputs, out[0], out[1], out[4], out[5], *out[7:])
+        return tuple(out[:8])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        grads = tuple(torch.zeros_like(saved[i]) if g is None else g
+                      for g, i in zip(grads, _OUTPUT_SHAPES, strict=True))
+        if torch.is_grad_enabled():
+            return _reference_grads(_memory_step_reference, saved[:16], grads)
+        found = dnc_native.load().memory_step_backward(
+            [t.contiguous() for t in saved], [g.contiguous() for g in grads])
+        found[5] = None  # the previous write weights are constants (stop-gradient)
+        return tuple(found)
+
+
+def fused_memory_step(memory: Tensor, usage: Tensor, link: Tensor, precedence: Tensor,
+                      prev_reads: Tensor, prev_writes: Tensor, read_keys: Tensor,
+                      read_strengths: Tensor, write_key: Tensor, write_strength: Tensor,
+                      erase: Tensor, write_vector: Tensor, free_gates: Tensor,
+                      allocation_gate: Tensor, write_gate: Tensor, read_modes: Tensor
+                      ) -> tuple[Tensor, ...]:
+    """One DNC memory step with one write head as the C++ kernel of
+    :mod:`~cl_lightning.models.dnc_native` (CPU, float32 or float64), equal to
+    :func:`_memory_step_reference` to float rounding, first-order gradients by hand and
+    higher orders through the reference.
+
+    Shapes: memory ``(B, N, W)``; usage, precedence, prev_writes ``(B, N)``; link ``(B, N, N)``;
+    prev_reads ``(B, R, N)``; read_keys ``(B, R, W)``; read_strengths, free_gates ``(B, R)``;
+    write_key, erase, write_vector ``(B, W)``; write_strength, allocation_gate, write_gate
+    ``(B,)``; read_modes ``(B, R, 3)`` (backward, forward, content).
+
+    Returns:
+        ``(memory, usage, link, precedence, read_weights, write_weights, read_vectors,
+        allocation)`` after the step.
+    """
+    return _MemoryStep.apply(memory, usage, link, precedence, prev_reads, prev_writes,
+                             read_keys, read_strengths, write_key, write_strength, erase,
+                             write_vector, free_gates, allocation_gate, write_gate, read_modes)

@@ -1,0 +1,459 @@
+// One DNC memory step (one write head, no masking, de-allocation or sharpening) as one C++
+// pass per sample, forward and backward: the composition of dnc_addressing.py's
+//   update_usage (the previous write weights as constants), content_weighting (write key),
+//   allocation_weighting, write_weighting, erase_and_write, content_weighting (read keys on
+//   the new memory), update_link + directional_weightings (dnc_link.h), update_precedence,
+//   read_weighting, read_vectors,
+// from the activated interface (strengths, gates and modes are activated by the caller).
+// Python side: dnc_kernels.fused_memory_step. Values and gradients equal the reference
+// composition to float rounding (tests/test_dnc_native.py).
+//
+// Per sample (N slots, W word size, R read heads; eps as in dnc_addressing.EPSILON):
+//   psi  = prod_r (1 - free_r rw_prev_r)            u'  = (u + ww_prev - u ww_prev) psi
+//   cw   = softmax(ws cos(wk, M))                   a   = allocation(eps + (1 - eps) u')
+//   ww   = gw (cw + ga (a - cw))                    M'  = M (1 - ww e^T) + ww v^T
+//   cr_r = softmax(rs_r cos(rk_r, M'))              L', f, b = link step (L, p, ww, rw_prev)
+//   p'   = (1 - sum ww) p + ww                      rw_r = m_r0 b_r + m_r1 f_r + m_r2 cr_r
+//   rv_r = rw_r M'
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
+#include "dnc_link.h"
+#include "dnc_native.h"
+
+namespace dnc_native {
+
+namespace {
+
+constexpr double kEps = 1e-6;
+
+// Subnormal floats flushed to zero on this thread while a kernel runs (restored after):
+// products of many usages (the allocation's cumulative product) fall below the normal range,
+// where the CPU's arithmetic is tens of times slower. What is flushed is below 1e-38 in
+// float32 (1e-308 in float64), far below the float rounding of the values it would add to.
+class FlushSubnormals {
+ public:
+#if defined(__SSE__)
+  FlushSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }  // FTZ | DAZ
+  ~FlushSubnormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned int saved_;
+#endif
+};
+
+// Content weighting of H keys over the N words of Mx: sim (H, N), weights (H, N), and the
+// words' norms mn (N).
+template <typename T>
+void content_forward(const T* Mx, const T* keys, const T* strengths, int64_t n, int64_t w,
+                     int64_t heads, T* mn, T* sim, T* weights) {
+  const T eps = T(kEps);
+  for (int64_t i = 0; i < n; ++i) {
+    const T* Mi = Mx + i * w;
+    T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+    for (int64_t k = 0; k < w; ++k) acc += Mi[k] * Mi[k];
+    mn[i] = std::sqrt(acc + eps);
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    const T* key = keys + h * w;
+    T kk = T(0);
+    for (int64_t k = 0; k < w; ++k) kk += key[k] * key[k];
+    const T kn = std::sqrt(kk + eps);
+    T* sh = sim + h * n;
+    T* wh = weights + h * n;
+    T top = -INFINITY;
+    for (int64_t i = 0; i < n; ++i) {
+      const T* Mi = Mx + i * w;
+      T dot = T(0);
+#pragma omp simd reduction(+ : dot)
+      for (int64_t k = 0; k < w; ++k) dot += key[k] * Mi[k];
+      sh[i] = dot / (kn * mn[i] + eps);
+      wh[i] = sh[i] * strengths[h];
+      top = std::max(top, wh[i]);
+    }
+    T total = T(0);
+    for (int64_t i = 0; i < n; ++i) {
+      wh[i] = std::exp(wh[i] - top);
+      total += wh[i];
+    }
+    for (int64_t i = 0; i < n; ++i) wh[i] /= total;
+  }
+}
+
+// Gradients of content_forward for g_weights (H, N): adds to gM (N, W), writes gkeys (H, W)
+// and gstrengths (H). scratch: N + H * N.
+template <typename T>
+void content_backward(const T* Mx, const T* keys, const T* strengths, const T* mn, const T* sim,
+                      const T* weights, const T* gweights, int64_t n, int64_t w, int64_t heads,
+                      T* gM, T* gkeys, T* gstrengths, T* scratch) {
+  const T eps = T(kEps);
+  T* gmn = scratch;          // (N)
+  T* gdot = scratch + n;     // (H, N)
+  std::fill(gmn, gmn + n, T(0));
+  for (int64_t h = 0; h < heads; ++h) {
+    const T* key = keys + h * w;
+    T kk = T(0);
+    for (int64_t k = 0; k < w; ++k) kk += key[k] * key[k];
+    const T kn = std::sqrt(kk + eps);
+    const T* wh = weights + h * n;
+    const T* gh = gweights + h * n;
+    const T* sh = sim + h * n;
+    T* gd = gdot + h * n;
+    T mean = T(0);
+    for (int64_t i = 0; i < n; ++i) mean += gh[i] * wh[i];
+    T gbeta = T(0), gkn = T(0);
+    for (int64_t i = 0; i < n; ++i) {
+      const T gl = wh[i] * (gh[i] - mean);
+      gbeta += gl * sh[i];
+      gd[i] = gl * strengths[h] / (kn * mn[i] + eps);
+      const T gden = -gd[i] * sh[i];
+      gmn[i] += gden * kn;
+      gkn += gden * mn[i];
+    }
+    gstrengths[h] = gbeta;
+    T* gk = gkeys + h * w;
+    const T self = gkn / kn;
+    for (int64_t k = 0; k < w; ++k) gk[k] = self * key[k];
+    for (int64_t i = 0; i < n; ++i) {
+      const T* Mi = Mx + i * w;
+      const T g = gd[i];
+#pragma omp simd
+      for (int64_t k = 0; k < w; ++k) gk[k] += g * Mi[k];
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const T* Mi = Mx + i * w;
+    T* gMi = gM + i * w;
+    const T self = gmn[i] / mn[i];
+#pragma omp simd
+    for (int64_t k = 0; k < w; ++k) gMi[k] += self * Mi[k];
+    for (int64_t h = 0; h < heads; ++h) {
+      const T g = gdot[h * n + i];
+      const T* key = keys + h * w;
+#pragma omp simd
+      for (int64_t k = 0; k < w; ++k) gMi[k] += g * key[k];
+    }
+  }
+}
+
+// The usage mapped to [eps, 1] and sorted ascending (stable): order (N) and the exclusive
+// cumulative product of the sorted values, cp (N).
+template <typename T>
+void sorted_usage(const T* usage, int64_t n, int64_t* order, T* uh, T* cp) {
+  const T eps = T(kEps);
+  for (int64_t i = 0; i < n; ++i) uh[i] = eps + (T(1) - eps) * usage[i];
+  std::iota(order, order + n, int64_t(0));
+  std::stable_sort(order, order + n, [uh](int64_t a, int64_t b) { return uh[a] < uh[b]; });
+  T prod = T(1);
+  for (int64_t j = 0; j < n; ++j) {
+    cp[j] = prod;
+    prod *= uh[order[j]];
+  }
+}
+
+struct Sizes {
+  int64_t n, w, reads;
+};
+
+// Row pointers of one sample in a (B, ...) tensor.
+template <typename T>
+inline const T* at(const torch::Tensor& t, int64_t b) {
+  return t.data_ptr<T>() + b * (t.numel() / t.size(0));
+}
+template <typename T>
+inline T* at_mut(torch::Tensor& t, int64_t b) {
+  return t.data_ptr<T>() + b * (t.numel() / t.size(0));
+}
+
+template <typename T>
+void forward_sample(const std::vector<torch::Tensor>& in, std::vector<torch::Tensor>& out,
+                    int64_t b, const Sizes& s, std::vector<T>& scratch) {
+  const int64_t n = s.n, w = s.w, reads = s.reads;
+  const T *M = at<T>(in[0], b), *u = at<T>(in[1], b), *L = at<T>(in[2], b),
+          *p = at<T>(in[3], b), *rwp = at<T>(in[4], b), *wwp = at<T>(in[5], b),
+          *rk = at<T>(in[6], b), *rs = at<T>(in[7], b), *wk = at<T>(in[8], b),
+          *ws = at<T>(in[9], b), *e = at<T>(in[10], b), *v = at<T>(in[11], b),
+          *fr = at<T>(in[12], b), *modes = at<T>(in[15], b);
+  const T ga = *at<T>(in[13], b), gw = *at<T>(in[14], b);
+  T *M2 = at_mut<T>(out[0], b), *u2 = at_mut<T>(out[1], b), *L2 = at_mut<T>(out[2], b),
+    *p2 = at_mut<T>(out[3], b), *rw = at_mut<T>(out[4], b), *ww = at_mut<T>(out[5], b),
+    *rv = at_mut<T>(out[6], b), *alloc = at_mut<T>(out[7], b), *psi = at_mut<T>(out[8], b),
+    *cw = at_mut<T>(out[9], b), *simw = at_mut<T>(out[10], b), *mnold = at_mut<T>(out[11], b),
+    *cr = at_mut<T>(out[12], b), *simr = at_mut<T>(out[13], b), *mnnew = at_mut<T>(out[14], b),
+    *f = at_mut<T>(out[15], b), *bk = at_mut<T>(out[16], b);
+  int64_t* order = out[17].data_ptr<int64_t>() + b * n;
+  T* uh = scratch.data();
+  T* cp = uh + n;
+
+  for (int64_t i = 0; i < n; ++i) {
+    T keep = T(1);
+    for (int64_t r = 0; r < reads; ++r) keep *= T(1) - fr[r] * rwp[r * n + i];
+    psi[i] = keep;
+    u2[i] = (u[i] + wwp[i] - u[i] * wwp[i]) * keep;
+  }
+  content_forward(M, wk, ws, n, w, int64_t(1), mnold, simw, cw);
+  sorted_usage(u2, n, order, uh, cp);
+  for (int64_t j = 0; j < n; ++j) alloc[order[j]] = (T(1) - uh[order[j]]) * cp[j];
+  T written = T(0);
+  for (int64_t i = 0; i < n; ++i) {
+    ww[i] = gw * (cw[i] + ga * (alloc[i] - cw[i]));
+    written += ww[i];
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const T* Mi = M + i * w;
+    T* M2i = M2 + i * w;
+    const T wi = ww[i];
+#pragma omp simd
+    for (int64_t k = 0; k < w; ++k) M2i[k] = Mi[k] * (T(1) - wi * e[k]) + wi * v[k];
+  }
+  content_forward(M2, rk, rs, n, w, reads, mnnew, simr, cr);
+  link_forward_one(L, p, ww, rwp, n, reads, L2, f, bk);
+  for (int64_t i = 0; i < n; ++i) p2[i] = (T(1) - written) * p[i] + ww[i];
+  for (int64_t r = 0; r < reads; ++r) {
+    const T mb = modes[r * 3], mf = modes[r * 3 + 1], mc = modes[r * 3 + 2];
+    T* rwr = rw + r * n;
+    for (int64_t i = 0; i < n; ++i)
+      rwr[i] = mb * bk[r * n + i] + mf * f[r * n + i] + mc * cr[r * n + i];
+    T* rvr = rv + r * w;
+    std::fill(rvr, rvr + w, T(0));
+    for (int64_t i = 0; i < n; ++i) {
+      const T g = rwr[i];
+      const T* M2i = M2 + i * w;
+#pragma omp simd
+      for (int64_t k = 0; k < w; ++k) rvr[k] += g * M2i[k];
+    }
+  }
+}
+
+template <typename T>
+void backward_sample(const std::vector<torch::Tensor>& sv, const std::vector<torch::Tensor>& gr,
+                     std::vector<torch::Tensor>& go, int64_t b, const Sizes& s,
+                     std::vector<T>& scratch) {
+  const int64_t n = s.n, w = s.w, reads = s.reads;
+  // saved: the 16 inputs, then M2, u2, rw, ww, alloc, psi, cw, simw, mnold, cr, simr, mnnew,
+  // f, bk, order
+  const T *M = at<T>(sv[0], b), *u = at<T>(sv[1], b), *L = at<T>(sv[2], b),
+          *p = at<T>(sv[3], b), *rwp = at<T>(sv[4], b), *wwp = at<T>(sv[5], b),
+          *rk = at<T>(sv[6], b), *rs = at<T>(sv[7], b), *wk = at<T>(sv[8], b),
+          *ws = at<T>(sv[9], b), *e = at<T>(sv[10], b), *v = at<T>(sv[11], b),
+          *fr = at<T>(sv[12], b), *modes = at<T>(sv[15], b);
+  const T ga = *at<T>(sv[13], b), gw = *at<T>(sv[14], b);
+  const T *M2 = at<T>(sv[16], b), *u2 = at<T>(sv[17], b), *rw = at<T>(sv[18], b),
+          *ww = at<T>(sv[19], b), *alloc = at<T>(sv[20], b), *psi = at<T>(sv[21], b),
+          *cw = at<T>(sv[22], b), *simw = at<T>(sv[23], b), *mnold = at<T>(sv[24], b),
+          *cr = at<T>(sv[25], b), *simr = at<T>(sv[26], b), *mnnew = at<T>(sv[27], b),
+          *f = at<T>(sv[28], b), *bk = at<T>(sv[29], b);
+  const int64_t* order = sv[30].data_ptr<int64_t>() + b * n;
+  // incoming: gM2, gu2, gL2, gp2, grw, gww, grv, galloc
+  const T *gM2 = at<T>(gr[0], b), *gu2 = at<T>(gr[1], b), *gL2 = at<T>(gr[2], b),
+          *gp2 = at<T>(gr[3], b), *grw = at<T>(gr[4], b), *gww_in = at<T>(gr[5], b),
+          *grv = at<T>(gr[6], b), *galloc_in = at<T>(gr[7], b);
+  // outgoing: gM, gu, gL, gp, grwp, gwwp, grk, grs, gwk, gws, ge, gv, gfree, gga, ggw, gmodes
+  T *gM = at_mut<T>(go[0], b), *gu = at_mut<T>(go[1], b), *gL = at_mut<T>(go[2], b),
+    *gp = at_mut<T>(go[3], b), *grwp = at_mut<T>(go[4], b), *gwwp = at_mut<T>(go[5], b),
+    *grk = at_mut<T>(go[6], b), *grs = at_mut<T>(go[7], b), *gwk = at_mut<T>(go[8], b),
+    *gws = at_mut<T>(go[9], b), *ge = at_mut<T>(go[10], b), *gv = at_mut<T>(go[11], b),
+    *gfree = at_mut<T>(go[12], b), *gga = at_mut<T>(go[13], b), *ggw = at_mut<T>(go[14], b),
+    *gmodes = at_mut<T>(go[15], b);
+
+  T* gM2t = scratch.data();             // (N, W) total gradient of M'
+  T* grwt = gM2t + n * w;               // (R, N) total gradient of rw
+  T* gbk = grwt + reads * n;            // (R, N)
+  T* gf = gbk + reads * n;              // (R, N)
+  T* gcr = gf + reads * n;              // (R, N)
+  T* gwwt = gcr + reads * n;            // (N)
+  T* gpl = gwwt + n;                    // (N) link's precedence gradient
+  T* gwl = gpl + n;                     // (N) link's write-weight gradient
+  T* rows = gwl + n;                    // (2 N) link scratch
+  T* gal = rows + 2 * n;                // (N) allocation gradient
+  T* gcw = gal + n;                     // (N)
+  T* gu2t = gcw + n;                    // (N)
+  T* uh = gu2t + n;                     // (N)
+  T* cp = uh + n;                       // (N)
+  T* cscratch = cp + n;                 // (N + R N) content scratch
+
+  // read vectors rv = rw M'
+  std::copy(gM2, gM2 + n * w, gM2t);
+  std::copy(grw, grw + reads * n, grwt);
+  for (int64_t i = 0; i < n; ++i) {
+    const T* M2i = M2 + i * w;
+    T* gM2i = gM2t + i * w;
+    for (int64_t r = 0; r < reads; ++r) {
+      const T* grvr = grv + r * w;
+      T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < w; ++k) acc += grvr[k] * M2i[k];
+      grwt[r * n + i] += acc;
+      const T g = rw[r * n + i];
+#pragma omp simd
+      for (int64_t k = 0; k < w; ++k) gM2i[k] += g * grvr[k];
+    }
+  }
+  // read weights: the mode mixture
+  for (int64_t r = 0; r < reads; ++r) {
+    T sb = T(0), sf = T(0), sc = T(0);
+    for (int64_t i = 0; i < n; ++i) {
+      const T g = grwt[r * n + i];
+      sb += g * bk[r * n + i];
+      sf += g * f[r * n + i];
+      sc += g * cr[r * n + i];
+      gbk[r * n + i] = modes[r * 3] * g;
+      gf[r * n + i] = modes[r * 3 + 1] * g;
+      gcr[r * n + i] = modes[r * 3 + 2] * g;
+    }
+    gmodes[r * 3] = sb;
+    gmodes[r * 3 + 1] = sf;
+    gmodes[r * 3 + 2] = sc;
+  }
+  // precedence
+  T written = T(0), gp2p = T(0);
+  for (int64_t i = 0; i < n; ++i) {
+    written += ww[i];
+    gp2p += gp2[i] * p[i];
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    gp[i] = (T(1) - written) * gp2[i];
+    gwwt[i] = gww_in[i] + gp2[i] - gp2p;
+  }
+  // link and directional reads
+  link_backward_one(L, p, ww, rwp, gL2, gf, gbk, n, reads, gL, gpl, gwl, grwp, rows, rows + n);
+  for (int64_t i = 0; i < n; ++i) {
+    gp[i] += gpl[i];
+    gwwt[i] += gwl[i];
+  }
+  // read content weighting on M'
+  content_backward(M2, rk, rs, mnnew, simr, cr, gcr, n, w, reads, gM2t, grk, grs, cscratch);
+  // erase and write
+  std::fill(ge, ge + w, T(0));
+  std::fill(gv, gv + w, T(0));
+  for (int64_t i = 0; i < n; ++i) {
+    const T* Mi = M + i * w;
+    const T* gi = gM2t + i * w;
+    T* gMi = gM + i * w;
+    const T wi = ww[i];
+    T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+    for (int64_t k = 0; k < w; ++k) {
+      gMi[k] = gi[k] * (T(1) - wi * e[k]);
+      acc += gi[k] * (v[k] - Mi[k] * e[k]);
+      ge[k] -= gi[k] * Mi[k] * wi;
+      gv[k] += gi[k] * wi;
+    }
+    gwwt[i] += acc;
+  }
+  // write weights ww = gw (cw + ga (a - cw))
+  T sgw = T(0), sga = T(0);
+  for (int64_t i = 0; i < n; ++i) {
+    const T mixed = cw[i] + ga * (alloc[i] - cw[i]);
+    sgw += gwwt[i] * mixed;
+    const T gmix = gw * gwwt[i];
+    sga += gmix * (alloc[i] - cw[i]);
+    gal[i] = ga * gmix + galloc_in[i];
+    gcw[i] = (T(1) - ga) * gmix;
+  }
+  *ggw = sgw;
+  *gga = sga;
+  // allocation: a[order_j] = (1 - s_j) cp_j with s_j = uh[order_j], cp the exclusive product
+  const T eps = T(kEps);
+  for (int64_t i = 0; i < n; ++i) uh[i] = eps + (T(1) - eps) * u2[i];
+  T prod = T(1);
+  for (int64_t j = 0; j < n; ++j) {
+    cp[j] = prod;
+    prod *= uh[order[j]];
+  }
+  std::copy(gu2, gu2 + n, gu2t);
+  T later = T(0);  // sum over j' > j of g_cp[j'] cp[j']
+  for (int64_t j = n - 1; j >= 0; --j) {
+    const int64_t slot = order[j];
+    const T s = uh[slot];
+    const T g = gal[slot];
+    T gs = -g * cp[j] + later / s;
+    later += g * (T(1) - s) * cp[j];
+    gu2t[slot] += (T(1) - eps) * gs;
+  }
+  // write content weighting on M (the erase pass wrote gM; this adds to it)
+  content_backward(M, wk, ws, mnold, simw, cw, gcw, n, w, int64_t(1), gM, gwk, gws, cscratch);
+  // usage (the previous write weights are constants)
+  std::fill(gfree, gfree + reads, T(0));
+  for (int64_t i = 0; i < n; ++i) {
+    gu[i] = gu2t[i] * psi[i] * (T(1) - wwp[i]);
+    gwwp[i] = T(0);
+    const T gpsi = gu2t[i] * (u[i] + wwp[i] - u[i] * wwp[i]);
+    for (int64_t r = 0; r < reads; ++r) {
+      T others = T(1);
+      for (int64_t q = 0; q < reads; ++q)
+        if (q != r) others *= T(1) - fr[q] * rwp[q * n + i];
+      gfree[r] -= gpsi * others * rwp[r * n + i];
+      grwp[r * n + i] -= gpsi * others * fr[r];
+    }
+  }
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> memory_step_forward(std::vector<torch::Tensor> in) {
+  TORCH_CHECK(in.size() == 16, "memory_step_forward: 16 inputs");
+  const char* names[16] = {"memory", "usage", "link", "precedence", "read weights",
+                           "write weights", "read keys", "read strengths", "write key",
+                           "write strength", "erase", "write vector", "free gates",
+                           "allocation gate", "write gate", "read modes"};
+  const int64_t dims[16] = {3, 2, 3, 2, 3, 2, 3, 2, 2, 1, 2, 2, 2, 1, 1, 3};
+  for (int i = 0; i < 16; ++i) check(in[i], dims[i], names[i]);
+  const int64_t batch = in[0].size(0);
+  const Sizes s{in[0].size(1), in[0].size(2), in[4].size(1)};
+  const auto& M = in[0];
+  auto opt = M.options();
+  std::vector<torch::Tensor> out = {
+      torch::empty_like(M), torch::empty_like(in[1]), torch::empty_like(in[2]),
+      torch::empty_like(in[3]), torch::empty_like(in[4]), torch::empty_like(in[1]),
+      torch::empty({batch, s.reads, s.w}, opt), torch::empty_like(in[1]),
+      torch::empty_like(in[1]),                                  // psi
+      torch::empty_like(in[1]), torch::empty_like(in[1]),        // cw, simw
+      torch::empty_like(in[1]),                                  // mnold
+      torch::empty_like(in[4]), torch::empty_like(in[4]),        // cr, simr
+      torch::empty_like(in[1]),                                  // mnnew
+      torch::empty_like(in[4]), torch::empty_like(in[4]),        // f, bk
+      torch::empty({batch, s.n}, opt.dtype(torch::kLong))};      // order
+  AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "dnc_memory_step_forward", [&] {
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      FlushSubnormals flush;
+      std::vector<scalar_t> scratch(2 * s.n);
+      for (int64_t b = begin; b < end; ++b) forward_sample<scalar_t>(in, out, b, s, scratch);
+    });
+  });
+  return out;
+}
+
+std::vector<torch::Tensor> memory_step_backward(std::vector<torch::Tensor> saved,
+                                                std::vector<torch::Tensor> grads) {
+  TORCH_CHECK(saved.size() == 31 && grads.size() == 8, "memory_step_backward: 31 + 8 tensors");
+  for (const auto& t : grads) check(t, t.dim(), "gradient");
+  const int64_t batch = saved[0].size(0);
+  const Sizes s{saved[0].size(1), saved[0].size(2), saved[4].size(1)};
+  std::vector<torch::Tensor> go;
+  for (int i = 0; i < 16; ++i) go.push_back(torch::empty_like(saved[i]));
+  AT_DISPATCH_FLOATING_TYPES(saved[0].scalar_type(), "dnc_memory_step_backward", [&] {
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      FlushSubnormals flush;
+      const int64_t n = s.n, r = s.reads;
+      std::vector<scalar_t> scratch(n * s.w + 4 * r * n + 10 * n + n + r * n);
+      for (int64_t b = begin; b < end; ++b)
+        backward_sample<scalar_t>(saved, grads, go, b, s, scratch);
+    });
+  });
+  return go;
+}
+
+}  // namespace dnc_native

@@ -1,0 +1,69 @@
+"""The DNC's C++ kernels, built on first use (``DNC(cpp_kernels="link" | "step")``).
+
+Sources, next to this file: ``dnc_link.h`` (the link step of one sample: update and both
+directional reads in one pass over its ``N x N`` link, their gradients in one more, where
+the PyTorch path makes about 24 passes), ``dnc_link.cpp`` (that step over a batch, behind
+:func:`~cl_lightning.models.dnc_kernels.fused_link_read`), ``dnc_memory_step.cpp`` (a
+whole memory step with one write head, behind
+:func:`~cl_lightning.models.dnc_kernels.fused_memory_step`) and ``dnc_native_module.cpp``
+(the Python module). The math is in each source's header; values and gradients equal the
+reference functions of :mod:`~cl_lightning.models.dnc_addressing` to float rounding
+(``tests/test_dnc_native.py``).
+
+The first call compiles the sources with ``torch.utils.cpp_extension`` (a C++ compiler and
+``ninja`` on the path; under a minute) into torch's extension cache (``TORCH_EXTENSIONS_DIR``,
+by default under ``~/.cache``); later runs load the cached library in about a second. The
+build is specific to the CPU's vector instruction set, which is part of the library's name.
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from cl_lightning.checks import OptionError
+
+SOURCES = [Path(__file__).with_name(name) for name in (
+    "dnc_native_module.cpp", "dnc_link.cpp", "dnc_memory_step.cpp")]
+OPTION = "model.net.init_args.dnc.cpp_kernels"
+
+
+def build_flags(capability: str) -> list[str]:
+    """Compiler flags for torch's CPU capability (``torch.backends.cpu.get_cpu_capability``):
+    AVX2 and FMA where the CPU has them (every AVX-512 CPU does), the baseline otherwise."""
+    flags = ["-O3", "-fopenmp"]
+    if capability in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+@functools.cache
+def load() -> ModuleType:
+    """The compiled extension (built or loaded from the cache once per process).
+
+    Raises:
+        OptionError: the extension cannot be built here (no compiler or ``ninja``).
+    """
+    capability = torch.backends.cpu.get_cpu_capability()
+    from torch.utils import cpp_extension
+
+    try:
+        return cpp_extension.load(
+            name=f"cl_lightning_dnc_{capability.lower()}",
+            sources=[str(path) for path in SOURCES],
+            extra_cflags=build_flags(capability),
+        )
+    except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OptionError(
+            f"{OPTION} needs a C++ compiler and ninja (pip install ninja) to build its "
+            f"kernel, which failed here ({first_line}); use {OPTION} off") from None
+
+
+def usable(link: torch.Tensor) -> bool:
+    """Whether the kernel serves this link tensor (CPU, float32 or float64)."""
+    return link.device.type == "cpu" and link.dtype in (torch.float32, torch.float64)

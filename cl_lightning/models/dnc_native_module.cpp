@@ -1,0 +1,12 @@
+// The Python module of the DNC's C++ kernels (built by dnc_native.py).
+#include "dnc_native.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("link_read_forward", &dnc_native::link_read_forward,
+        "DNC link update and directional reads");
+  m.def("link_read_backward", &dnc_native::link_read_backward, "their first-order gradients");
+  m.def("memory_step_forward", &dnc_native::memory_step_forward,
+        "one DNC memory step (one write head), forward");
+  m.def("memory_step_backward", &dnc_native::memory_step_backward,
+        "its first-order gradients");
+}

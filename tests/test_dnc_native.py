@@ -1,0 +1,195 @@
+"""The DNC's C++ kernels (``cpp_kernels="link"`` / ``"step"``) equal the reference math and
+the PyTorch path.
+
+Skipped where the kernels cannot be built (no C++ compiler or ninja): the DNC then refuses
+the option in one line, tested here with a build that fails on purpose.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cl_lightning.checks import OptionError
+from cl_lightning.models import dnc_kernels as kernels
+from cl_lightning.models import dnc_native
+from cl_lightning.models.dnc import DNC
+from tests.test_dnc import (
+    _link_inputs,
+    _link_read_reference,
+    check_kernel_against_reference,
+    random_distribution,
+)
+
+
+@pytest.fixture(scope="module")
+def built() -> None:
+    try:
+        dnc_native.load()
+    except OptionError as err:
+        pytest.skip(f"the C++ kernels cannot be built here: {err}")
+
+
+def native_link_read(*args):
+    return kernels.fused_link_read(*args, native=True)
+
+
+@pytest.mark.parametrize("heads", [(1, 1), (2, 3), (2, 2, True)])
+def test_native_link_equals_reference(built, heads: tuple) -> None:
+    """Values, first-order gradients (the C++ backward) and second-order gradients (through
+    the reference) in float64 and float32, gradcheck and gradgradcheck; with two write
+    heads and a constant state (only the write weights need a gradient) too."""
+    torch.manual_seed(0)
+    check_kernel_against_reference(native_link_read, _link_read_reference, _link_inputs(*heads))
+
+
+def test_native_link_equals_the_aten_path_on_a_written_chain(built) -> None:
+    """Ten steps of a link chain at a size where every loop runs many vector lanes and a
+    remainder (N 37, R 4, B 3): the native and ATen paths agree to float32 rounding, values
+    and the gradients that flow back through all ten links, and the chain keeps the
+    invariants of a link (zero diagonal, rows and columns summing to at most 1)."""
+    torch.manual_seed(1)
+    b, r, n, steps = 3, 4, 37, 10
+    writes = [random_distribution(b, 1, n).requires_grad_() for _ in range(steps)]
+    reads = [random_distribution(b, r, n).requires_grad_() for _ in range(steps)]
+    results = []
+    for native in (True, False):
+        link, prec, total = torch.zeros(b, 1, n, n), torch.zeros(b, 1, n), 0.0
+        for w, rw in zip(writes, reads, strict=True):
+            link, fwd, bwd = kernels.fused_link_read(link, prec, w, rw, native=native)
+            prec = (1 - w.sum(-1, keepdim=True)) * prec + w
+            total = total + (fwd * torch.linspace(0, 1, n)).sum() + bwd.square().sum()
+        grads = torch.autograd.grad(total + link.sum(), writes + reads)
+        results.append((link.detach(), grads))
+    (link, g_native), (link_aten, g_aten) = results
+    torch.testing.assert_close(link, link_aten, atol=1e-6, rtol=1e-5)
+    for a, c in zip(g_native, g_aten, strict=True):
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
+    assert link.diagonal(dim1=-2, dim2=-1).abs().max() == 0
+    assert link.min() >= 0 and link.sum(-1).max() <= 1 + 1e-5 and link.sum(-2).max() <= 1 + 1e-5
+
+
+def memory_step_inputs(batch: int = 2, n: int = 7, w: int = 5, r: int = 3,
+                       spread_usage: bool = True) -> tuple:
+    """Inputs of :func:`fused_memory_step` in float64, each needing a gradient but the
+    previous write weights (constants of the step). With ``spread_usage`` the usages are
+    far apart (no sort order changes under gradcheck's perturbations)."""
+    link = torch.rand(batch, n, n) * 0.3 / n
+    link.diagonal(dim1=-2, dim2=-1).zero_()
+    usage = (torch.randperm(n).float() / n + 0.05 * torch.rand(n)).repeat(batch, 1) \
+        if spread_usage else torch.rand(batch, n)
+    raw = torch.randn(batch, r * w + 3 * w, dtype=torch.float64)  # keys and vectors, strided
+    tensors = [
+        torch.randn(batch, n, w), usage, link, random_distribution(batch, n),
+        random_distribution(batch, r, n), random_distribution(batch, n),
+    ]
+    tensors = [t.double() for t in tensors]
+    gates = torch.rand(batch, 2 * r + 4, dtype=torch.float64)
+    modes = torch.softmax(torch.randn(batch, r, 3, dtype=torch.float64), -1)
+    inputs = tensors + [
+        raw[:, : r * w].unflatten(-1, (r, w)),  # read keys: a strided view, like the interface's
+        gates[:, :r] * 3,                       # read strengths
+        raw[:, r * w: r * w + w],               # write key
+        gates[:, r] * 3,                        # write strength
+        torch.rand(batch, w, dtype=torch.float64),  # erase vector
+        raw[:, r * w + w: r * w + 2 * w],       # write vector
+        gates[:, r + 2: 2 * r + 2],             # free gates
+        gates[:, 2 * r + 2],                    # allocation gate
+        gates[:, 2 * r + 3],                    # write gate
+        modes,
+    ]
+    return tuple(t.detach().requires_grad_(i != 5) for i, t in enumerate(inputs))
+
+
+def test_native_memory_step_equals_reference(built) -> None:
+    """The whole memory step against the composition of reference functions it replaces:
+    values, first-order gradients (the C++ backward) and second-order gradients (through the
+    reference), float64 and float32, gradcheck and gradgradcheck, inputs given as strided
+    views (as the interface's fields are)."""
+    torch.manual_seed(2)
+    check_kernel_against_reference(kernels.fused_memory_step, kernels._memory_step_reference,
+                                   memory_step_inputs())
+
+
+def test_native_memory_step_on_a_fresh_state_and_usage_ties(built) -> None:
+    """A never-written state (zero memory, usage, link; every usage tied, so the stable sort
+    decides) and a random one at N 40: equal outputs and first-order gradients in float64,
+    and the invariants of the step's weightings (sums at most 1, usage in [0, 1])."""
+    torch.manual_seed(3)
+    for fresh in (True, False):
+        inputs = list(memory_step_inputs(batch=3, n=40, w=9, r=4, spread_usage=False))
+        if fresh:
+            for i in (0, 1, 2, 3, 4, 5):
+                inputs[i] = torch.zeros_like(inputs[i]).requires_grad_(i != 5)
+        got = kernels.fused_memory_step(*inputs)
+        want = kernels._memory_step_reference(*inputs)
+        for a, c in zip(got, want, strict=True):
+            torch.testing.assert_close(a, c, atol=1e-12, rtol=1e-10)
+        upstream = [torch.randn_like(t) for t in want]
+        wanted = [t for t in inputs if t.requires_grad]
+        for a, c in zip(torch.autograd.grad(got, wanted, upstream),
+                        torch.autograd.grad(want, wanted, upstream), strict=True):
+            torch.testing.assert_close(a, c, atol=1e-10, rtol=1e-8)
+        _, usage, _, precedence, reads, writes, _, allocation = got
+        assert usage.min() >= 0 and usage.max() <= 1
+        for weights in (precedence, reads, writes, allocation):
+            assert weights.min() >= -1e-12 and weights.sum(-1).max() <= 1 + 1e-12
+
+
+@pytest.mark.parametrize("kernel", ["link", "step"])
+def test_dnc_with_cpp_kernels_equals_the_default(built, kernel: str) -> None:
+    """A DNC with C++ kernels computes the default DNC's outputs and parameter gradients to
+    float32 rounding from a fresh state, eager and with the compiled step (the link kernel
+    inside the compiled graph as the custom operator, also for ``step``); the per-step trace
+    matches too. Types and devices the kernels do not serve (float16) run the PyTorch path,
+    bit for bit."""
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=16, memory_slots=12, word_size=6, read_heads=3)
+    default = DNC(5, 4, **sizes)
+    native = DNC(5, 4, cpp_kernels=kernel, **sizes)
+    native.load_state_dict(default.state_dict())
+    x = torch.randn(4, 6, 5)
+    y_ref, _, trace_ref = default(x, return_trace=True)
+    g_ref = torch.autograd.grad(y_ref.square().sum(), list(default.parameters()))
+    y, _, trace = native(x, return_trace=True)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for a, c in zip(trace, trace_ref, strict=True):
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
+    for compiled in (False, True):
+        native.compile_step = compiled
+        y = native(x)[0]
+        g = torch.autograd.grad(y.square().sum(), list(native.parameters()))
+        torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+        for a, c in zip(g, g_ref, strict=True):
+            torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
+    assert f"cpp_kernels={kernel}" in repr(native) and "cpp_kernels" not in repr(default)
+    half = [t.half() for t in _link_inputs(1, 2)]
+    for a, c in zip(kernels.fused_link_read(*half, native=True),
+                    kernels.fused_link_read(*half), strict=True):
+        assert torch.equal(a, c)
+
+
+def test_bad_cpp_kernels_options_fail_in_one_line(monkeypatch) -> None:
+    with pytest.raises(OptionError, match=r"cpp_kernels must be 'off', 'link' or 'step', got"):
+        DNC(4, 3, cpp_kernels="fast")
+    for options in ({"write_heads": 2}, {"masking": True}, {"sharpness": True},
+                    {"temporal_links": False}, {"dealloc": True}):
+        with pytest.raises(OptionError, match="cpp_kernels step serves one write head"):
+            DNC(4, 3, cpp_kernels="step", **options)
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions\nmore lines")
+
+    from torch.utils import cpp_extension
+
+    dnc_native.load.cache_clear()
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    try:
+        with pytest.raises(OptionError) as err:
+            DNC(4, 3, cpp_kernels="link")
+        message = str(err.value)
+        assert "\n" not in message and "cpp_kernels" in message and "Ninja" in message
+        assert "cpp_kernels off" in message
+    finally:
+        monkeypatch.undo()
+        dnc_native.load.cache_clear()
