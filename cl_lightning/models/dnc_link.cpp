@@ -18,8 +18,8 @@
 // (or R x N) that stays in cache. Summation order differs from the matrix products
 // of the ATen path, so values agree to float rounding, not bit for bit.
 
-#include <torch/extension.h>
-
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <vector>
@@ -29,16 +29,16 @@
 
 namespace dnc_native {
 
-std::vector<torch::Tensor> link_read_forward(torch::Tensor L, torch::Tensor p, torch::Tensor w,
-                                             torch::Tensor r) {
+std::vector<at::Tensor> link_read_forward(at::Tensor L, at::Tensor p, at::Tensor w,
+                                             at::Tensor r) {
   check(L, 3, "link");
   check(p, 2, "precedence");
   check(w, 2, "write weights");
   check(r, 3, "read weights");
   const int64_t m = L.size(0), n = L.size(1), reads = r.size(1);
-  auto Lp = torch::empty_like(L);
-  auto f = torch::empty({m, reads, n}, L.options());
-  auto b = torch::empty({m, reads, n}, L.options());
+  auto Lp = at::empty_like(L);
+  auto f = at::empty({m, reads, n}, L.options());
+  auto b = at::empty({m, reads, n}, L.options());
   AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "dnc_link_read_forward", [&] {
     const scalar_t *Ld = L.data_ptr<scalar_t>(), *pd = p.data_ptr<scalar_t>(),
                    *wd = w.data_ptr<scalar_t>(), *rd = r.data_ptr<scalar_t>();
@@ -54,9 +54,9 @@ std::vector<torch::Tensor> link_read_forward(torch::Tensor L, torch::Tensor p, t
   return {Lp, f, b};
 }
 
-std::vector<torch::Tensor> link_read_backward(torch::Tensor L, torch::Tensor p, torch::Tensor w,
-                                              torch::Tensor r, torch::Tensor gLp,
-                                              torch::Tensor gf, torch::Tensor gb) {
+std::vector<at::Tensor> link_read_backward(at::Tensor L, at::Tensor p, at::Tensor w,
+                                              at::Tensor r, at::Tensor gLp,
+                                              at::Tensor gf, at::Tensor gb) {
   check(L, 3, "link");
   check(p, 2, "precedence");
   check(w, 2, "write weights");
@@ -65,10 +65,10 @@ std::vector<torch::Tensor> link_read_backward(torch::Tensor L, torch::Tensor p, 
   check(gf, 3, "forward read gradient");
   check(gb, 3, "backward read gradient");
   const int64_t m = L.size(0), n = L.size(1), reads = r.size(1);
-  auto gL = torch::empty_like(L);
-  auto gp = torch::empty_like(p);
-  auto gw = torch::empty_like(w);
-  auto gr = torch::empty_like(r);
+  auto gL = at::empty_like(L);
+  auto gp = at::empty_like(p);
+  auto gw = at::empty_like(w);
+  auto gr = at::empty_like(r);
   AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "dnc_link_read_backward", [&] {
     const scalar_t *Ld = L.data_ptr<scalar_t>(), *pd = p.data_ptr<scalar_t>(),
                    *wd = w.data_ptr<scalar_t>(), *rd = r.data_ptr<scalar_t>(),

@@ -16,8 +16,8 @@
 //   p'   = (1 - sum ww) p + ww                      rw_r = m_r0 b_r + m_r1 f_r + m_r2 cr_r
 //   rv_r = rw_r M'
 
-#include <torch/extension.h>
-
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -169,16 +169,16 @@ struct Sizes {
 
 // Row pointers of one sample in a (B, ...) tensor.
 template <typename T>
-inline const T* at(const torch::Tensor& t, int64_t b) {
+inline const T* at(const at::Tensor& t, int64_t b) {
   return t.data_ptr<T>() + b * (t.numel() / t.size(0));
 }
 template <typename T>
-inline T* at_mut(torch::Tensor& t, int64_t b) {
+inline T* at_mut(at::Tensor& t, int64_t b) {
   return t.data_ptr<T>() + b * (t.numel() / t.size(0));
 }
 
 template <typename T>
-void forward_sample(const std::vector<torch::Tensor>& in, std::vector<torch::Tensor>& out,
+void forward_sample(const std::vector<at::Tensor>& in, std::vector<at::Tensor>& out,
                     int64_t b, const Sizes& s, std::vector<T>& scratch) {
   const int64_t n = s.n, w = s.w, reads = s.reads;
   const T *M = at<T>(in[0], b), *u = at<T>(in[1], b), *L = at<T>(in[2], b),
@@ -238,8 +238,8 @@ void forward_sample(const std::vector<torch::Tensor>& in, std::vector<torch::Ten
 }
 
 template <typename T>
-void backward_sample(const std::vector<torch::Tensor>& sv, const std::vector<torch::Tensor>& gr,
-                     std::vector<torch::Tensor>& go, int64_t b, const Sizes& s,
+void backward_sample(const std::vector<at::Tensor>& sv, const std::vector<at::Tensor>& gr,
+                     std::vector<at::Tensor>& go, int64_t b, const Sizes& s,
                      std::vector<T>& scratch) {
   const int64_t n = s.n, w = s.w, reads = s.reads;
   // saved: the 16 inputs, then M2, u2, rw, ww, alloc, psi, cw, simw, mnold, cr, simr, mnnew,
@@ -403,7 +403,7 @@ void backward_sample(const std::vector<torch::Tensor>& sv, const std::vector<tor
 
 }  // namespace
 
-std::vector<torch::Tensor> memory_step_forward(std::vector<torch::Tensor> in) {
+std::vector<at::Tensor> memory_step_forward(std::vector<at::Tensor> in) {
   TORCH_CHECK(in.size() == 16, "memory_step_forward: 16 inputs");
   const char* names[16] = {"memory", "usage", "link", "precedence", "read weights",
                            "write weights", "read keys", "read strengths", "write key",
@@ -415,17 +415,17 @@ std::vector<torch::Tensor> memory_step_forward(std::vector<torch::Tensor> in) {
   const Sizes s{in[0].size(1), in[0].size(2), in[4].size(1)};
   const auto& M = in[0];
   auto opt = M.options();
-  std::vector<torch::Tensor> out = {
-      torch::empty_like(M), torch::empty_like(in[1]), torch::empty_like(in[2]),
-      torch::empty_like(in[3]), torch::empty_like(in[4]), torch::empty_like(in[1]),
-      torch::empty({batch, s.reads, s.w}, opt), torch::empty_like(in[1]),
-      torch::empty_like(in[1]),                                  // psi
-      torch::empty_like(in[1]), torch::empty_like(in[1]),        // cw, simw
-      torch::empty_like(in[1]),                                  // mnold
-      torch::empty_like(in[4]), torch::empty_like(in[4]),        // cr, simr
-      torch::empty_like(in[1]),                                  // mnnew
-      torch::empty_like(in[4]), torch::empty_like(in[4]),        // f, bk
-      torch::empty({batch, s.n}, opt.dtype(torch::kLong))};      // order
+  std::vector<at::Tensor> out = {
+      at::empty_like(M), at::empty_like(in[1]), at::empty_like(in[2]),
+      at::empty_like(in[3]), at::empty_like(in[4]), at::empty_like(in[1]),
+      at::empty({batch, s.reads, s.w}, opt), at::empty_like(in[1]),
+      at::empty_like(in[1]),                                  // psi
+      at::empty_like(in[1]), at::empty_like(in[1]),        // cw, simw
+      at::empty_like(in[1]),                                  // mnold
+      at::empty_like(in[4]), at::empty_like(in[4]),        // cr, simr
+      at::empty_like(in[1]),                                  // mnnew
+      at::empty_like(in[4]), at::empty_like(in[4]),        // f, bk
+      at::empty({batch, s.n}, opt.dtype(at::kLong))};      // order
   AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "dnc_memory_step_forward", [&] {
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       FlushSubnormals flush;
@@ -436,14 +436,14 @@ std::vector<torch::Tensor> memory_step_forward(std::vector<torch::Tensor> in) {
   return out;
 }
 
-std::vector<torch::Tensor> memory_step_backward(std::vector<torch::Tensor> saved,
-                                                std::vector<torch::Tensor> grads) {
+std::vector<at::Tensor> memory_step_backward(std::vector<at::Tensor> saved,
+                                                std::vector<at::Tensor> grads) {
   TORCH_CHECK(saved.size() == 31 && grads.size() == 8, "memory_step_backward: 31 + 8 tensors");
   for (const auto& t : grads) check(t, t.dim(), "gradient");
   const int64_t batch = saved[0].size(0);
   const Sizes s{saved[0].size(1), saved[0].size(2), saved[4].size(1)};
-  std::vector<torch::Tensor> go;
-  for (int i = 0; i < 16; ++i) go.push_back(torch::empty_like(saved[i]));
+  std::vector<at::Tensor> go;
+  for (int i = 0; i < 16; ++i) go.push_back(at::empty_like(saved[i]));
   AT_DISPATCH_FLOATING_TYPES(saved[0].scalar_type(), "dnc_memory_step_backward", [&] {
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       FlushSubnormals flush;

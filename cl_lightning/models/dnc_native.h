@@ -1,25 +1,25 @@
 // The C++ kernels of the DNC (built by dnc_native.py), declared for the Python module.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <vector>
 
 namespace dnc_native {
 
-inline void check(const torch::Tensor& t, int64_t dim, const char* name) {
+inline void check(const at::Tensor& t, int64_t dim, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "dnc kernel: ", name, " must be a CPU tensor");
   TORCH_CHECK(t.dim() == dim, "dnc kernel: ", name, " must have ", dim, " dimensions");
   TORCH_CHECK(t.is_contiguous(), "dnc kernel: ", name, " must be contiguous");
 }
 
-std::vector<torch::Tensor> link_read_forward(torch::Tensor L, torch::Tensor p, torch::Tensor w,
-                                             torch::Tensor r);
-std::vector<torch::Tensor> link_read_backward(torch::Tensor L, torch::Tensor p, torch::Tensor w,
-                                              torch::Tensor r, torch::Tensor gLp,
-                                              torch::Tensor gf, torch::Tensor gb);
-std::vector<torch::Tensor> memory_step_forward(std::vector<torch::Tensor> inputs);
-std::vector<torch::Tensor> memory_step_backward(std::vector<torch::Tensor> saved,
-                                                std::vector<torch::Tensor> grads);
+std::vector<at::Tensor> link_read_forward(at::Tensor L, at::Tensor p, at::Tensor w,
+                                             at::Tensor r);
+std::vector<at::Tensor> link_read_backward(at::Tensor L, at::Tensor p, at::Tensor w,
+                                              at::Tensor r, at::Tensor gLp,
+                                              at::Tensor gf, at::Tensor gb);
+std::vector<at::Tensor> memory_step_forward(std::vector<at::Tensor> inputs);
+std::vector<at::Tensor> memory_step_backward(std::vector<at::Tensor> saved,
+                                                std::vector<at::Tensor> grads);
 
 }  // namespace dnc_native

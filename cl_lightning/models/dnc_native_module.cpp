@@ -1,4 +1,6 @@
 // The Python module of the DNC's C++ kernels (built by dnc_native.py).
+#include <torch/extension.h>
+
 #include "dnc_native.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
