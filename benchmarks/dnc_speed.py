@@ -243,7 +243,7 @@ def build(args: argparse.Namespace, kind: str, compiled: bool = False) -> nn.Mod
         temporal_links=(kind != "nolinks"),
         compile_step=compiled,
         cuda_graphs=False,  # eager on a GPU too (gpu_check.py times the graphs apart)
-        cpp_kernels=kind[4:] if kind.startswith("cpp-") else "off",
+        cpp_kernels=kind[4:] if kind.startswith("cpp-") else "none",
     )
 
 

@@ -170,7 +170,7 @@ def test_dnc_with_cpp_kernels_equals_the_default(built, kernel: str) -> None:
 
 
 def test_bad_cpp_kernels_options_fail_in_one_line(monkeypatch) -> None:
-    with pytest.raises(OptionError, match=r"cpp_kernels must be 'off', 'link' or 'step', got"):
+    with pytest.raises(OptionError, match=r"cpp_kernels must be 'none', 'link' or 'step', got"):
         DNC(4, 3, cpp_kernels="fast")
     for options in ({"write_heads": 2}, {"masking": True}, {"sharpness": True},
                     {"temporal_links": False}, {"dealloc": True}):
@@ -189,7 +189,7 @@ def test_bad_cpp_kernels_options_fail_in_one_line(monkeypatch) -> None:
             DNC(4, 3, cpp_kernels="link")
         message = str(err.value)
         assert "\n" not in message and "cpp_kernels" in message and "Ninja" in message
-        assert "cpp_kernels off" in message
+        assert "cpp_kernels none" in message
     finally:
         monkeypatch.undo()
         dnc_native.load.cache_clear()

@@ -41,7 +41,7 @@ from cl_lightning.models import dnc_kernels as kernels
 from cl_lightning.models import dnc_native
 from cl_lightning.models.cuda_graphs import graph_cache
 
-CppKernels = Literal["off", "link", "step"]
+CppKernels = Literal["none", "link", "step"]
 
 _EMPTY_LINKS: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
 """The all-zero link tensors :meth:`DNC.initial_state` made, by ``id`` (entries vanish
@@ -232,7 +232,7 @@ class DNCOptions:
         cuda_graphs: on a GPU, replay the DNC's forward (and backward) over the sequence
             from CUDA graphs (see :class:`DNC`): 5-13x faster per time step on one H200,
             bit-equal; no effect on a CPU or with ``compile_step``.
-        cpp_kernels: ``off``, ``link`` or ``step``: on a CPU, run the link update and
+        cpp_kernels: ``none``, ``link`` or ``step``: on a CPU, run the link update and
             directional reads, or the whole memory step, forward and backward, as C++
             kernels built on first use (see :class:`DNC`).
     """
@@ -249,7 +249,7 @@ class DNCOptions:
     compile_step: bool = False
     temporal_links: bool = True
     cuda_graphs: bool = True
-    cpp_kernels: CppKernels = "off"
+    cpp_kernels: CppKernels = "none"
 
 
 class DNC(nn.Module):
@@ -294,7 +294,7 @@ class DNC(nn.Module):
             parameters (``functional_call``), inside
             :func:`~cl_lightning.models.cuda_graphs.paused` (the learner's second-order
             MAML inner loop: a replay has no double backward).
-        cpp_kernels: ``off`` (PyTorch operations), ``link`` or ``step``: on a CPU, C++
+        cpp_kernels: ``none`` (PyTorch operations), ``link`` or ``step``: on a CPU, C++
             kernels (:mod:`~cl_lightning.models.dnc_native`) with hand-written first-order
             gradients, equal to the PyTorch path to float rounding. ``link``: the link update
             and both directional reads, one pass over each ``N x N`` link matrix each way
@@ -327,11 +327,11 @@ class DNC(nn.Module):
         compile_step: bool = False,
         temporal_links: bool = True,
         cuda_graphs: bool = True,
-        cpp_kernels: CppKernels = "off",
+        cpp_kernels: CppKernels = "none",
     ) -> None:
         super().__init__()
-        if cpp_kernels not in ("off", "link", "step"):
-            raise OptionError(f"{dnc_native.OPTION} must be 'off', 'link' or 'step', "
+        if cpp_kernels not in ("none", "link", "step"):
+            raise OptionError(f"{dnc_native.OPTION} must be 'none', 'link' or 'step', "
                               f"got {cpp_kernels!r}")
         if cpp_kernels == "step" and (write_heads != 1 or masking or dealloc or sharpness
                                       is not False or not temporal_links or not fused
@@ -339,7 +339,7 @@ class DNC(nn.Module):
             raise OptionError(f"{dnc_native.OPTION} step serves one write head with temporal "
                               "links and without masking, dealloc or sharpness; use "
                               f"{dnc_native.OPTION} link")
-        if cpp_kernels != "off":
+        if cpp_kernels != "none":
             dnc_native.load()  # build now: a missing compiler fails here, in one line
         if strength_activation not in ("softplus", "oneplus"):
             raise OptionError(f"unknown strength_activation {strength_activation!r}")
@@ -587,7 +587,7 @@ class DNC(nn.Module):
         if self.fused:
             link, forward, backward = kernels.fused_link_read(
                 state.link, state.precedence, write_weights, state.read_weights,
-                native=self.cpp_kernels != "off",
+                native=self.cpp_kernels != "none",
             )
         else:
             link = addr.update_link(state.link, state.precedence, write_weights)
@@ -630,7 +630,7 @@ class DNC(nn.Module):
             + (", compile_step=True" if self.compile_step else "")
             + ("" if self.temporal_links else ", temporal_links=False")
             + ("" if self.cuda_graphs else ", cuda_graphs=False")
-            + ("" if self.cpp_kernels == "off" else f", cpp_kernels={self.cpp_kernels}")
+            + ("" if self.cpp_kernels == "none" else f", cpp_kernels={self.cpp_kernels}")
         )
 
 

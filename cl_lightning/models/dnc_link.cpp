@@ -29,12 +29,21 @@
 
 namespace dnc_native {
 
-std::vector<at::Tensor> link_read_forward(at::Tensor L, at::Tensor p, at::Tensor w,
-                                             at::Tensor r) {
+namespace {
+
+void check_link_inputs(const at::Tensor& L, const at::Tensor& p, const at::Tensor& w,
+                       const at::Tensor& r) {
   check(L, 3, "link");
   check(p, 2, "precedence");
   check(w, 2, "write weights");
   check(r, 3, "read weights");
+}
+
+}  // namespace
+
+std::vector<at::Tensor> link_read_forward(at::Tensor L, at::Tensor p, at::Tensor w,
+                                          at::Tensor r) {
+  check_link_inputs(L, p, w, r);
   const int64_t m = L.size(0), n = L.size(1), reads = r.size(1);
   auto Lp = at::empty_like(L);
   auto f = at::empty({m, reads, n}, L.options());
@@ -46,8 +55,8 @@ std::vector<at::Tensor> link_read_forward(at::Tensor L, at::Tensor p, at::Tensor
              *bd = b.data_ptr<scalar_t>();
     at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
-        dnc_native::link_forward_one(Ld + k * n * n, pd + k * n, wd + k * n, rd + k * reads * n, n, reads,
-                    Lpd + k * n * n, fd + k * reads * n, bd + k * reads * n);
+        link_forward_one(Ld + k * n * n, pd + k * n, wd + k * n, rd + k * reads * n, n,
+                         reads, Lpd + k * n * n, fd + k * reads * n, bd + k * reads * n);
       }
     });
   });
@@ -55,12 +64,9 @@ std::vector<at::Tensor> link_read_forward(at::Tensor L, at::Tensor p, at::Tensor
 }
 
 std::vector<at::Tensor> link_read_backward(at::Tensor L, at::Tensor p, at::Tensor w,
-                                              at::Tensor r, at::Tensor gLp,
-                                              at::Tensor gf, at::Tensor gb) {
-  check(L, 3, "link");
-  check(p, 2, "precedence");
-  check(w, 2, "write weights");
-  check(r, 3, "read weights");
+                                           at::Tensor r, at::Tensor gLp, at::Tensor gf,
+                                           at::Tensor gb) {
+  check_link_inputs(L, p, w, r);
   check(gLp, 3, "new link gradient");
   check(gf, 3, "forward read gradient");
   check(gb, 3, "backward read gradient");
@@ -80,9 +86,9 @@ std::vector<at::Tensor> link_read_backward(at::Tensor L, at::Tensor p, at::Tenso
       std::vector<scalar_t> rows(2 * n);  // G and L' of the row at hand
       for (int64_t k = begin; k < end; ++k) {
         const int64_t mat = k * n * n, vec = k * n, rv = k * reads * n;
-        dnc_native::link_backward_one(Ld + mat, pd + vec, wd + vec, rd + rv, gLpd + mat, gfd + rv, gbd + rv, n,
-                     reads, gLd + mat, gpd + vec, gwd + vec, grd + rv, rows.data(),
-                     rows.data() + n);
+        link_backward_one(Ld + mat, pd + vec, wd + vec, rd + rv, gLpd + mat, gfd + rv,
+                          gbd + rv, n, reads, gLd + mat, gpd + vec, gwd + vec, grd + rv,
+                          rows.data(), rows.data() + n);
       }
     });
   });

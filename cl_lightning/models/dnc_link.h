@@ -7,8 +7,8 @@
 namespace dnc_native {
 
 template <typename T>
-inline void link_forward_one(const T* L, const T* p, const T* w, const T* r, int64_t n, int64_t reads,
-                 T* Lp, T* f, T* b) {
+inline void link_forward_one(const T* L, const T* p, const T* w, const T* r, int64_t n,
+                             int64_t reads, T* Lp, T* f, T* b) {
   for (int64_t k = 0; k < reads * n; ++k) b[k] = T(0);
   for (int64_t i = 0; i < n; ++i) {
     const T wi = w[i];
@@ -34,9 +34,9 @@ inline void link_forward_one(const T* L, const T* p, const T* w, const T* r, int
 }
 
 template <typename T>
-inline void link_backward_one(const T* L, const T* p, const T* w, const T* r, const T* gLp, const T* gf,
-                  const T* gb, int64_t n, int64_t reads, T* gL, T* gp, T* gw, T* gr, T* G,
-                  T* Lpi) {
+inline void link_backward_one(const T* L, const T* p, const T* w, const T* r, const T* gLp,
+                              const T* gf, const T* gb, int64_t n, int64_t reads, T* gL, T* gp,
+                              T* gw, T* gr, T* G, T* Lpi) {
   for (int64_t k = 0; k < n; ++k) gp[k] = gw[k] = T(0);
   for (int64_t k = 0; k < reads * n; ++k) gr[k] = T(0);
   for (int64_t i = 0; i < n; ++i) {

@@ -61,7 +61,7 @@ def load() -> ModuleType:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise OptionError(
             f"{OPTION} needs a C++ compiler and ninja (pip install ninja) to build its "
-            f"kernel, which failed here ({first_line}); use {OPTION} off") from None
+            f"kernels, which failed here ({first_line}); use {OPTION} none") from None
 
 
 def usable(link: torch.Tensor) -> bool:
