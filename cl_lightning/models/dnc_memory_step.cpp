@@ -148,14 +148,23 @@ void content_backward(const T* Mx, const T* keys, const T* strengths, const T* m
   }
 }
 
-// The usage mapped to [eps, 1] and sorted ascending (stable): order (N) and the exclusive
-// cumulative product of the sorted values, cp (N).
+// The usage mapped to [eps, 1] (uh, N), as the allocation sorts and multiplies it.
 template <typename T>
-void sorted_usage(const T* usage, int64_t n, int64_t* order, T* uh, T* cp) {
+void mapped_usage(const T* usage, int64_t n, T* uh) {
   const T eps = T(kEps);
   for (int64_t i = 0; i < n; ++i) uh[i] = eps + (T(1) - eps) * usage[i];
+}
+
+// The slots in ascending order of uh (stable: the lower index first on ties).
+template <typename T>
+void ascending_order(const T* uh, int64_t n, int64_t* order) {
   std::iota(order, order + n, int64_t(0));
   std::stable_sort(order, order + n, [uh](int64_t a, int64_t b) { return uh[a] < uh[b]; });
+}
+
+// The exclusive cumulative product of uh in that order (cp, N).
+template <typename T>
+void exclusive_products(const T* uh, const int64_t* order, int64_t n, T* cp) {
   T prod = T(1);
   for (int64_t j = 0; j < n; ++j) {
     cp[j] = prod;
@@ -204,7 +213,9 @@ void forward_sample(const std::vector<at::Tensor>& in, std::vector<at::Tensor>& 
     u2[i] = (u[i] + wwp[i] - u[i] * wwp[i]) * keep;
   }
   content_forward(M, wk, ws, n, w, int64_t(1), mnold, simw, cw);
-  sorted_usage(u2, n, order, uh, cp);
+  mapped_usage(u2, n, uh);
+  ascending_order(uh, n, order);
+  exclusive_products(uh, order, n, cp);
   for (int64_t j = 0; j < n; ++j) alloc[order[j]] = (T(1) - uh[order[j]]) * cp[j];
   T written = T(0);
   for (int64_t i = 0; i < n; ++i) {
@@ -367,12 +378,8 @@ void backward_sample(const std::vector<at::Tensor>& sv, const std::vector<at::Te
   *gga = sga;
   // allocation: a[order_j] = (1 - s_j) cp_j with s_j = uh[order_j], cp the exclusive product
   const T eps = T(kEps);
-  for (int64_t i = 0; i < n; ++i) uh[i] = eps + (T(1) - eps) * u2[i];
-  T prod = T(1);
-  for (int64_t j = 0; j < n; ++j) {
-    cp[j] = prod;
-    prod *= uh[order[j]];
-  }
+  mapped_usage(u2, n, uh);
+  exclusive_products(uh, order, n, cp);
   std::copy(gu2, gu2 + n, gu2t);
   T later = T(0);  // sum over j' > j of g_cp[j'] cp[j']
   for (int64_t j = n - 1; j >= 0; --j) {
