@@ -64,6 +64,7 @@ def load() -> ModuleType:
             f"kernels, which failed here ({first_line}); use {OPTION} none") from None
 
 
-def usable(link: torch.Tensor) -> bool:
-    """Whether the kernel serves this link tensor (CPU, float32 or float64)."""
-    return link.device.type == "cpu" and link.dtype in (torch.float32, torch.float64)
+def usable(state: torch.Tensor) -> bool:
+    """Whether the kernels serve a DNC state tensor (the link, the memory) like this one:
+    on a CPU, in float32 or float64."""
+    return state.device.type == "cpu" and state.dtype in (torch.float32, torch.float64)
