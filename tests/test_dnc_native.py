@@ -13,7 +13,7 @@ import torch
 from cl_lightning.checks import OptionError
 from cl_lightning.models import dnc_kernels as kernels
 from cl_lightning.models import dnc_native
-from cl_lightning.models.dnc import DNC
+from cl_lightning.models.dnc import DNC, lstm_cell
 from tests.test_dnc import (
     _link_inputs,
     _link_read_reference,
@@ -134,6 +134,39 @@ def test_native_memory_step_on_a_fresh_state_and_usage_ties(built) -> None:
         assert usage.min() >= 0 and usage.max() <= 1
         for weights in (precedence, reads, writes, allocation):
             assert weights.min() >= -1e-12 and weights.sum(-1).max() <= 1 + 1e-12
+
+
+@pytest.mark.parametrize("clip, strengths", [(None, "softplus"), (0.4, "oneplus")])
+def test_native_time_step_equals_reference(built, clip, strengths: str) -> None:
+    """The whole time step (LSTM controller, interface layer, clamp and activations, memory
+    step) against the DNC's own PyTorch composition of it (``reference_time_step``): values,
+    first- and second-order gradients in float64 and float32, gradcheck and gradgradcheck,
+    for every input including the three weights. With a clip of 0.4 some interface
+    pre-activations are clamped (checked), so the clamp's zero gradient is exercised."""
+    torch.manual_seed(4)
+    batch, n, w, r, hidden = 2, 7, 5, 3, 6
+    dnc = DNC(4, 3, hidden_size=hidden, memory_slots=n, word_size=w, read_heads=r,
+              clip_value=clip, strength_activation=strengths, cpp_kernels="step").double()
+    size = dnc.interface.weight.shape[0]
+    inputs = (
+        torch.randn(batch, 4 * hidden),                    # the input's gate contribution
+        torch.randn(batch, hidden) * 0.5, torch.randn(batch, hidden),   # h, c
+        torch.randn(batch, r, w),                          # previous read vectors
+        *memory_step_inputs(batch, n, w, r)[:6],           # memory, usage, link, ..., writes
+        torch.randn(4 * hidden, r * w + hidden) * 0.3,     # recurrent gate weights
+        torch.randn(size, hidden), torch.randn(size) * 0.5,  # interface weight and bias
+    )
+    inputs = tuple(t.detach().double().requires_grad_(i != 9) for i, t in enumerate(inputs))
+    if clip is not None:
+        h, _ = lstm_cell(*inputs[:1], inputs[3], inputs[1], inputs[2], inputs[10])
+        raw = torch.nn.functional.linear(h, inputs[11], inputs[12])
+        assert (raw.abs() > clip).any() and (raw.abs() < clip).any()
+
+    def native(*tensors):
+        return kernels.fused_time_step(dnc.reference_time_step, dnc.clip_value,
+                                       strengths == "oneplus", *tensors)
+
+    check_kernel_against_reference(native, dnc.reference_time_step, inputs)
 
 
 @pytest.mark.parametrize("kernel", ["link", "step"])

@@ -50,6 +50,45 @@ never changes a state's tensors in place, and a caller that did would have to re
 link (``state._replace(link=...)``), which takes the full update."""
 
 
+def lstm_cell(x_gates: Tensor, read_vectors: Tensor, h: Tensor, c: Tensor,
+              recurrent_weight: Tensor) -> tuple[Tensor, Tensor]:
+    """The DNC's LSTM controller cell on ``x_t ⊕ r_{t-1}``: ``x_gates`` ``(B, 4H)`` is the
+    input's contribution to the gates (order: input, forget, output, cell), ``read_vectors``
+    ``(B, R, W)`` and ``h``, ``c`` ``(B, H)`` the previous step's. Returns ``(h, c)``."""
+    recurrent_in = torch.cat([read_vectors.flatten(1), h], dim=-1)
+    gates = torch.addmm(x_gates, recurrent_in, recurrent_weight.t())
+    gates = gates.to(c.dtype)  # a no-op but under autocast
+    hs = h.shape[-1]
+    sig = torch.sigmoid(gates[:, : 3 * hs])
+    in_gate, forget_gate, out_gate = sig.chunk(3, dim=-1)
+    c = torch.addcmul(forget_gate * c, in_gate, torch.tanh(gates[:, 3 * hs :]))
+    return out_gate * torch.tanh(c), c
+
+
+def _memory_fields(iface: Interface) -> tuple[Tensor, ...]:
+    """The interface fields in the order of the memory-step kernel's arguments (one write
+    head, its dimension squeezed)."""
+    return (iface.read_keys, iface.read_strengths, iface.write_keys.squeeze(1),
+            iface.write_strengths.squeeze(1), iface.erase_vectors.squeeze(1),
+            iface.write_vectors.squeeze(1), iface.free_gates, iface.allocation_gates.squeeze(1),
+            iface.write_gates.squeeze(1), iface.read_modes)
+
+
+def _native_state(h: Tensor, c: Tensor, memory: Tensor, usage: Tensor, link: Tensor,
+                  precedence: Tensor, read_weights: Tensor, writes: Tensor,
+                  read_vectors: Tensor, allocation: Tensor, allocation_gate: Tensor,
+                  write_gate: Tensor, free_gates: Tensor, read_modes: Tensor
+                  ) -> tuple[DNCState, tuple[Tensor, ...]]:
+    """A kernel's outputs (one write head, its dimension squeezed) as :meth:`DNC.step`
+    returns them: the new state and the diagnostics."""
+    write_weights = writes.unsqueeze(1)
+    state = DNCState(h, c, memory, usage, link.unsqueeze(1), precedence.unsqueeze(1),
+                     read_weights, write_weights, read_vectors)
+    return state, (read_weights, write_weights, allocation.unsqueeze(1), usage,
+                   allocation_gate.unsqueeze(1), write_gate.unsqueeze(1), free_gates,
+                   read_modes)
+
+
 def is_empty_link(link: Tensor) -> bool:
     """True if ``link`` is a link tensor :meth:`DNC.initial_state` made (all zeros)."""
     if torch.compiler.is_compiling():  # a weak dictionary does not trace: take the full update
@@ -485,6 +524,10 @@ class DNC(nn.Module):
             ``(state, diagnostics)``; ``diagnostics`` holds the fields of :class:`DNCTrace`
             for this step (without the time dimension).
         """
+        if (self.cpp_kernels == "step" and not torch.compiler.is_compiling()
+                and dnc_native.usable(state.memory) and x_gates.dtype == state.memory.dtype
+                and not torch.is_autocast_enabled(x_gates.device.type)):
+            return self._native_time_step(x_gates, state)
         h, c = self._controller(x_gates, state)
         raw = self.interface(h)
         if raw.dtype != state.memory.dtype:
@@ -561,24 +604,45 @@ class DNC(nn.Module):
 
     def _native_memory_step(self, iface: Interface, h: Tensor, c: Tensor, state: DNCState
                             ) -> tuple[DNCState, tuple[Tensor, ...]]:
-        """:meth:`_memory_step` as the C++ kernel (``cpp_kernels="step"``: one write head)."""
+        """:meth:`_memory_step` as the C++ kernel (``cpp_kernels="step"`` under autocast,
+        where the controller runs in low precision: one write head)."""
         # squeeze, not [:, 0]: a view whose backward is a view (select's fills zeros)
-        memory, usage, link, precedence, read_weights, writes, read_vectors, allocation = (
-            kernels.fused_memory_step(
-                state.memory, state.usage, state.link.squeeze(1), state.precedence.squeeze(1),
-                state.read_weights, state.write_weights.squeeze(1), iface.read_keys,
-                iface.read_strengths, iface.write_keys.squeeze(1),
-                iface.write_strengths.squeeze(1), iface.erase_vectors.squeeze(1),
-                iface.write_vectors.squeeze(1), iface.free_gates,
-                iface.allocation_gates.squeeze(1), iface.write_gates.squeeze(1),
-                iface.read_modes))
-        write_weights = writes.unsqueeze(1)
-        new_state = DNCState(h, c, memory, usage, link.unsqueeze(1), precedence.unsqueeze(1),
-                             read_weights, write_weights, read_vectors)
-        diagnostics = (read_weights, write_weights, allocation.unsqueeze(1), usage,
-                       iface.allocation_gates, iface.write_gates, iface.free_gates,
-                       iface.read_modes)
-        return new_state, diagnostics
+        outputs = kernels.fused_memory_step(
+            state.memory, state.usage, state.link.squeeze(1), state.precedence.squeeze(1),
+            state.read_weights, state.write_weights.squeeze(1), *_memory_fields(iface))
+        return _native_state(h, c, *outputs, iface.allocation_gates.squeeze(1),
+                             iface.write_gates.squeeze(1), iface.free_gates, iface.read_modes)
+
+    def _native_time_step(self, x_gates: Tensor, state: DNCState
+                          ) -> tuple[DNCState, tuple[Tensor, ...]]:
+        """:meth:`step` as one C++ kernel (``cpp_kernels="step"``): controller, interface
+        and memory step (:func:`~cl_lightning.models.dnc_kernels.fused_time_step`)."""
+        outputs = kernels.fused_time_step(
+            self.reference_time_step, self.clip_value, self._strength_fn is addr.oneplus,
+            x_gates, state.h, state.c, state.read_vectors, state.memory, state.usage,
+            state.link.squeeze(1), state.precedence.squeeze(1), state.read_weights,
+            state.write_weights.squeeze(1), self.recurrent_gates.weight,
+            self.interface.weight, self.interface.bias)
+        return _native_state(*outputs)
+
+    def reference_time_step(
+        self, x_gates: Tensor, h: Tensor, c: Tensor, read_vectors: Tensor, memory: Tensor,
+        usage: Tensor, link: Tensor, precedence: Tensor, prev_reads: Tensor,
+        prev_writes: Tensor, recurrent_weight: Tensor, interface_weight: Tensor,
+        interface_bias: Tensor,
+    ) -> tuple[Tensor, ...]:
+        """The time step :func:`~cl_lightning.models.dnc_kernels.fused_time_step` computes,
+        in PyTorch operations, on its arguments (one write head: the link, precedence and
+        write weights without the head dimension) and with this DNC's options."""
+        h, c = lstm_cell(x_gates, read_vectors, h, c, recurrent_weight)
+        raw = F.linear(h, interface_weight, interface_bias)
+        if self.clip_value is not None:
+            raw = raw.clamp(-self.clip_value, self.clip_value)
+        iface = self.layout.parse(raw, self._strength_fn)
+        outputs = kernels._memory_step_reference(
+            memory, usage, link, precedence, prev_reads, prev_writes, *_memory_fields(iface))
+        return (h, c, *outputs, iface.allocation_gates.squeeze(1), iface.write_gates.squeeze(1),
+                iface.free_gates, iface.read_modes)
 
     def _link_read(
         self, state: DNCState, iface: Interface, write_weights: Tensor, read_content: Tensor
@@ -612,15 +676,8 @@ class DNC(nn.Module):
 
     def _controller(self, x_gates: Tensor, state: DNCState) -> tuple[Tensor, Tensor]:
         """LSTM cell on ``x_t ⊕ r_{t-1}``; returns ``(h, c)``, each ``(B, H)``."""
-        recurrent_in = torch.cat([state.read_vectors.flatten(1), state.h], dim=-1)
-        gates = torch.addmm(x_gates, recurrent_in, self.recurrent_gates.weight.t())
-        gates = gates.to(state.c.dtype)  # a no-op but under autocast
-        hs = self.hidden_size
-        sig = torch.sigmoid(gates[:, : 3 * hs])
-        in_gate, forget_gate, out_gate = sig.chunk(3, dim=-1)
-        c = torch.addcmul(forget_gate * state.c, in_gate, torch.tanh(gates[:, 3 * hs :]))
-        h = out_gate * torch.tanh(c)
-        return h, c
+        return lstm_cell(x_gates, state.read_vectors, state.h, state.c,
+                         self.recurrent_gates.weight)
 
     def extra_repr(self) -> str:
         return (

@@ -21,6 +21,9 @@ Kernels and the reference composition each one equals:
 * :func:`fused_memory_step` (C++ only, one write head): a whole memory step, from
   :func:`~cl_lightning.models.dnc_addressing.update_usage` to
   :func:`~cl_lightning.models.dnc_addressing.read_vectors` (:func:`_memory_step_reference`).
+* :func:`fused_time_step` (C++ only, one write head): a whole time step, the LSTM controller
+  and the interface layer before that memory step
+  (:meth:`~cl_lightning.models.dnc.DNC.reference_time_step`).
 
 When a backward pass is itself differentiated (``create_graph=True``, e.g. second-order
 MAML), the kernels differentiate through the reference function instead, so higher-order
@@ -451,3 +454,55 @@ def fused_memory_step(memory: Tensor, usage: Tensor, link: Tensor, precedence: T
     return _MemoryStep.apply(memory, usage, link, precedence, prev_reads, prev_writes,
                              read_keys, read_strengths, write_key, write_strength, erase,
                              write_vector, free_gates, allocation_gate, write_gate, read_modes)
+
+
+class _TimeStep(torch.autograd.Function):
+    """A whole DNC time step through the C++ kernel (:func:`fused_time_step`)."""
+
+    @staticmethod
+    def forward(ctx, reference, clip, oneplus, *inputs):
+        outputs, saved = dnc_native.load().time_step_forward(
+            [t.contiguous() for t in inputs], clip, oneplus)
+        ctx.reference, ctx.clip, ctx.oneplus, ctx.count = reference, clip, oneplus, len(inputs)
+        ctx.shapes = [(t.shape, t.dtype) for t in outputs]
+        ctx.save_for_backward(*inputs, *saved)
+        # the gates and modes are diagnostics here; their gradients are still exact
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        grads = tuple(g if g is not None else torch.zeros(shape, dtype=dtype)
+                      for g, (shape, dtype) in zip(grads, ctx.shapes, strict=True))
+        if torch.is_grad_enabled():
+            found = _reference_grads(ctx.reference, saved[:ctx.count], grads)
+        else:
+            found = dnc_native.load().time_step_backward(
+                list(saved[ctx.count:]), [g.contiguous() for g in grads], ctx.clip, ctx.oneplus)
+        return (None, None, None, *found)
+
+
+def fused_time_step(reference, clip: float | None, oneplus: bool, x_gates: Tensor, h: Tensor,
+                    c: Tensor, read_vectors: Tensor, memory: Tensor, usage: Tensor, link: Tensor,
+                    precedence: Tensor, prev_reads: Tensor, prev_writes: Tensor,
+                    recurrent_weight: Tensor, interface_weight: Tensor, interface_bias: Tensor
+                    ) -> tuple[Tensor, ...]:
+    """One whole DNC time step with one write head (LSTM controller, interface layer and
+    activations, memory step) as the C++ kernel of :mod:`~cl_lightning.models.dnc_native`
+    (CPU, float32 or float64).
+
+    ``reference(x_gates, ..., interface_bias)`` is the same step in PyTorch operations
+    (:meth:`~cl_lightning.models.dnc.DNC.reference_time_step`): values and first-order
+    gradients equal it to float rounding, and higher orders differentiate through it.
+    ``clip``: the clamp of the interface pre-activations (``None``: none); ``oneplus``: the
+    strengths are ``1 + softplus`` rather than ``softplus``. Shapes as
+    :func:`fused_memory_step` takes them; ``x_gates`` ``(B, 4H)``, ``h``, ``c`` ``(B, H)``,
+    ``read_vectors`` ``(B, R, W)``.
+
+    Returns:
+        ``(h, c, memory, usage, link, precedence, read_weights, write_weights, read_vectors,
+        allocation, allocation_gate, write_gate, free_gates, read_modes)`` after the step.
+    """
+    return _TimeStep.apply(reference, float(clip or 0.0), oneplus, x_gates, h, c, read_vectors,
+                           memory, usage, link, precedence, prev_reads, prev_writes,
+                           recurrent_weight, interface_weight, interface_bias)

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
 #include <vector>
 
 namespace dnc_native {
@@ -21,5 +22,10 @@ std::vector<at::Tensor> link_read_backward(at::Tensor L, at::Tensor p, at::Tenso
 std::vector<at::Tensor> memory_step_forward(std::vector<at::Tensor> inputs);
 std::vector<at::Tensor> memory_step_backward(std::vector<at::Tensor> saved,
                                                 std::vector<at::Tensor> grads);
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> time_step_forward(
+    std::vector<at::Tensor> inputs, double clip, bool oneplus);
+std::vector<at::Tensor> time_step_backward(std::vector<at::Tensor> saved,
+                                           std::vector<at::Tensor> grads, double clip,
+                                           bool oneplus);
 
 }  // namespace dnc_native

@@ -28,7 +28,7 @@ import torch
 from cl_lightning.checks import OptionError
 
 SOURCES = [Path(__file__).with_name(name) for name in (
-    "dnc_native_module.cpp", "dnc_link.cpp", "dnc_memory_step.cpp")]
+    "dnc_native_module.cpp", "dnc_link.cpp", "dnc_memory_step.cpp", "dnc_time_step.cpp")]
 OPTION = "model.net.init_args.dnc.cpp_kernels"
 
 

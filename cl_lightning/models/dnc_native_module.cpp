@@ -11,4 +11,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "one DNC memory step (one write head), forward");
   m.def("memory_step_backward", &dnc_native::memory_step_backward,
         "its first-order gradients");
+  m.def("time_step_forward", &dnc_native::time_step_forward,
+        "one whole DNC time step (controller, interface, memory), forward");
+  m.def("time_step_backward", &dnc_native::time_step_backward, "its first-order gradients");
 }

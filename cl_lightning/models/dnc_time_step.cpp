@@ -1,0 +1,162 @@
+// One whole DNC time step (one write head) as one C++ call forward and one backward: the LSTM
+// controller, the interface layer and its activations, then the memory step of
+// dnc_memory_step.cpp. The composition of dnc.py's lstm_cell, the interface Linear, the
+// clamp to +-clip, InterfaceLayout.parse and dnc_kernels._memory_step_reference.
+// Python side: dnc_kernels.fused_time_step. The batch-wide parts (matrix products,
+// activations) are ATen calls, without the per-operation cost of Python and autograd.
+//
+//   rin = [r_prev | h_prev]                 gates = x_gates + rin W_rec^T
+//   i, f, o = sigmoid(gates[:3H])           g = tanh(gates[3H:])
+//   c' = f c + i g                           h' = o tanh(c')
+//   raw = clamp(h' W_if^T + b_if, -clip, clip)          (clip 0: no clamp)
+//   raw = [read keys R W | write key W | write vector W | strengths R + 1 |
+//          erase W, free gates R, allocation gate, write gate | read modes R x 3]
+//   strengths: softplus (+ 1 for oneplus); gates and erase: sigmoid; modes: softmax of 3
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
+
+#include "dnc_native.h"
+
+namespace dnc_native {
+
+namespace {
+
+struct Layout {
+  int64_t batch, hidden, reads, word;
+  int64_t keys() const { return reads * word; }
+  int64_t strengths() const { return keys() + 2 * word; }  // offset of the strengths
+  int64_t sigmoids() const { return strengths() + reads + 1; }
+  int64_t modes() const { return sigmoids() + word + reads + 2; }
+  int64_t size() const { return modes() + 3 * reads; }
+};
+
+Layout layout_of(const at::Tensor& h, const at::Tensor& read_vectors) {
+  return {h.size(0), h.size(1), read_vectors.size(1), read_vectors.size(2)};
+}
+
+}  // namespace
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> time_step_forward(
+    std::vector<at::Tensor> in, double clip, bool oneplus) {
+  TORCH_CHECK(in.size() == 13, "time_step_forward: 13 inputs");
+  const at::Tensor &x_gates = in[0], &h = in[1], &c = in[2], &read_vectors = in[3],
+                   &w_rec = in[10], &w_if = in[11], &b_if = in[12];
+  const Layout s = layout_of(h, read_vectors);
+  TORCH_CHECK(w_if.size(0) == s.size(), "time_step_forward: interface size ", w_if.size(0),
+              ", expected ", s.size());
+  const int64_t H = s.hidden;
+
+  auto rin = at::cat({read_vectors.reshape({s.batch, s.keys()}), h}, 1);
+  auto gates = at::addmm(x_gates, rin, w_rec.t());
+  auto act = at::empty_like(gates);  // [i, f, o, g]
+  auto act_sig = act.narrow(1, 0, 3 * H), act_cell = act.narrow(1, 3 * H, H);
+  at::sigmoid_out(act_sig, gates.narrow(1, 0, 3 * H));
+  at::tanh_out(act_cell, gates.narrow(1, 3 * H, H));
+  auto c2 = at::addcmul(act.narrow(1, H, H) * c, act.narrow(1, 0, H), act.narrow(1, 3 * H, H));
+  auto tc = at::tanh(c2);
+  auto h2 = act.narrow(1, 2 * H, H) * tc;
+  auto raw = at::addmm(b_if, h2, w_if.t());
+  auto field = clip > 0 ? raw.clamp(-clip, clip) : raw;
+
+  auto strengths = at::softplus(field.narrow(1, s.strengths(), s.reads + 1));
+  if (oneplus) strengths.add_(1.0);
+  auto sig = at::sigmoid(field.narrow(1, s.sigmoids(), s.word + s.reads + 2));
+  auto modes = at::softmax(field.narrow(1, s.modes(), 3 * s.reads).reshape({s.batch, s.reads, 3}),
+                           -1);
+  std::vector<at::Tensor> memory_in = {
+      in[4], in[5], in[6], in[7], in[8], in[9],
+      field.narrow(1, 0, s.keys()).reshape({s.batch, s.reads, s.word}),  // read keys
+      strengths.narrow(1, 0, s.reads).contiguous(),                       // read strengths
+      field.narrow(1, s.keys(), s.word).contiguous(),                     // write key
+      strengths.select(1, s.reads).contiguous(),                          // write strength
+      sig.narrow(1, 0, s.word).contiguous(),                              // erase
+      field.narrow(1, s.keys() + s.word, s.word).contiguous(),            // write vector
+      sig.narrow(1, s.word, s.reads).contiguous(),                        // free gates
+      sig.select(1, s.word + s.reads).contiguous(),                       // allocation gate
+      sig.select(1, s.word + s.reads + 1).contiguous(),                   // write gate
+      modes};
+  for (auto& t : memory_in) t = t.contiguous();
+  auto out = memory_step_forward(memory_in);
+
+  // h', c', memory, usage, link, precedence, read weights, write weights, read vectors,
+  // allocation, then the diagnostics: allocation gate, write gate, free gates, read modes
+  std::vector<at::Tensor> outputs = {h2, c2, out[0], out[1], out[2], out[3], out[4], out[5],
+                                     out[6], out[7], memory_in[13], memory_in[14],
+                                     memory_in[12], memory_in[15]};
+  // what the backward pass reads: the memory step's 31 tensors, then the controller's
+  std::vector<at::Tensor> saved(memory_in.begin(), memory_in.end());
+  for (int k : {0, 1, 4, 5}) saved.push_back(out[k]);
+  saved.insert(saved.end(), out.begin() + 7, out.end());
+  for (const auto& t : {rin, act, c, tc, h2, raw, w_rec, w_if, sig}) saved.push_back(t);
+  return {outputs, saved};
+}
+
+std::vector<at::Tensor> time_step_backward(std::vector<at::Tensor> saved,
+                                           std::vector<at::Tensor> grads, double clip,
+                                           bool oneplus) {
+  TORCH_CHECK(saved.size() == 40 && grads.size() == 14, "time_step_backward: 40 + 14 tensors");
+  const at::Tensor &rin = saved[31], &act = saved[32], &c = saved[33], &tc = saved[34],
+                   &h2 = saved[35], &raw = saved[36], &w_rec = saved[37], &w_if = saved[38],
+                   &sig = saved[39];
+  const at::Tensor& modes = saved[15];
+  const int64_t H = tc.size(1);
+  const Layout s{tc.size(0), H, saved[6].size(1), saved[6].size(2)};
+
+  std::vector<at::Tensor> memory_saved(saved.begin(), saved.begin() + 31);
+  std::vector<at::Tensor> memory_grads(grads.begin() + 2, grads.begin() + 10);
+  auto g = memory_step_backward(memory_saved, memory_grads);
+  // g: memory, usage, link, precedence, read weights, (write weights), read keys, read
+  // strengths, write key, write strength, erase, write vector, free gates, allocation gate,
+  // write gate, read modes; the diagnostics' gradients join their fields'
+  auto g_raw = at::empty_like(raw);
+  g_raw.narrow(1, 0, s.keys()).copy_(g[6].reshape({s.batch, s.keys()}));
+  g_raw.narrow(1, s.keys(), s.word).copy_(g[8]);
+  g_raw.narrow(1, s.keys() + s.word, s.word).copy_(g[11]);
+  // softplus' = sigmoid of the pre-activation (oneplus adds a constant)
+  auto pre = raw.narrow(1, s.strengths(), s.reads + 1);
+  if (clip > 0) pre = pre.clamp(-clip, clip);
+  auto g_strengths = g_raw.narrow(1, s.strengths(), s.reads + 1);
+  g_strengths.narrow(1, 0, s.reads).copy_(g[7]);
+  g_strengths.select(1, s.reads).copy_(g[9]);
+  g_strengths.mul_(at::sigmoid(pre));
+  auto g_sig = g_raw.narrow(1, s.sigmoids(), s.word + s.reads + 2);
+  g_sig.narrow(1, 0, s.word).copy_(g[10]);
+  g_sig.narrow(1, s.word, s.reads).copy_(g[12] + grads[12]);
+  g_sig.select(1, s.word + s.reads).copy_(g[13] + grads[10]);
+  g_sig.select(1, s.word + s.reads + 1).copy_(g[14] + grads[11]);
+  g_sig.mul_(sig * (1 - sig));
+  auto g_modes = g[15] + grads[13];
+  g_raw.narrow(1, s.modes(), 3 * s.reads)
+      .copy_((modes * (g_modes - (g_modes * modes).sum(-1, true))).reshape({s.batch, -1}));
+  if (clip > 0) g_raw.mul_(raw.abs() <= clip);
+
+  auto g_h2 = at::addmm(grads[0], g_raw, w_if);
+  auto g_w_if = at::mm(g_raw.t(), h2);
+  auto g_b_if = g_raw.sum(0);
+  auto i = act.narrow(1, 0, H), f = act.narrow(1, H, H), o = act.narrow(1, 2 * H, H),
+       cell = act.narrow(1, 3 * H, H);
+  auto g_c2 = grads[1] + g_h2 * o * (1 - tc * tc);
+  auto g_gates = at::empty_like(act);
+  auto g_i = g_gates.narrow(1, 0, H), g_f = g_gates.narrow(1, H, H),
+       g_o = g_gates.narrow(1, 2 * H, H), g_cell = g_gates.narrow(1, 3 * H, H);
+  at::mul_out(g_i, g_c2, cell);
+  at::mul_out(g_f, g_c2, c);
+  at::mul_out(g_o, g_h2, tc);
+  const auto sig3 = act.narrow(1, 0, 3 * H);
+  g_gates.narrow(1, 0, 3 * H).mul_(sig3 * (1 - sig3));
+  at::mul_out(g_cell, g_c2 * i, 1 - cell * cell);
+  auto g_rin = at::mm(g_gates, w_rec);
+  auto g_w_rec = at::mm(g_gates.t(), rin);
+  // x_gates, h, c, read vectors, memory, usage, link, precedence, read weights, write
+  // weights (a constant: no gradient), W_rec, W_if, b_if
+  return {g_gates,
+          g_rin.narrow(1, s.keys(), H),
+          g_c2 * f,
+          g_rin.narrow(1, 0, s.keys()).reshape({s.batch, s.reads, s.word}),
+          g[0], g[1], g[2], g[3], g[4], at::Tensor(), g_w_rec, g_w_if, g_b_if};
+}
+
+}  // namespace dnc_native
