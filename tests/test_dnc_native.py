@@ -203,7 +203,8 @@ def test_dnc_with_cpp_kernels_equals_the_default(built, kernel: str) -> None:
 
 
 def test_bad_cpp_kernels_options_fail_in_one_line(monkeypatch) -> None:
-    with pytest.raises(OptionError, match=r"cpp_kernels must be 'none', 'link' or 'step', got"):
+    with pytest.raises(OptionError,
+                       match=r"cpp_kernels must be 'none', 'auto', 'link' or 'step', got"):
         DNC(4, 3, cpp_kernels="fast")
     for options in ({"write_heads": 2}, {"masking": True}, {"sharpness": True},
                     {"temporal_links": False}, {"dealloc": True}):
@@ -222,7 +223,37 @@ def test_bad_cpp_kernels_options_fail_in_one_line(monkeypatch) -> None:
             DNC(4, 3, cpp_kernels="link")
         message = str(err.value)
         assert "\n" not in message and "cpp_kernels" in message and "Ninja" in message
-        assert "cpp_kernels none" in message
+        assert "cpp_kernels none or auto" in message
+        dnc_native.available.cache_clear()
+        with pytest.warns(UserWarning, match=r"cpp_kernels auto: the C\+\+ kernels cannot be "
+                          r"built here \(Ninja is required to load C\+\+ extensions\); the DNC "
+                          "runs in PyTorch"):
+            auto = DNC(4, 3, cpp_kernels="auto")
+        assert auto.cpp_kernels == "none" and "cpp_kernels" not in repr(auto)
     finally:
         monkeypatch.undo()
         dnc_native.load.cache_clear()
+        dnc_native.available.cache_clear()
+
+
+def test_auto_takes_the_fastest_kernel_that_serves_the_options(built) -> None:
+    """``auto`` resolves to ``step`` for one write head (the default options), to ``link``
+    where ``step`` cannot serve (two write heads, sharpening), to ``none`` without the
+    fused path or without temporal links (nothing to run), and the resolved kernel is in
+    the module's repr."""
+    assert DNC(4, 3, cpp_kernels="auto").cpp_kernels == "step"
+    for options in ({"write_heads": 2}, {"sharpness": True}, {"masking": True}):
+        dnc = DNC(4, 3, cpp_kernels="auto", **options)
+        assert dnc.cpp_kernels == "link" and "cpp_kernels=link" in repr(dnc)
+    assert DNC(4, 3, cpp_kernels="auto", fused=False).cpp_kernels == "none"
+    assert DNC(4, 3, cpp_kernels="auto", temporal_links=False).cpp_kernels == "none"
+
+
+def test_a_failed_build_names_the_compiler_error() -> None:
+    """The one-line message names the compiler's first error, not the build command."""
+    log = ("Error building extension 'x': [1/5] c++ -MMD -c a.cpp -o a.o\n"
+           "a.cpp:55:29: error: cannot bind non-const lvalue reference\nninja: build stopped")
+    assert dnc_native.failure_reason(RuntimeError(log)) == (
+        "a.cpp:55:29: error: cannot bind non-const lvalue reference")
+    assert dnc_native.failure_reason(RuntimeError("Ninja is required\nmore")) == (
+        "Ninja is required")

@@ -41,7 +41,7 @@ from cl_lightning.models import dnc_kernels as kernels
 from cl_lightning.models import dnc_native
 from cl_lightning.models.cuda_graphs import graph_cache
 
-CppKernels = Literal["none", "link", "step"]
+CppKernels = Literal["none", "auto", "link", "step"]
 
 _EMPTY_LINKS: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
 """The all-zero link tensors :meth:`DNC.initial_state` made, by ``id`` (entries vanish
@@ -271,9 +271,11 @@ class DNCOptions:
         cuda_graphs: on a GPU, replay the DNC's forward (and backward) over the sequence
             from CUDA graphs (see :class:`DNC`): 5-13x faster per time step on one H200,
             bit-equal; no effect on a CPU or with ``compile_step``.
-        cpp_kernels: ``none``, ``link`` or ``step``: on a CPU, run the link update and
-            directional reads, or the whole memory step, forward and backward, as C++
-            kernels built on first use (see :class:`DNC`).
+        cpp_kernels: ``none``, ``auto``, ``link`` or ``step``: on a CPU, run the link update
+            and directional reads, or the whole time step, forward and backward, as C++
+            kernels built on first use; ``auto`` takes the fastest that serves the options
+            and runs in PyTorch (with a warning) where they cannot be built (see
+            :class:`DNC`).
     """
 
     hidden_size: int = 128
@@ -333,18 +335,21 @@ class DNC(nn.Module):
             parameters (``functional_call``), inside
             :func:`~cl_lightning.models.cuda_graphs.paused` (the learner's second-order
             MAML inner loop: a replay has no double backward).
-        cpp_kernels: ``none`` (PyTorch operations), ``link`` or ``step``: on a CPU, C++
-            kernels (:mod:`~cl_lightning.models.dnc_native`) with hand-written first-order
-            gradients, equal to the PyTorch path to float rounding. ``link``: the link update
-            and both directional reads, one pass over each ``N x N`` link matrix each way
-            instead of about 24 (also inside ``compile_step``'s graph). ``step``: the whole
-            memory step (usage, allocation, write, reads) as one call each way, in eager
-            mode; it serves one write head without masking, de-allocation or sharpening
-            (other options are refused), and ``compile_step`` runs the ``link`` kernel in
-            its place. They are compiled on first use (a C++ compiler and ``ninja``; under a
-            minute, then cached on disk); construction fails with one line if they cannot
-            be built. GPU tensors, other dtypes than float32/float64 and second-order
-            gradients take the PyTorch path.
+        cpp_kernels: ``none`` (PyTorch operations), ``auto``, ``link`` or ``step``: on a
+            CPU, C++ kernels (:mod:`~cl_lightning.models.dnc_native`) with hand-written
+            first-order gradients, equal to the PyTorch path to float rounding. ``link``: the
+            link update and both directional reads, one pass over each ``N x N`` link matrix
+            each way instead of about 24 (also inside ``compile_step``'s graph). ``step``:
+            the whole time step (LSTM controller, interface layer and activations, usage,
+            allocation, write, reads) as one call each way, in eager mode; it serves one
+            write head without masking, de-allocation or sharpening (other options are
+            refused), and ``compile_step`` runs the ``link`` kernel in its place. They are
+            compiled on first use (a C++ compiler and ``ninja``; under a minute, then cached
+            on disk); construction fails with one line if they cannot be built. ``auto``:
+            ``step`` where it serves the options, else ``link`` (``none`` without the fused
+            path), and ``none`` with a warning where the kernels cannot be built, so a
+            checkpoint or config runs on any machine. GPU tensors, other dtypes than
+            float32/float64, autocast and second-order gradients take the PyTorch path.
     """
 
     def __init__(
@@ -369,16 +374,20 @@ class DNC(nn.Module):
         cpp_kernels: CppKernels = "none",
     ) -> None:
         super().__init__()
-        if cpp_kernels not in ("none", "link", "step"):
-            raise OptionError(f"{dnc_native.OPTION} must be 'none', 'link' or 'step', "
+        if cpp_kernels not in ("none", "auto", "link", "step"):
+            raise OptionError(f"{dnc_native.OPTION} must be 'none', 'auto', 'link' or 'step', "
                               f"got {cpp_kernels!r}")
-        if cpp_kernels == "step" and (write_heads != 1 or masking or dealloc or sharpness
-                                      is not False or not temporal_links or not fused
-                                      or not stop_write_gradient):
+        step_serves = (write_heads == 1 and not masking and not dealloc and sharpness is False
+                       and temporal_links and fused and stop_write_gradient)
+        if cpp_kernels == "step" and not step_serves:
             raise OptionError(f"{dnc_native.OPTION} step serves one write head with temporal "
                               "links and without masking, dealloc or sharpness; use "
-                              f"{dnc_native.OPTION} link")
-        if cpp_kernels != "none":
+                              f"{dnc_native.OPTION} link or auto")
+        if cpp_kernels == "auto":
+            cpp_kernels = "step" if step_serves else "link" if fused and temporal_links else "none"
+            if cpp_kernels != "none" and not dnc_native.available():
+                cpp_kernels = "none"
+        elif cpp_kernels != "none":
             dnc_native.load()  # build now: a missing compiler fails here, in one line
         if strength_activation not in ("softplus", "oneplus"):
             raise OptionError(f"unknown strength_activation {strength_activation!r}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import subprocess
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -46,7 +47,7 @@ def load() -> ModuleType:
     """The compiled extension (built or loaded from the cache once per process).
 
     Raises:
-        OptionError: the extension cannot be built here (no compiler or ``ninja``).
+        BuildFailed: the extension cannot be built here (no compiler or ``ninja``).
     """
     capability = torch.backends.cpu.get_cpu_capability()
     from torch.utils import cpp_extension
@@ -58,10 +59,38 @@ def load() -> ModuleType:
             extra_cflags=build_flags(capability),
         )
     except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise OptionError(
+        raise BuildFailed(failure_reason(err)) from None
+
+
+class BuildFailed(OptionError):
+    """The kernels cannot be built here; ``reason`` is the line of the build that says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
             f"{OPTION} needs a C++ compiler and ninja (pip install ninja) to build its "
-            f"kernels, which failed here ({first_line}); use {OPTION} none") from None
+            f"kernels, which failed here ({reason}); use {OPTION} none or auto")
+        self.reason = reason
+
+
+def failure_reason(err: BaseException) -> str:
+    """The line of a failed build that says why: the compiler's first error, else the
+    message's first line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    errors = [line for line in lines if ": error:" in line or "fatal error" in line]
+    return (errors or lines or [type(err).__name__])[0]
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the extension builds (or loads) here; the first failure warns once, in one
+    line, that the DNC runs in PyTorch (``cpp_kernels: auto``)."""
+    try:
+        load()
+    except BuildFailed as err:
+        warnings.warn(f"{OPTION} auto: the C++ kernels cannot be built here ({err.reason}); "
+                      "the DNC runs in PyTorch", stacklevel=3)
+        return False
+    return True
 
 
 def usable(state: torch.Tensor) -> bool:
