@@ -11,9 +11,10 @@ LSTM controller 128, one write head) on CPU with ``torch.set_num_threads(--threa
 * ``fused``: the default, with hand-written backward passes for content addressing, the
   erase/add write and the link update + directional reads;
 * ``cpp-link``, ``cpp-step``: the default with ``cpp_kernels="link"`` (the link update,
-  directional reads and their gradients as one C++ kernel) or ``"step"`` (the whole memory
-  step as one), :mod:`cl_lightning.models.dnc_native`; built on first use (the first call's
-  time is in ``compile s``);
+  directional reads and their gradients as one C++ kernel) or ``"step"`` (the whole time
+  step, controller and interface included, as one; what ``auto`` takes for these options),
+  :mod:`cl_lightning.models.dnc_native`; built on first use (the first call's time is in
+  ``compile s``);
 * ``nolinks``: the default with ``temporal_links=False`` (content reads only, no link matrix):
   a different model, listed for what the link matrix costs;
 * ``compile-*``: ``compile_step=True``, the time step compiled with inductor (one graph,

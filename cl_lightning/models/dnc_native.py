@@ -1,19 +1,22 @@
-"""The DNC's C++ kernels, built on first use (``DNC(cpp_kernels="link" | "step")``).
+"""The DNC's C++ kernels, built on first use (``DNC(cpp_kernels="auto" | "link" | "step")``).
 
 Sources, next to this file: ``dnc_link.h`` (the link step of one sample: update and both
 directional reads in one pass over its ``N x N`` link, their gradients in one more, where
 the PyTorch path makes about 24 passes), ``dnc_link.cpp`` (that step over a batch, behind
 :func:`~cl_lightning.models.dnc_kernels.fused_link_read`), ``dnc_memory_step.cpp`` (a
 whole memory step with one write head, behind
-:func:`~cl_lightning.models.dnc_kernels.fused_memory_step`) and ``dnc_native_module.cpp``
-(the Python module). The math is in each source's header; values and gradients equal the
-reference functions of :mod:`~cl_lightning.models.dnc_addressing` to float rounding
-(``tests/test_dnc_native.py``).
+:func:`~cl_lightning.models.dnc_kernels.fused_memory_step`), ``dnc_time_step.cpp`` (a whole
+time step: the LSTM controller and the interface layer around that memory step, behind
+:func:`~cl_lightning.models.dnc_kernels.fused_time_step`) and ``dnc_native_module.cpp`` (the
+Python module). The math is in each source's header; values and gradients equal the
+reference functions of :mod:`~cl_lightning.models.dnc_addressing` and the DNC's own
+PyTorch step to float rounding (``tests/test_dnc_native.py``).
 
 The first call compiles the sources with ``torch.utils.cpp_extension`` (a C++ compiler and
-``ninja`` on the path; under a minute) into torch's extension cache (``TORCH_EXTENSIONS_DIR``,
-by default under ``~/.cache``); later runs load the cached library in about a second. The
-build is specific to the CPU's vector instruction set, which is part of the library's name.
+``ninja`` on the path; about 30 s on two cores) into torch's extension cache
+(``TORCH_EXTENSIONS_DIR``, by default under ``~/.cache``); later runs load the cached
+library in about a second. The build is specific to the CPU's vector instruction set,
+which is part of the library's name.
 """
 
 from __future__ import annotations
