@@ -81,7 +81,7 @@ def test_full_agent_composes_on_every_stream(capsys, stream, esmer, images):
         "hidden_size": 64, "memory_slots": 32, "word_size": 32, "read_heads": 2,
         "write_heads": 1, "clip_value": 20.0, "masking": False, "dealloc": False,
         "sharpness": False, "compile_step": False, "temporal_links": True,
-        "cuda_graphs": True, "cpp_kernels": "none"}
+        "cuda_graphs": True, "cpp_kernels": "auto"}
     assert model["optimizer"]["class_path"] == "torch.optim.Adam"
     assert model["optimizer"]["init_args"]["lr"] == 0.001
     assert model["meta"]["init_args"]["steps"] == 5 and model["context"] is True
