@@ -347,9 +347,10 @@ class DNC(nn.Module):
             compiled on first use (a C++ compiler and ``ninja``; under a minute, then cached
             on disk); construction fails with one line if they cannot be built. ``auto``:
             ``step`` where it serves the options, else ``link`` (``none`` without the fused
-            path), and ``none`` with a warning where the kernels cannot be built, so a
-            checkpoint or config runs on any machine. GPU tensors, other dtypes than
-            float32/float64, autocast and second-order gradients take the PyTorch path.
+            path or the temporal links), and ``none`` with a warning where the kernels
+            cannot be built, so a checkpoint or config runs on any machine. GPU tensors,
+            other dtypes than float32/float64, autocast and second-order gradients take the
+            PyTorch path.
     """
 
     def __init__(
