@@ -18,7 +18,9 @@
 // (or R x N) that stays in cache. Summation order differs from the matrix products
 // of the ATen path, so values agree to float rounding, not bit for bit.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 

@@ -16,7 +16,9 @@
 //   p'   = (1 - sum ww) p + ww                      rw_r = m_r0 b_r + m_r1 f_r + m_r2 cr_r
 //   rv_r = rw_r M'
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 

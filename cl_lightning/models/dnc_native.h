@@ -1,7 +1,7 @@
 // The C++ kernels of the DNC (built by dnc_native.py), declared for the Python module.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // not ATen/ATen.h: each source includes the operators it calls
 
 #include <tuple>
 #include <vector>

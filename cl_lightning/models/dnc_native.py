@@ -13,7 +13,7 @@ reference functions of :mod:`~cl_lightning.models.dnc_addressing` and the DNC's 
 PyTorch step to float rounding (``tests/test_dnc_native.py``).
 
 The first call compiles the sources with ``torch.utils.cpp_extension`` (a C++ compiler and
-``ninja`` on the path; about 30 s on two cores) into torch's extension cache
+``ninja`` on the path; about 20 s on two cores) into torch's extension cache
 (``TORCH_EXTENSIONS_DIR``, by default under ``~/.cache``); later runs load the cached
 library in about a second. The build is specific to the CPU's vector instruction set,
 which is part of the library's name.

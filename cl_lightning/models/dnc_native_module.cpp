@@ -1,5 +1,6 @@
 // The Python module of the DNC's C++ kernels (built by dnc_native.py).
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>  // lighter than torch/extension.h: tensors only
+#include <pybind11/stl.h>
 
 #include "dnc_native.h"
 

@@ -13,7 +13,18 @@
 //          erase W, free gates R, allocation gate, write gate | read modes R x 3]
 //   strengths: softplus (+ 1 for oneplus); gates and erase: sigmoid; modes: softmax of 3
 
-#include <ATen/ATen.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addcmul.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sigmoid.h>
+#include <ATen/ops/softmax.h>
+#include <ATen/ops/softplus.h>
+#include <ATen/ops/tanh.h>
 
 #include <tuple>
 #include <vector>
