@@ -463,7 +463,7 @@ class _TimeStep(torch.autograd.Function):
     def forward(ctx, reference, clip, oneplus, *inputs):
         outputs, saved = dnc_native.load().time_step_forward(
             [t.contiguous() for t in inputs], clip, oneplus)
-        ctx.reference, ctx.clip, ctx.oneplus, ctx.count = reference, clip, oneplus, len(inputs)
+        ctx.reference, ctx.clip, ctx.count = reference, clip, len(inputs)
         ctx.shapes = [(t.shape, t.dtype) for t in outputs]
         ctx.save_for_backward(*inputs, *saved)
         # the gates and modes are diagnostics here; their gradients are still exact
@@ -478,7 +478,7 @@ class _TimeStep(torch.autograd.Function):
             found = _reference_grads(ctx.reference, saved[:ctx.count], grads)
         else:
             found = dnc_native.load().time_step_backward(
-                list(saved[ctx.count:]), [g.contiguous() for g in grads], ctx.clip, ctx.oneplus)
+                list(saved[ctx.count:]), [g.contiguous() for g in grads], ctx.clip)
         return (None, None, None, *found)
 
 

@@ -25,7 +25,6 @@ std::vector<at::Tensor> memory_step_backward(std::vector<at::Tensor> saved,
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> time_step_forward(
     std::vector<at::Tensor> inputs, double clip, bool oneplus);
 std::vector<at::Tensor> time_step_backward(std::vector<at::Tensor> saved,
-                                           std::vector<at::Tensor> grads, double clip,
-                                           bool oneplus);
+                                           std::vector<at::Tensor> grads, double clip);
 
 }  // namespace dnc_native

@@ -66,7 +66,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> time_step_forward(
   auto act_sig = act.narrow(1, 0, 3 * H), act_cell = act.narrow(1, 3 * H, H);
   at::sigmoid_out(act_sig, gates.narrow(1, 0, 3 * H));
   at::tanh_out(act_cell, gates.narrow(1, 3 * H, H));
-  auto c2 = at::addcmul(act.narrow(1, H, H) * c, act.narrow(1, 0, H), act.narrow(1, 3 * H, H));
+  auto c2 = at::addcmul(act.narrow(1, H, H) * c, act.narrow(1, 0, H), act_cell);
   auto tc = at::tanh(c2);
   auto h2 = act.narrow(1, 2 * H, H) * tc;
   auto raw = at::addmm(b_if, h2, w_if.t());
@@ -80,16 +80,16 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> time_step_forward(
   std::vector<at::Tensor> memory_in = {
       in[4], in[5], in[6], in[7], in[8], in[9],
       field.narrow(1, 0, s.keys()).reshape({s.batch, s.reads, s.word}),  // read keys
-      strengths.narrow(1, 0, s.reads).contiguous(),                       // read strengths
-      field.narrow(1, s.keys(), s.word).contiguous(),                     // write key
-      strengths.select(1, s.reads).contiguous(),                          // write strength
-      sig.narrow(1, 0, s.word).contiguous(),                              // erase
-      field.narrow(1, s.keys() + s.word, s.word).contiguous(),            // write vector
-      sig.narrow(1, s.word, s.reads).contiguous(),                        // free gates
-      sig.select(1, s.word + s.reads).contiguous(),                       // allocation gate
-      sig.select(1, s.word + s.reads + 1).contiguous(),                   // write gate
+      strengths.narrow(1, 0, s.reads),                                    // read strengths
+      field.narrow(1, s.keys(), s.word),                                  // write key
+      strengths.select(1, s.reads),                                       // write strength
+      sig.narrow(1, 0, s.word),                                           // erase
+      field.narrow(1, s.keys() + s.word, s.word),                         // write vector
+      sig.narrow(1, s.word, s.reads),                                     // free gates
+      sig.select(1, s.word + s.reads),                                    // allocation gate
+      sig.select(1, s.word + s.reads + 1),                                // write gate
       modes};
-  for (auto& t : memory_in) t = t.contiguous();
+  for (auto& t : memory_in) t = t.contiguous();  // the memory step reads contiguous rows
   auto out = memory_step_forward(memory_in);
 
   // h', c', memory, usage, link, precedence, read weights, write weights, read vectors,
@@ -106,8 +106,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> time_step_forward(
 }
 
 std::vector<at::Tensor> time_step_backward(std::vector<at::Tensor> saved,
-                                           std::vector<at::Tensor> grads, double clip,
-                                           bool oneplus) {
+                                           std::vector<at::Tensor> grads, double clip) {
   TORCH_CHECK(saved.size() == 40 && grads.size() == 14, "time_step_backward: 40 + 14 tensors");
   const at::Tensor &rin = saved[31], &act = saved[32], &c = saved[33], &tc = saved[34],
                    &h2 = saved[35], &raw = saved[36], &w_rec = saved[37], &w_if = saved[38],
@@ -126,7 +125,7 @@ std::vector<at::Tensor> time_step_backward(std::vector<at::Tensor> saved,
   g_raw.narrow(1, 0, s.keys()).copy_(g[6].reshape({s.batch, s.keys()}));
   g_raw.narrow(1, s.keys(), s.word).copy_(g[8]);
   g_raw.narrow(1, s.keys() + s.word, s.word).copy_(g[11]);
-  // softplus' = sigmoid of the pre-activation (oneplus adds a constant)
+  // softplus' = sigmoid of the pre-activation (oneplus adds a constant: the same)
   auto pre = raw.narrow(1, s.strengths(), s.reads + 1);
   if (clip > 0) pre = pre.clamp(-clip, clip);
   auto g_strengths = g_raw.narrow(1, s.strengths(), s.reads + 1);
