@@ -30,6 +30,7 @@ from callbacks.checkpoint import TaskCheckpoint
 from callbacks.evaluation import ContinualEvaluation
 from cl_lightning.checkpoint_io import check_readable_checkpoint
 from cl_lightning.checks import MissingFileError, OptionError, find_usage_error, one_line
+from cl_lightning.gpu_probe import keep_cuda_check_cheap
 from cl_lightning.lightning_private import continue_logger_version, requested_logger_version
 from cl_lightning.module import ContinualLearner
 from datamodules.base import ContinualDataModule
@@ -189,6 +190,7 @@ def main(args: list[str] | None = None) -> ContinualCLI:
     :class:`~callbacks.checkpoint.TaskCheckpoint` saved ``last.ckpt``) exits with status
     128 + the signal number: 143 or 130.
     """
+    keep_cuda_check_cheap()  # Lightning is imported: its CUDA check setting is in place
     try:
         return ContinualCLI(args=args)
     except SIGTERMException as stop:
