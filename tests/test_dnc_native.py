@@ -169,6 +169,45 @@ def test_native_time_step_equals_reference(built, clip, strengths: str) -> None:
     check_kernel_against_reference(native, dnc.reference_time_step, inputs)
 
 
+@pytest.mark.parametrize("clip, strengths", [(None, "softplus"), (0.4, "oneplus")])
+def test_native_sequence_equals_reference(built, clip, strengths: str) -> None:
+    """Three time steps as one C++ call each way against the same steps composed in PyTorch
+    (``sequence_reference`` over the DNC's ``reference_time_step``): values, first- and
+    second-order gradients in float64 and float32, for the inputs of every step, the
+    starting state and the three weights (not against finite differences: like the DNC's,
+    the usage update stops the gradient of the previous step's write weights, a real
+    dependency once the steps chain). Without anything to differentiate the call keeps no
+    autograd graph and gives the same values."""
+    torch.manual_seed(5)
+    batch, n, w, r, hidden, steps = 2, 6, 4, 2, 5, 3
+    dnc = DNC(4, 3, hidden_size=hidden, memory_slots=n, word_size=w, read_heads=r,
+              clip_value=clip, strength_activation=strengths, cpp_kernels="step").double()
+    size = dnc.interface.weight.shape[0]
+    inputs = (
+        torch.randn(batch, steps, 4 * hidden),             # every step's gate contribution
+        torch.randn(batch, hidden) * 0.5, torch.randn(batch, hidden),   # h, c
+        torch.randn(batch, r, w),                          # read vectors
+        *memory_step_inputs(batch, n, w, r)[:6],           # memory, usage, link, ..., writes
+        torch.randn(4 * hidden, r * w + hidden) * 0.3,     # recurrent gate weights
+        torch.randn(size, hidden), torch.randn(size) * 0.5,  # interface weight and bias
+    )
+    inputs = tuple(t.detach().double().requires_grad_(i != 9) for i, t in enumerate(inputs))
+    oneplus = strengths == "oneplus"
+
+    def native(*tensors):
+        return kernels.fused_sequence(dnc.reference_time_step, dnc.clip_value, oneplus,
+                                      *tensors)
+
+    def reference(*tensors):
+        return kernels.sequence_reference(dnc.reference_time_step, *tensors)
+
+    check_kernel_against_reference(native, reference, inputs, numerical=False)
+    with torch.no_grad():
+        plain = native(*inputs)
+    for a, c in zip(plain, native(*inputs), strict=True):
+        assert a.grad_fn is None and torch.equal(a, c.detach())
+
+
 @pytest.mark.parametrize("kernel", ["link", "step"])
 def test_dnc_with_cpp_kernels_equals_the_default(built, kernel: str) -> None:
     """A DNC with C++ kernels computes the default DNC's outputs and parameter gradients to

@@ -490,7 +490,10 @@ class DNC(nn.Module):
             # like the later ones (the compiled step is specialised on requires_grad).
             state = DNCState(*(t if t.requires_grad else t.detach().requires_grad_()
                                for t in state))
-        x_gates = self.input_gates(x).unbind(1)
+        gates = self.input_gates(x)
+        if not (return_trace or self.compile_step) and self._native_step_serves(gates, state):
+            return self._native_sequence(gates, state)
+        x_gates = gates.unbind(1)
         hidden, reads, diags = [], [], []
         # A state that was never written has an all-zero link and precedence: the first
         # step's link update and directional reads are exact zeros, skipped (eager only:
@@ -534,9 +537,7 @@ class DNC(nn.Module):
             ``(state, diagnostics)``; ``diagnostics`` holds the fields of :class:`DNCTrace`
             for this step (without the time dimension).
         """
-        if (self.cpp_kernels == "step" and not torch.compiler.is_compiling()
-                and dnc_native.usable(state.memory) and x_gates.dtype == state.memory.dtype
-                and not torch.is_autocast_enabled(x_gates.device.type)):
+        if self._native_step_serves(x_gates, state):
             return self._native_time_step(x_gates, state)
         h, c = self._controller(x_gates, state)
         raw = self.interface(h)
@@ -622,6 +623,27 @@ class DNC(nn.Module):
             state.read_weights, state.write_weights.squeeze(1), *_memory_fields(iface))
         return _native_state(h, c, *outputs, iface.allocation_gates.squeeze(1),
                              iface.write_gates.squeeze(1), iface.free_gates, iface.read_modes)
+
+    def _native_step_serves(self, x_gates: Tensor, state: DNCState) -> bool:
+        """Whether the C++ time step runs here (``cpp_kernels="step"``, eager, a CPU state
+        in float32/64 and inputs of its dtype, no autocast)."""
+        return (self.cpp_kernels == "step" and not torch.compiler.is_compiling()
+                and dnc_native.usable(state.memory) and x_gates.dtype == state.memory.dtype
+                and not torch.is_autocast_enabled(x_gates.device.type))
+
+    def _native_sequence(self, x_gates: Tensor, state: DNCState) -> tuple[Tensor, DNCState]:
+        """:meth:`_forward` over the whole sequence as one C++ call each way
+        (:func:`~cl_lightning.models.dnc_kernels.fused_sequence`); ``x_gates`` ``(B, T, 4H)``."""
+        features, h, c, read_vectors, memory, usage, link, precedence, reads, writes = \
+            kernels.fused_sequence(
+                self.reference_time_step, self.clip_value, self._strength_fn is addr.oneplus,
+                x_gates, state.h, state.c, state.read_vectors, state.memory, state.usage,
+                state.link.squeeze(1), state.precedence.squeeze(1), state.read_weights,
+                state.write_weights.squeeze(1), self.recurrent_gates.weight,
+                self.interface.weight, self.interface.bias)
+        state = DNCState(h, c, memory, usage, link.unsqueeze(1), precedence.unsqueeze(1),
+                         reads, writes.unsqueeze(1), read_vectors)
+        return self.output(features), state
 
     def _native_time_step(self, x_gates: Tensor, state: DNCState
                           ) -> tuple[DNCState, tuple[Tensor, ...]]:

@@ -24,6 +24,8 @@ Kernels and the reference composition each one equals:
 * :func:`fused_time_step` (C++ only, one write head): a whole time step, the LSTM controller
   and the interface layer before that memory step
   (:meth:`~cl_lightning.models.dnc.DNC.reference_time_step`).
+* :func:`fused_sequence` (C++ only, one write head): those time steps over a whole input
+  sequence in one call each way (:func:`sequence_reference`).
 
 When a backward pass is itself differentiated (``create_graph=True``, e.g. second-order
 MAML), the kernels differentiate through the reference function instead, so higher-order
@@ -35,6 +37,8 @@ Shape letters are those of :mod:`cl_lightning.models.dnc_addressing`.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -506,3 +510,89 @@ def fused_time_step(reference, clip: float | None, oneplus: bool, x_gates: Tenso
     return _TimeStep.apply(reference, float(clip or 0.0), oneplus, x_gates, h, c, read_vectors,
                            memory, usage, link, precedence, prev_reads, prev_writes,
                            recurrent_weight, interface_weight, interface_bias)
+
+
+# the time step's outputs that become the next step's state, in the state's argument order
+# (h, c, read_vectors, memory, usage, link, precedence, read weights, write weights)
+_NEXT_STATE = (0, 1, 8, 2, 3, 4, 5, 6, 7)
+
+
+def sequence_reference(step_reference, x_gates: Tensor, *state_and_weights: Tensor
+                       ) -> tuple[Tensor, ...]:
+    """The time steps of :func:`fused_sequence` in PyTorch operations: ``step_reference``
+    (the arguments and outputs of :func:`fused_time_step`) over ``x_gates`` ``(B, T, 4H)``
+    from the state ``h, c, read_vectors, memory, usage, link, precedence, prev_reads,
+    prev_writes``, with the weights ``recurrent_weight, interface_weight, interface_bias``.
+
+    Returns:
+        ``features (B, T, H + R W)``: each step's ``[h | read vectors]``, then the state
+        after the last step in the order it was given.
+    """
+    state, weights = list(state_and_weights[:9]), state_and_weights[9:]
+    features = []
+    for x_t in x_gates.unbind(1):
+        out = step_reference(x_t, *state, *weights)
+        state = [out[k] for k in _NEXT_STATE]
+        features.append(torch.cat([out[0], out[8].flatten(1)], 1))
+    return (torch.stack(features, 1), *state)
+
+
+
+def _run_sequence(args: tuple[Tensor, ...], clip: float, oneplus: bool, keep: bool
+                  ) -> tuple[list[Tensor], list[Tensor]]:
+    """The C++ forward over :func:`fused_sequence`'s arguments: its outputs, and what its
+    backward reads (each step's intermediates; none without ``keep``)."""
+    state = [t.contiguous() for t in args[1:10]]
+    return dnc_native.load().sequence_forward(args[0], state, list(args[10:]), clip, oneplus,
+                                              keep)
+
+
+class _Sequence(torch.autograd.Function):
+    """A DNC's time steps over a whole sequence through the C++ kernel
+    (:func:`fused_sequence`)."""
+
+    @staticmethod
+    def forward(ctx, reference, clip, oneplus, x_gates, *inputs):
+        outputs, saved = _run_sequence((x_gates, *inputs), clip, oneplus, keep=True)
+        ctx.reference, ctx.clip, ctx.count = reference, clip, 1 + len(inputs)
+        ctx.shapes = [(t.shape, t.dtype) for t in outputs]
+        ctx.save_for_backward(x_gates, *inputs, *saved)
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        grads = tuple(g if g is not None else torch.zeros(shape, dtype=dtype)
+                      for g, (shape, dtype) in zip(grads, ctx.shapes, strict=True))
+        if torch.is_grad_enabled():
+            found = _reference_grads(ctx.reference, saved[:ctx.count], grads)
+        else:
+            found = dnc_native.load().sequence_backward(
+                list(saved[ctx.count:]), grads[0].contiguous(), list(grads[1:]), ctx.clip)
+        return (None, None, None, *found)
+
+
+def fused_sequence(step_reference, clip: float | None, oneplus: bool, x_gates: Tensor,
+                   h: Tensor, c: Tensor, read_vectors: Tensor, memory: Tensor, usage: Tensor,
+                   link: Tensor, precedence: Tensor, prev_reads: Tensor, prev_writes: Tensor,
+                   recurrent_weight: Tensor, interface_weight: Tensor, interface_bias: Tensor
+                   ) -> tuple[Tensor, ...]:
+    """The DNC's time steps over a whole sequence as one C++ call each way: the steps of
+    :func:`fused_time_step` in a loop, ``x_gates`` ``(B, T, 4H)`` (the inputs' gate
+    contributions), the other arguments and the options as there. Values and first-order
+    gradients equal :func:`sequence_reference` over ``step_reference`` to float rounding;
+    higher orders differentiate through it.
+
+    Returns:
+        ``features (B, T, H + R W)`` (each step's ``[h | read vectors]``), then the state
+        after the last step: ``h, c, read_vectors, memory, usage, link, precedence,
+        read_weights, write_weights``.
+    """
+    args = (x_gates, h, c, read_vectors, memory, usage, link, precedence, prev_reads,
+            prev_writes, recurrent_weight, interface_weight, interface_bias)
+    clip = float(clip or 0.0)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in args)):
+        # nothing to differentiate: no autograd node, no step's intermediates kept
+        return tuple(_run_sequence(args, clip, oneplus, keep=False)[0])
+    reference = functools.partial(sequence_reference, step_reference)
+    return _Sequence.apply(reference, clip, oneplus, *args)

@@ -26,5 +26,11 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> time_step_forward(
     std::vector<at::Tensor> inputs, double clip, bool oneplus);
 std::vector<at::Tensor> time_step_backward(std::vector<at::Tensor> saved,
                                            std::vector<at::Tensor> grads, double clip);
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sequence_forward(
+    at::Tensor x_gates, std::vector<at::Tensor> state, std::vector<at::Tensor> weights,
+    double clip, bool oneplus, bool keep);
+std::vector<at::Tensor> sequence_backward(std::vector<at::Tensor> saved,
+                                          at::Tensor g_features,
+                                          std::vector<at::Tensor> g_state, double clip);
 
 }  // namespace dnc_native

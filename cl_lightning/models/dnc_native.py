@@ -7,10 +7,12 @@ the PyTorch path makes about 24 passes), ``dnc_link.cpp`` (that step over a batc
 whole memory step with one write head, behind
 :func:`~cl_lightning.models.dnc_kernels.fused_memory_step`), ``dnc_time_step.cpp`` (a whole
 time step: the LSTM controller and the interface layer around that memory step, behind
-:func:`~cl_lightning.models.dnc_kernels.fused_time_step`) and ``dnc_native_module.cpp`` (the
-Python module). The math is in each source's header; values and gradients equal the
-reference functions of :mod:`~cl_lightning.models.dnc_addressing` and the DNC's own
-PyTorch step to float rounding (``tests/test_dnc_native.py``).
+:func:`~cl_lightning.models.dnc_kernels.fused_time_step`), ``dnc_sequence.cpp`` (those time
+steps over a whole sequence, behind :func:`~cl_lightning.models.dnc_kernels.fused_sequence`)
+and ``dnc_native_module.cpp`` (the Python module). The math is in each source's header;
+values and gradients equal the reference functions of
+:mod:`~cl_lightning.models.dnc_addressing` and the DNC's own PyTorch step to float rounding
+(``tests/test_dnc_native.py``).
 
 The first call compiles the sources with ``torch.utils.cpp_extension`` (a C++ compiler and
 ``ninja`` on the path; about 20 s on two cores) into torch's extension cache
@@ -32,7 +34,8 @@ import torch
 from cl_lightning.checks import OptionError
 
 SOURCES = [Path(__file__).with_name(name) for name in (
-    "dnc_native_module.cpp", "dnc_link.cpp", "dnc_memory_step.cpp", "dnc_time_step.cpp")]
+    "dnc_native_module.cpp", "dnc_link.cpp", "dnc_memory_step.cpp", "dnc_time_step.cpp",
+    "dnc_sequence.cpp")]
 OPTION = "model.net.init_args.dnc.cpp_kernels"
 
 

@@ -15,4 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("time_step_forward", &dnc_native::time_step_forward,
         "one whole DNC time step (controller, interface, memory), forward");
   m.def("time_step_backward", &dnc_native::time_step_backward, "its first-order gradients");
+  m.def("sequence_forward", &dnc_native::sequence_forward,
+        "the DNC's time steps over a whole sequence, forward");
+  m.def("sequence_backward", &dnc_native::sequence_backward, "their first-order gradients");
 }
