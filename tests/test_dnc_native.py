@@ -208,6 +208,31 @@ def test_native_sequence_equals_reference(built, clip, strengths: str) -> None:
         assert a.grad_fn is None and torch.equal(a, c.detach())
 
 
+def test_dnc_sequence_call_equals_its_steps_bit_for_bit(built, monkeypatch) -> None:
+    """With ``step`` a DNC runs a whole sequence as one C++ call each way; asking for a
+    trace runs the same kernels one time step at a time. Outputs, final state and every
+    parameter gradient are bitwise equal between the two, so the sequence call changes no
+    result, only the time it takes."""
+    torch.manual_seed(6)
+    dnc = DNC(5, 4, hidden_size=8, memory_slots=10, word_size=6, read_heads=2,
+              cpp_kernels="step")
+    x = torch.randn(3, 5, 5)
+    calls = []
+    sequence = kernels.fused_sequence
+    monkeypatch.setattr(kernels, "fused_sequence",
+                        lambda *args: calls.append(1) or sequence(*args))
+    runs = []
+    for trace in (False, True):
+        y, state, *_ = dnc(x, return_trace=trace)
+        runs.append((y, state, torch.autograd.grad((y.square().sum() + state.memory.sum()),
+                                                   list(dnc.parameters()))))
+    (y1, s1, g1), (y2, s2, g2) = runs
+    assert len(calls) == 1  # the sequence call without a trace, the steps with one
+    assert torch.equal(y1, y2)
+    assert all(torch.equal(a, b) for a, b in zip(s1, s2, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
+
+
 @pytest.mark.parametrize("kernel", ["link", "step"])
 def test_dnc_with_cpp_kernels_equals_the_default(built, kernel: str) -> None:
     """A DNC with C++ kernels computes the default DNC's outputs and parameter gradients to
