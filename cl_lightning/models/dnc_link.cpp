@@ -85,12 +85,12 @@ std::vector<at::Tensor> link_read_backward(at::Tensor L, at::Tensor p, at::Tenso
     scalar_t *gLd = gL.data_ptr<scalar_t>(), *gpd = gp.data_ptr<scalar_t>(),
              *gwd = gw.data_ptr<scalar_t>(), *grd = gr.data_ptr<scalar_t>();
     at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> rows(2 * n);  // G and L' of the row at hand
+      std::vector<scalar_t> scratch(8 * n);
       for (int64_t k = begin; k < end; ++k) {
         const int64_t mat = k * n * n, vec = k * n, rv = k * reads * n;
         link_backward_one(Ld + mat, pd + vec, wd + vec, rd + rv, gLpd + mat, gfd + rv,
                           gbd + rv, n, reads, gLd + mat, gpd + vec, gwd + vec, grd + rv,
-                          rows.data(), rows.data() + n);
+                          scratch.data());
       }
     });
   });

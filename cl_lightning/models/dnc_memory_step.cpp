@@ -31,6 +31,7 @@
 #include <xmmintrin.h>
 #endif
 
+#include "dnc_matvec.h"
 #include "dnc_link.h"
 #include "dnc_native.h"
 
@@ -63,10 +64,7 @@ void content_forward(const T* Mx, const T* keys, const T* strengths, int64_t n, 
   const T eps = T(kEps);
   for (int64_t i = 0; i < n; ++i) {
     const T* Mi = Mx + i * w;
-    T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-    for (int64_t k = 0; k < w; ++k) acc += Mi[k] * Mi[k];
-    mn[i] = std::sqrt(acc + eps);
+    mn[i] = std::sqrt(dot(Mi, Mi, w) + eps);
   }
   for (int64_t h = 0; h < heads; ++h) {
     const T* key = keys + h * w;
@@ -76,12 +74,9 @@ void content_forward(const T* Mx, const T* keys, const T* strengths, int64_t n, 
     T* sh = sim + h * n;
     T* wh = weights + h * n;
     T top = -INFINITY;
+    matvec(Mx, n, w, key, sh);
     for (int64_t i = 0; i < n; ++i) {
-      const T* Mi = Mx + i * w;
-      T dot = T(0);
-#pragma omp simd reduction(+ : dot)
-      for (int64_t k = 0; k < w; ++k) dot += key[k] * Mi[k];
-      sh[i] = dot / (kn * mn[i] + eps);
+      sh[i] /= kn * mn[i] + eps;
       wh[i] = sh[i] * strengths[h];
       top = std::max(top, wh[i]);
     }
@@ -239,14 +234,7 @@ void forward_sample(const std::vector<at::Tensor>& in, std::vector<at::Tensor>& 
     T* rwr = rw + r * n;
     for (int64_t i = 0; i < n; ++i)
       rwr[i] = mb * bk[r * n + i] + mf * f[r * n + i] + mc * cr[r * n + i];
-    T* rvr = rv + r * w;
-    std::fill(rvr, rvr + w, T(0));
-    for (int64_t i = 0; i < n; ++i) {
-      const T g = rwr[i];
-      const T* M2i = M2 + i * w;
-#pragma omp simd
-      for (int64_t k = 0; k < w; ++k) rvr[k] += g * M2i[k];
-    }
+    vecmat(rwr, M2, n, w, rv + r * w);
   }
 }
 
@@ -289,26 +277,25 @@ void backward_sample(const std::vector<at::Tensor>& sv, const std::vector<at::Te
   T* gwwt = gcr + reads * n;            // (N)
   T* gpl = gwwt + n;                    // (N) link's precedence gradient
   T* gwl = gpl + n;                     // (N) link's write-weight gradient
-  T* rows = gwl + n;                    // (2 N) link scratch
-  T* gal = rows + 2 * n;                // (N) allocation gradient
+  T* gal = gwl + n;                     // (N) allocation gradient
   T* gcw = gal + n;                     // (N)
   T* gu2t = gcw + n;                    // (N)
   T* uh = gu2t + n;                     // (N)
   T* cp = uh + n;                       // (N)
   T* cscratch = cp + n;                 // (N + R N) content scratch
+  T* lscratch = cscratch + n + reads * n;  // (8 N) link scratch
 
   // read vectors rv = rw M'
   std::copy(gM2, gM2 + n * w, gM2t);
   std::copy(grw, grw + reads * n, grwt);
+  for (int64_t r = 0; r < reads; ++r) {
+    matvec(M2, n, w, grv + r * w, cscratch);  // M' grv_r
+    for (int64_t i = 0; i < n; ++i) grwt[r * n + i] += cscratch[i];
+  }
   for (int64_t i = 0; i < n; ++i) {
-    const T* M2i = M2 + i * w;
     T* gM2i = gM2t + i * w;
     for (int64_t r = 0; r < reads; ++r) {
       const T* grvr = grv + r * w;
-      T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-      for (int64_t k = 0; k < w; ++k) acc += grvr[k] * M2i[k];
-      grwt[r * n + i] += acc;
       const T g = rw[r * n + i];
 #pragma omp simd
       for (int64_t k = 0; k < w; ++k) gM2i[k] += g * grvr[k];
@@ -341,7 +328,7 @@ void backward_sample(const std::vector<at::Tensor>& sv, const std::vector<at::Te
     gwwt[i] = gww_in[i] + gp2[i] - gp2p;
   }
   // link and directional reads
-  link_backward_one(L, p, ww, rwp, gL2, gf, gbk, n, reads, gL, gpl, gwl, grwp, rows, rows + n);
+  link_backward_one(L, p, ww, rwp, gL2, gf, gbk, n, reads, gL, gpl, gwl, grwp, lscratch);
   for (int64_t i = 0; i < n; ++i) {
     gp[i] += gpl[i];
     gwwt[i] += gwl[i];
@@ -457,7 +444,7 @@ std::vector<at::Tensor> memory_step_backward(std::vector<at::Tensor> saved,
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       FlushSubnormals flush;
       const int64_t n = s.n, r = s.reads;
-      std::vector<scalar_t> scratch(n * s.w + 4 * r * n + 10 * n + n + r * n);
+      std::vector<scalar_t> scratch(n * s.w + 4 * r * n + 8 * n + n + r * n + 8 * n);
       for (int64_t b = begin; b < end; ++b)
         backward_sample<scalar_t>(saved, grads, go, b, s, scratch);
     });
