@@ -460,6 +460,28 @@ def fused_memory_step(memory: Tensor, usage: Tensor, link: Tensor, precedence: T
                              write_vector, free_gates, allocation_gate, write_gate, read_modes)
 
 
+def _keep_for_native_backward(ctx, reference, clip, inputs: tuple, outputs: list,
+                              saved: list) -> tuple:
+    """Keeps on ``ctx`` what :func:`_native_backward` reads: the PyTorch reference, the clip,
+    the inputs, the C++ forward's intermediates, the outputs' shapes. Returns the outputs."""
+    ctx.reference, ctx.clip, ctx.count = reference, clip, len(inputs)
+    ctx.shapes = [(t.shape, t.dtype) for t in outputs]
+    ctx.save_for_backward(*inputs, *saved)
+    return tuple(outputs)
+
+
+def _native_backward(ctx, grads: tuple, native) -> tuple:
+    """The inputs' gradients of a C++ kernel's autograd node: ``native(intermediates, grads)``
+    (the C++ backward), or through the PyTorch reference where the backward itself is
+    differentiated (second order). Outputs without a gradient count as zero."""
+    saved = ctx.saved_tensors
+    grads = tuple(g if g is not None else torch.zeros(shape, dtype=dtype)
+                  for g, (shape, dtype) in zip(grads, ctx.shapes, strict=True))
+    if torch.is_grad_enabled():
+        return _reference_grads(ctx.reference, saved[:ctx.count], grads)
+    return native(list(saved[ctx.count:]), grads)
+
+
 class _TimeStep(torch.autograd.Function):
     """A whole DNC time step through the C++ kernel (:func:`fused_time_step`)."""
 
@@ -467,22 +489,14 @@ class _TimeStep(torch.autograd.Function):
     def forward(ctx, reference, clip, oneplus, *inputs):
         outputs, saved = dnc_native.load().time_step_forward(
             [t.contiguous() for t in inputs], clip, oneplus)
-        ctx.reference, ctx.clip, ctx.count = reference, clip, len(inputs)
-        ctx.shapes = [(t.shape, t.dtype) for t in outputs]
-        ctx.save_for_backward(*inputs, *saved)
         # the gates and modes are diagnostics here; their gradients are still exact
-        return tuple(outputs)
+        return _keep_for_native_backward(ctx, reference, clip, inputs, outputs, saved)
 
     @staticmethod
     def backward(ctx, *grads):
-        saved = ctx.saved_tensors
-        grads = tuple(g if g is not None else torch.zeros(shape, dtype=dtype)
-                      for g, (shape, dtype) in zip(grads, ctx.shapes, strict=True))
-        if torch.is_grad_enabled():
-            found = _reference_grads(ctx.reference, saved[:ctx.count], grads)
-        else:
-            found = dnc_native.load().time_step_backward(
-                list(saved[ctx.count:]), [g.contiguous() for g in grads], ctx.clip)
+        found = _native_backward(ctx, grads, lambda saved, grads: dnc_native.load()
+                                 .time_step_backward(saved, [g.contiguous() for g in grads],
+                                                     ctx.clip))
         return (None, None, None, *found)
 
 
@@ -552,23 +566,15 @@ class _Sequence(torch.autograd.Function):
     (:func:`fused_sequence`)."""
 
     @staticmethod
-    def forward(ctx, reference, clip, oneplus, x_gates, *inputs):
-        outputs, saved = _run_sequence((x_gates, *inputs), clip, oneplus, keep=True)
-        ctx.reference, ctx.clip, ctx.count = reference, clip, 1 + len(inputs)
-        ctx.shapes = [(t.shape, t.dtype) for t in outputs]
-        ctx.save_for_backward(x_gates, *inputs, *saved)
-        return tuple(outputs)
+    def forward(ctx, reference, clip, oneplus, *inputs):
+        outputs, saved = _run_sequence(inputs, clip, oneplus, keep=True)
+        return _keep_for_native_backward(ctx, reference, clip, inputs, outputs, saved)
 
     @staticmethod
     def backward(ctx, *grads):
-        saved = ctx.saved_tensors
-        grads = tuple(g if g is not None else torch.zeros(shape, dtype=dtype)
-                      for g, (shape, dtype) in zip(grads, ctx.shapes, strict=True))
-        if torch.is_grad_enabled():
-            found = _reference_grads(ctx.reference, saved[:ctx.count], grads)
-        else:
-            found = dnc_native.load().sequence_backward(
-                list(saved[ctx.count:]), grads[0].contiguous(), list(grads[1:]), ctx.clip)
+        found = _native_backward(ctx, grads, lambda saved, grads: dnc_native.load()
+                                 .sequence_backward(saved, grads[0].contiguous(),
+                                                    list(grads[1:]), ctx.clip))
         return (None, None, None, *found)
 
 
