@@ -433,13 +433,20 @@ std::vector<at::Tensor> memory_step_forward(std::vector<at::Tensor> in) {
 }
 
 std::vector<at::Tensor> memory_step_backward(std::vector<at::Tensor> saved,
-                                                std::vector<at::Tensor> grads) {
+                                                std::vector<at::Tensor> grads,
+                                                std::vector<at::Tensor> into) {
   TORCH_CHECK(saved.size() == 31 && grads.size() == 8, "memory_step_backward: 31 + 8 tensors");
   for (const auto& t : grads) check(t, t.dim(), "gradient");
   const int64_t batch = saved[0].size(0);
   const Sizes s{saved[0].size(1), saved[0].size(2), saved[4].size(1)};
   std::vector<at::Tensor> go;
-  for (int i = 0; i < 16; ++i) go.push_back(at::empty_like(saved[i]));
+  for (int i = 0; i < 16; ++i) {
+    const bool given = i < static_cast<int>(into.size()) && into[i].defined();
+    if (given) check(into[i], saved[i].dim(), "gradient buffer");
+    TORCH_CHECK(!given || into[i].sizes() == saved[i].sizes(),
+                "memory_step_backward: a gradient buffer of the wrong shape");
+    go.push_back(given ? into[i] : at::empty_like(saved[i]));
+  }
   AT_DISPATCH_FLOATING_TYPES(saved[0].scalar_type(), "dnc_memory_step_backward", [&] {
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       FlushSubnormals flush;

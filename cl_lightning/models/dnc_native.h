@@ -20,12 +20,15 @@ std::vector<at::Tensor> link_read_backward(at::Tensor L, at::Tensor p, at::Tenso
                                               at::Tensor r, at::Tensor gLp,
                                               at::Tensor gf, at::Tensor gb);
 std::vector<at::Tensor> memory_step_forward(std::vector<at::Tensor> inputs);
+// `into`: tensors to write the gradients into, by position (undefined or missing: new ones)
 std::vector<at::Tensor> memory_step_backward(std::vector<at::Tensor> saved,
-                                                std::vector<at::Tensor> grads);
+                                                std::vector<at::Tensor> grads,
+                                                std::vector<at::Tensor> into = {});
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> time_step_forward(
     std::vector<at::Tensor> inputs, double clip, bool oneplus);
 std::vector<at::Tensor> time_step_backward(std::vector<at::Tensor> saved,
-                                           std::vector<at::Tensor> grads, double clip);
+                                           std::vector<at::Tensor> grads, double clip,
+                                           std::vector<at::Tensor> into = {});
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sequence_forward(
     at::Tensor x_gates, std::vector<at::Tensor> state, std::vector<at::Tensor> weights,
     double clip, bool oneplus, bool keep);

@@ -10,11 +10,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("link_read_backward", &dnc_native::link_read_backward, "their first-order gradients");
   m.def("memory_step_forward", &dnc_native::memory_step_forward,
         "one DNC memory step (one write head), forward");
-  m.def("memory_step_backward", &dnc_native::memory_step_backward,
+  m.def("memory_step_backward",
+        [](std::vector<at::Tensor> saved, std::vector<at::Tensor> grads) {
+          return dnc_native::memory_step_backward(saved, grads);
+        },
         "its first-order gradients");
   m.def("time_step_forward", &dnc_native::time_step_forward,
         "one whole DNC time step (controller, interface, memory), forward");
-  m.def("time_step_backward", &dnc_native::time_step_backward, "its first-order gradients");
+  m.def("time_step_backward",
+        [](std::vector<at::Tensor> saved, std::vector<at::Tensor> grads, double clip) {
+          return dnc_native::time_step_backward(saved, grads, clip);
+        },
+        "its first-order gradients");
   m.def("sequence_forward", &dnc_native::sequence_forward,
         "the DNC's time steps over a whole sequence, forward");
   m.def("sequence_backward", &dnc_native::sequence_backward, "their first-order gradients");

@@ -10,6 +10,7 @@
 
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
@@ -75,6 +76,11 @@ std::vector<at::Tensor> sequence_backward(std::vector<at::Tensor> saved,
   grads[12] = at::zeros({batch, reads}, usage.options());
   grads[13] = at::zeros_like(modes);
   const auto no_write_grad = at::zeros_like(usage);  // previous writes: a constant
+  // The memory's and the link's gradients of the steps go to two buffers in turn: each step
+  // reads the one its later step wrote and writes the other (new tensors at every step would
+  // be new memory, which the system maps in again page by page).
+  std::vector<at::Tensor> into[2];
+  for (auto& buffers : into) buffers = {at::empty_like(saved[0]), {}, at::empty_like(saved[2])};
   std::vector<at::Tensor> g_x(steps), g_weights(3);
   for (int64_t t = steps - 1; t >= 0; --t) {
     auto g_out = g_features.select(1, t);
@@ -83,7 +89,7 @@ std::vector<at::Tensor> sequence_backward(std::vector<at::Tensor> saved,
     for (auto& g : grads) g = g.contiguous();
     std::vector<at::Tensor> step_saved(saved.begin() + kSaved * t,
                                        saved.begin() + kSaved * (t + 1));
-    auto g = time_step_backward(step_saved, grads, clip);
+    auto g = time_step_backward(step_saved, grads, clip, into[t % 2]);
     // g: x_gates, h, c, read vectors, memory, usage, link, precedence, read weights,
     // (write weights), W_rec, W_if, b_if
     g_x[t] = g[0];

@@ -106,7 +106,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> time_step_forward(
 }
 
 std::vector<at::Tensor> time_step_backward(std::vector<at::Tensor> saved,
-                                           std::vector<at::Tensor> grads, double clip) {
+                                           std::vector<at::Tensor> grads, double clip,
+                                           std::vector<at::Tensor> into) {
   TORCH_CHECK(saved.size() == 40 && grads.size() == 14, "time_step_backward: 40 + 14 tensors");
   const at::Tensor &rin = saved[31], &act = saved[32], &c = saved[33], &tc = saved[34],
                    &h2 = saved[35], &raw = saved[36], &w_rec = saved[37], &w_if = saved[38],
@@ -117,7 +118,7 @@ std::vector<at::Tensor> time_step_backward(std::vector<at::Tensor> saved,
 
   std::vector<at::Tensor> memory_saved(saved.begin(), saved.begin() + 31);
   std::vector<at::Tensor> memory_grads(grads.begin() + 2, grads.begin() + 10);
-  auto g = memory_step_backward(memory_saved, memory_grads);
+  auto g = memory_step_backward(memory_saved, memory_grads, into);
   // g: memory, usage, link, precedence, read weights, (write weights), read keys, read
   // strengths, write key, write strength, erase, write vector, free gates, allocation gate,
   // write gate, read modes; the diagnostics' gradients join their fields'
