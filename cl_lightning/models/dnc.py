@@ -344,7 +344,7 @@ class DNC(nn.Module):
             allocation, write, reads) as one call each way, in eager mode; it serves one
             write head without masking, de-allocation or sharpening (other options are
             refused), and ``compile_step`` runs the ``link`` kernel in its place. They are
-            compiled on first use (a C++ compiler and ``ninja``; under a minute, then cached
+            compiled on first use (GCC or Clang and ``ninja``; under a minute, then cached
             on disk); construction fails with one line if they cannot be built. ``auto``:
             ``step`` where it serves the options, else ``link`` (``none`` without the fused
             path or the temporal links), and ``none`` with a warning where the kernels

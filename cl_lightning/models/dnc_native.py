@@ -14,7 +14,7 @@ values and gradients equal the reference functions of
 :mod:`~cl_lightning.models.dnc_addressing` and the DNC's own PyTorch step to float rounding
 (``tests/test_dnc_native.py``).
 
-The first call compiles the sources with ``torch.utils.cpp_extension`` (a C++ compiler and
+The first call compiles the sources with ``torch.utils.cpp_extension`` (GCC or Clang and
 ``ninja`` on the path; about 20 s on two cores) into torch's extension cache
 (``TORCH_EXTENSIONS_DIR``, by default under ``~/.cache``); later runs load the cached
 library in about a second. The build is specific to the CPU's vector instruction set,
@@ -73,7 +73,7 @@ class BuildFailed(OptionError):
 
     def __init__(self, reason: str) -> None:
         super().__init__(
-            f"{OPTION} needs a C++ compiler and ninja (pip install ninja) to build its "
+            f"{OPTION} needs GCC or Clang and ninja (pip install ninja) to build its "
             f"kernels, which failed here ({reason}); use {OPTION} none or auto")
         self.reason = reason
 
