@@ -26,22 +26,19 @@ inline void new_link_rows(const T* L, const T* p, const T* w, int64_t n, int64_t
   }
 }
 
-// Asks the CPU to bring rows i0 .. i0 + rows - 1 of two n x n matrices into cache while
-// the rows before them are computed (the link matrices come from beyond the private caches).
+// Asks the CPU to bring rows i0 .. i0 + rows - 1 of an n x n matrix into cache while the
+// rows before them are computed (the link matrices come from beyond the private caches).
 template <typename T>
-inline void prefetch_rows(const T* A, const T* B, int64_t n, int64_t i0, int64_t rows) {
+inline void prefetch_rows(const T* A, int64_t n, int64_t i0, int64_t rows) {
   constexpr int64_t line = 64 / sizeof(T);
-  for (int64_t j = i0 * n; j < (i0 + rows) * n; j += line) {
-    __builtin_prefetch(A + j);
-    __builtin_prefetch(B + j);
-  }
+  for (int64_t j = i0 * n; j < (i0 + rows) * n; j += line) __builtin_prefetch(A + j);
 }
 
 template <typename T>
 inline void link_forward_one(const T* L, const T* p, const T* w, const T* r, int64_t n,
                              int64_t reads, T* Lp, T* f, T* b) {
   for (int64_t i = 0; i < n; i += 4) {
-    if (i + 8 <= n) prefetch_rows(L, L, n, i + 4, 4);
+    if (i + 8 <= n) prefetch_rows(L, n, i + 4, 4);
     new_link_rows(L, p, w, n, i, std::min<int64_t>(4, n - i), Lp + i * n);
   }
   for (int64_t q = 0; q < reads; ++q) {
@@ -160,7 +157,10 @@ inline void link_backward_one(const T* L, const T* p, const T* w, const T* r, co
   for (int64_t k = 0; k < reads * n; ++k) gr[k] = T(0);
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) {
-    if (i + 8 <= n) prefetch_rows(L, gLp, n, i + 4, 4);
+    if (i + 8 <= n) {
+      prefetch_rows(L, n, i + 4, 4);
+      prefetch_rows(gLp, n, i + 4, 4);
+    }
     new_link_rows(L, p, w, n, i, 4, Lp);
     link_read_grad_rows<4>(Lp, gf, gb, n, reads, i, gr);
     link_total_rows<4>(r, gLp, gf, gb, n, reads, i, G);

@@ -451,7 +451,9 @@ std::vector<at::Tensor> memory_step_backward(std::vector<at::Tensor> saved,
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       FlushSubnormals flush;
       const int64_t n = s.n, r = s.reads;
-      std::vector<scalar_t> scratch(n * s.w + 4 * r * n + 8 * n + n + r * n + 8 * n);
+      // backward_sample's layout: M' (N W), four (R, N), eight (N), content (N + R N),
+      // link (8 N)
+      std::vector<scalar_t> scratch(n * s.w + 4 * r * n + 8 * n + (n + r * n) + 8 * n);
       for (int64_t b = begin; b < end; ++b)
         backward_sample<scalar_t>(saved, grads, go, b, s, scratch);
     });
