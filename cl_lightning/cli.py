@@ -58,6 +58,12 @@ class ContinualCLI(LightningCLI):
                  "null: OMP_NUM_THREADS if set, else 1 (these small models gain ~10%% from 2 "
                  "threads on idle cores but run 9-26x slower when another job holds a core). "
                  "0: torch's default, one per core.")
+        parser.add_argument(
+            "--flush_denormal", type=bool, default=True,
+            help="Flush subnormal floats (below 1.2e-38) to zero in the CPU's arithmetic "
+                 "(torch.set_flush_denormal, x86 CPUs). Adam's moments of inputs that are "
+                 "almost always zero (an image's border pixels) decay through the subnormal "
+                 "range, where each operation is many times slower. false: IEEE subnormals.")
         parser.add_lightning_class_args(ContinualEvaluation, "evaluation")
         parser.add_lightning_class_args(TaskCheckpoint, "checkpoint")
         parser.link_arguments("data", "model.stream", apply_on="instantiate",
@@ -68,6 +74,7 @@ class ContinualCLI(LightningCLI):
                                   os.environ.get("OMP_NUM_THREADS"))
         if threads > 0:
             torch.set_num_threads(threads)
+        torch.set_flush_denormal(bool(subcommand_config(self.config).get("flush_denormal", True)))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         dm: ContinualDataModule = self.datamodule

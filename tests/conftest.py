@@ -20,6 +20,15 @@ torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 
+
+@pytest.fixture(autouse=True)
+def ieee_subnormals():
+    """Every test starts with IEEE subnormal arithmetic: an in-process CLI run turns
+    flushing on for the process (``--flush_denormal``, on by default)."""
+    torch.set_flush_denormal(False)
+    yield
+    torch.set_flush_denormal(False)
+
 # one quiet CPU process, seed 0: the start of every test's command line
 QUIET_CPU = [
     "--seed_everything", "0",

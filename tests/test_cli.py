@@ -250,6 +250,19 @@ def test_threads_default_to_one_unless_given(threads, env, expected):
     assert resolve_threads(threads, env) == expected
 
 
+def test_flush_denormal_option_flushes_subnormals_for_the_run(tiny_run):
+    """By default a run computes with subnormal floats flushed to zero (a subnormal input
+    reads as 0); --flush_denormal false keeps IEEE subnormals."""
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormals")
+    subnormal = torch.tensor(1e-39)  # below float32's smallest normal, 1.18e-38
+    assert (subnormal * 2).item() == pytest.approx(2e-39, rel=1e-3)
+    tiny_run("--data.num_tasks", "1", "--data.epochs_per_task", "1")
+    assert (subnormal * 2).item() == 0.0
+    tiny_run("--flush_denormal", "false", "--data.num_tasks", "1", "--data.epochs_per_task", "1")
+    assert (subnormal * 2).item() == pytest.approx(2e-39, rel=1e-3)
+
+
 def test_threads_option_sets_torch_threads_for_the_run(tiny_run, capsys, monkeypatch):
     """--threads reaches torch before training; without it (and without
     OMP_NUM_THREADS) a run uses one thread; a negative count is refused in one line."""
