@@ -111,13 +111,15 @@ def test_native_memory_step_equals_reference(built) -> None:
                                    memory_step_inputs())
 
 
-def test_native_memory_step_on_a_fresh_state_and_usage_ties(built) -> None:
+@pytest.mark.parametrize("heads", [4, 7])
+def test_native_memory_step_on_a_fresh_state_and_usage_ties(built, heads) -> None:
     """A never-written state (zero memory, usage, link; every usage tied, so the stable sort
     decides) and a random one at N 40: equal outputs and first-order gradients in float64,
-    and the invariants of the step's weightings (sums at most 1, usage in [0, 1])."""
+    and the invariants of the step's weightings (sums at most 1, usage in [0, 1]). Seven read
+    heads: the read vectors and their gradients go four heads per pass, then three."""
     torch.manual_seed(3)
     for fresh in (True, False):
-        inputs = list(memory_step_inputs(batch=3, n=40, w=9, r=4, spread_usage=False))
+        inputs = list(memory_step_inputs(batch=3, n=40, w=9, r=heads, spread_usage=False))
         if fresh:
             for i in (0, 1, 2, 3, 4, 5):
                 inputs[i] = torch.zeros_like(inputs[i]).requires_grad_(i != 5)

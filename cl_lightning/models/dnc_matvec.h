@@ -6,11 +6,14 @@
 // Here the partial sums live in registers, several at a time (GCC/Clang vector types of 32
 // bytes: AVX registers where built for them, pairs of SSE registers otherwise), so their
 // multiply-adds overlap. The order of additions differs from a running sum: values agree to
-// float rounding.
+// float rounding. Several vectors against one matrix (`vecmats`: the DNC's read heads) go in
+// one pass over the matrix, each output summed as its own `vecmat` would sum it.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace dnc_native {
 
@@ -64,7 +67,8 @@ inline T dot(const T* a, const T* b, int64_t len) {
 }
 
 // out[i] = sum_k X[i, k] y[k] for the rows of X (rows x cols, contiguous): four rows at a
-// time, sharing the loads of y.
+// time, sharing the loads of y (one partial-sum vector a row); the rows past the last four
+// by dot.
 template <typename T>
 inline void matvec(const T* X, int64_t rows, int64_t cols, const T* y, T* out) {
   using V = typename Vector<T>::type;
@@ -129,6 +133,75 @@ inline void vecmat(const T* c, const T* X, int64_t rows, int64_t cols, T* out) {
     for (int64_t i = 0; i < rows; ++i) total += c[i] * X[i * cols + k];
     out[k] = total;
   }
+}
+
+// out[q, k] = sum_i C[q, i] X[i, k] for R vectors C[q] (R x rows) at once: one pass over X
+// for all of them, each output summed over the rows in order as vecmat sums it. With
+// Accumulate the sums start from out's values instead of zero.
+template <int R, typename T, bool Accumulate = false>
+inline void vecmats(const T* C, const T* X, int64_t rows, int64_t cols, T* out) {
+  using V = typename Vector<T>::type;
+  constexpr int64_t lanes = sizeof(V) / sizeof(T);
+  int64_t k = 0;
+  for (; k + 2 * lanes <= cols; k += 2 * lanes) {
+    V a[R][2] = {};
+    if (Accumulate)
+      for (int q = 0; q < R; ++q) {
+        a[q][0] = load<V>(out + q * cols + k);
+        a[q][1] = load<V>(out + q * cols + k + lanes);
+      }
+    const T* x = X + k;
+    for (int64_t i = 0; i < rows; ++i, x += cols) {
+      const V x0 = load<V>(x), x1 = load<V>(x + lanes);
+      for (int q = 0; q < R; ++q) {
+        const T c = C[q * rows + i];
+        a[q][0] += c * x0;
+        a[q][1] += c * x1;
+      }
+    }
+    for (int q = 0; q < R; ++q) {
+      store(out + q * cols + k, a[q][0]);
+      store(out + q * cols + k + lanes, a[q][1]);
+    }
+  }
+  for (; k + lanes <= cols; k += lanes) {
+    V a[R] = {};
+    if (Accumulate)
+      for (int q = 0; q < R; ++q) a[q] = load<V>(out + q * cols + k);
+    for (int64_t i = 0; i < rows; ++i) {
+      const V x0 = load<V>(X + i * cols + k);
+      for (int q = 0; q < R; ++q) a[q] += C[q * rows + i] * x0;
+    }
+    for (int q = 0; q < R; ++q) store(out + q * cols + k, a[q]);
+  }
+  for (; k < cols; ++k)
+    for (int q = 0; q < R; ++q) {
+      T total = Accumulate ? out[q * cols + k] : T(0);
+      for (int64_t i = 0; i < rows; ++i) total += C[q * rows + i] * X[i * cols + k];
+      out[q * cols + k] = total;
+    }
+}
+
+// Calls f(std::integral_constant<int, R>{}, q) over m items in groups of R <= 4 (q: the
+// group's first item): four at a time, then the rest as one group.
+template <typename F>
+inline void in_groups_of_four(int64_t m, F&& f) {
+  for (int64_t q = 0; q < m;) {
+    switch (std::min<int64_t>(m - q, 4)) {
+      case 4: f(std::integral_constant<int, 4>{}, q); q += 4; break;
+      case 3: f(std::integral_constant<int, 3>{}, q); q += 3; break;
+      case 2: f(std::integral_constant<int, 2>{}, q); q += 2; break;
+      default: f(std::integral_constant<int, 1>{}, q); q += 1; break;
+    }
+  }
+}
+
+// vecmats over any number m of vectors, up to four per pass over X.
+template <typename T, bool Accumulate = false>
+inline void vecmats_any(const T* C, int64_t m, const T* X, int64_t rows, int64_t cols, T* out) {
+  in_groups_of_four(m, [&](auto group, int64_t q) {
+    vecmats<decltype(group)::value, T, Accumulate>(C + q * rows, X, rows, cols, out + q * cols);
+  });
 }
 
 }  // namespace dnc_native

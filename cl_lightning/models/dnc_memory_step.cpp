@@ -123,13 +123,9 @@ void content_backward(const T* Mx, const T* keys, const T* strengths, const T* m
     T* gk = gkeys + h * w;
     const T self = gkn / kn;
     for (int64_t k = 0; k < w; ++k) gk[k] = self * key[k];
-    for (int64_t i = 0; i < n; ++i) {
-      const T* Mi = Mx + i * w;
-      const T g = gd[i];
-#pragma omp simd
-      for (int64_t k = 0; k < w; ++k) gk[k] += g * Mi[k];
-    }
   }
+  // gkeys[h] += sum_i gdot[h, i] Mx[i]: four heads per pass over Mx
+  vecmats_any<T, true>(gdot, heads, Mx, n, w, gkeys);
   for (int64_t i = 0; i < n; ++i) {
     const T* Mi = Mx + i * w;
     T* gMi = gM + i * w;
@@ -234,7 +230,48 @@ void forward_sample(const std::vector<at::Tensor>& in, std::vector<at::Tensor>& 
     T* rwr = rw + r * n;
     for (int64_t i = 0; i < n; ++i)
       rwr[i] = mb * bk[r * n + i] + mf * f[r * n + i] + mc * cr[r * n + i];
-    vecmat(rwr, M2, n, w, rv + r * w);
+  }
+  vecmats_any(rw, reads, M2, n, w, rv);  // the read vectors, four heads per pass over M'
+}
+
+// The read vectors' gradients (rv_r = rw_r M') for R heads in one pass over the rows of M':
+// grw_r[i] += M'_i . grv_r and gM'_i += sum_r rw_r[i] grv_r (gM' holds the incoming
+// gradient), each summed in the order of matvec (rows past the last four by dot) and of a
+// head-by-head update.
+template <int R, typename T>
+void read_vectors_backward(const T* M2, const T* rw, const T* grv, int64_t n, int64_t w,
+                           T* gM2t, T* grwt) {
+  using V = typename Vector<T>::type;
+  constexpr int64_t lanes = sizeof(V) / sizeof(T);
+  for (int64_t i = 0; i < n; ++i) {
+    const T* m = M2 + i * w;
+    T* g = gM2t + i * w;
+    T c[R], dots[R];
+    V acc[R] = {};
+    for (int q = 0; q < R; ++q) c[q] = rw[q * n + i];
+    int64_t k = 0;
+    for (; k + lanes <= w; k += lanes) {
+      const V x = load<V>(m + k);
+      V gk = load<V>(g + k);
+      for (int q = 0; q < R; ++q) {
+        const V y = load<V>(grv + q * w + k);
+        acc[q] += x * y;
+        gk += c[q] * y;
+      }
+      store(g + k, gk);
+    }
+    for (int q = 0; q < R; ++q) dots[q] = lanes_sum<T>(acc[q]);
+    for (; k < w; ++k) {
+      T gk = g[k];
+      for (int q = 0; q < R; ++q) {
+        dots[q] += m[k] * grv[q * w + k];
+        gk += c[q] * grv[q * w + k];
+      }
+      g[k] = gk;
+    }
+    if (i >= n - n % 4)
+      for (int q = 0; q < R; ++q) dots[q] = dot(m, grv + q * w, w);
+    for (int q = 0; q < R; ++q) grwt[q * n + i] += dots[q];
   }
 }
 
@@ -285,22 +322,13 @@ void backward_sample(const std::vector<at::Tensor>& sv, const std::vector<at::Te
   T* cscratch = cp + n;                 // (N + R N) content scratch
   T* lscratch = cscratch + n + reads * n;  // (8 N) link scratch
 
-  // read vectors rv = rw M'
+  // read vectors rv = rw M': up to four heads per pass over M'
   std::copy(gM2, gM2 + n * w, gM2t);
   std::copy(grw, grw + reads * n, grwt);
-  for (int64_t r = 0; r < reads; ++r) {
-    matvec(M2, n, w, grv + r * w, cscratch);  // M' grv_r
-    for (int64_t i = 0; i < n; ++i) grwt[r * n + i] += cscratch[i];
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    T* gM2i = gM2t + i * w;
-    for (int64_t r = 0; r < reads; ++r) {
-      const T* grvr = grv + r * w;
-      const T g = rw[r * n + i];
-#pragma omp simd
-      for (int64_t k = 0; k < w; ++k) gM2i[k] += g * grvr[k];
-    }
-  }
+  in_groups_of_four(reads, [&](auto group, int64_t r) {
+    read_vectors_backward<decltype(group)::value>(M2, rw + r * n, grv + r * w, n, w, gM2t,
+                                                  grwt + r * n);
+  });
   // read weights: the mode mixture
   for (int64_t r = 0; r < reads; ++r) {
     T sb = T(0), sf = T(0), sc = T(0);
