@@ -89,14 +89,14 @@ std::vector<at::Tensor> sequence_backward(std::vector<at::Tensor> saved,
     for (auto& g : grads) g = g.contiguous();
     std::vector<at::Tensor> step_saved(saved.begin() + kSaved * t,
                                        saved.begin() + kSaved * (t + 1));
-    auto g = time_step_backward(step_saved, grads, clip, into[t % 2]);
+    auto g = time_step_backward(step_saved, grads, clip, into[t % 2],
+                                t == steps - 1 ? std::vector<at::Tensor>{} : g_weights);
     // g: x_gates, h, c, read vectors, memory, usage, link, precedence, read weights,
     // (write weights), W_rec, W_if, b_if
     g_x[t] = g[0];
     for (int k = 0; k < kState - 1; ++k) grads[kNextState[k]] = g[1 + k];
     grads[7] = no_write_grad;
-    for (int k = 0; k < 3; ++k)
-      g_weights[k] = t == steps - 1 ? g[10 + k] : g_weights[k].add_(g[10 + k]);
+    for (int k = 0; k < 3; ++k) g_weights[k] = g[10 + k];  // the sums so far
   }
   std::vector<at::Tensor> result = {at::stack(g_x, 1)};
   for (int k = 0; k < kState - 1; ++k) result.push_back(grads[kNextState[k]]);

@@ -107,7 +107,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> time_step_forward(
 
 std::vector<at::Tensor> time_step_backward(std::vector<at::Tensor> saved,
                                            std::vector<at::Tensor> grads, double clip,
-                                           std::vector<at::Tensor> into) {
+                                           std::vector<at::Tensor> into,
+                                           std::vector<at::Tensor> weight_grads) {
   TORCH_CHECK(saved.size() == 40 && grads.size() == 14, "time_step_backward: 40 + 14 tensors");
   const at::Tensor &rin = saved[31], &act = saved[32], &c = saved[33], &tc = saved[34],
                    &h2 = saved[35], &raw = saved[36], &w_rec = saved[37], &w_if = saved[38],
@@ -144,9 +145,10 @@ std::vector<at::Tensor> time_step_backward(std::vector<at::Tensor> saved,
       .copy_((modes * (g_modes - (g_modes * modes).sum(-1, true))).reshape({s.batch, -1}));
   if (clip > 0) g_raw.mul_(raw.abs() <= clip);
 
+  const bool accumulate = weight_grads.size() == 3;
   auto g_h2 = at::addmm(grads[0], g_raw, w_if);
-  auto g_w_if = at::mm(g_raw.t(), h2);
-  auto g_b_if = g_raw.sum(0);
+  auto g_w_if = accumulate ? weight_grads[1].addmm_(g_raw.t(), h2) : at::mm(g_raw.t(), h2);
+  auto g_b_if = accumulate ? weight_grads[2].add_(g_raw.sum(0)) : g_raw.sum(0);
   auto i = act.narrow(1, 0, H), f = act.narrow(1, H, H), o = act.narrow(1, 2 * H, H),
        cell = act.narrow(1, 3 * H, H);
   auto g_c2 = grads[1] + g_h2 * o * (1 - tc * tc);
@@ -160,7 +162,7 @@ std::vector<at::Tensor> time_step_backward(std::vector<at::Tensor> saved,
   g_gates.narrow(1, 0, 3 * H).mul_(sig3 * (1 - sig3));
   at::mul_out(g_cell, g_c2 * i, 1 - cell * cell);
   auto g_rin = at::mm(g_gates, w_rec);
-  auto g_w_rec = at::mm(g_gates.t(), rin);
+  auto g_w_rec = accumulate ? weight_grads[0].addmm_(g_gates.t(), rin) : at::mm(g_gates.t(), rin);
   // x_gates, h, c, read vectors, memory, usage, link, precedence, read weights, write
   // weights (a constant: no gradient), W_rec, W_if, b_if
   return {g_gates,
