@@ -27,7 +27,7 @@ std::vector<at::Tensor> memory_step_backward(std::vector<at::Tensor> saved,
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> time_step_forward(
     std::vector<at::Tensor> inputs, double clip, bool oneplus);
 // `weight_grads`: W_rec's, W_if's and b_if's gradients so far, which this step's add to in
-// place and returns (empty: new ones)
+// place and returns (empty or undefined: new ones)
 std::vector<at::Tensor> time_step_backward(std::vector<at::Tensor> saved,
                                            std::vector<at::Tensor> grads, double clip,
                                            std::vector<at::Tensor> into = {},

@@ -89,8 +89,7 @@ std::vector<at::Tensor> sequence_backward(std::vector<at::Tensor> saved,
     for (auto& g : grads) g = g.contiguous();
     std::vector<at::Tensor> step_saved(saved.begin() + kSaved * t,
                                        saved.begin() + kSaved * (t + 1));
-    auto g = time_step_backward(step_saved, grads, clip, into[t % 2],
-                                t == steps - 1 ? std::vector<at::Tensor>{} : g_weights);
+    auto g = time_step_backward(step_saved, grads, clip, into[t % 2], g_weights);
     // g: x_gates, h, c, read vectors, memory, usage, link, precedence, read weights,
     // (write weights), W_rec, W_if, b_if
     g_x[t] = g[0];

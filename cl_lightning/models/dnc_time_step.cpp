@@ -145,7 +145,7 @@ std::vector<at::Tensor> time_step_backward(std::vector<at::Tensor> saved,
       .copy_((modes * (g_modes - (g_modes * modes).sum(-1, true))).reshape({s.batch, -1}));
   if (clip > 0) g_raw.mul_(raw.abs() <= clip);
 
-  const bool accumulate = weight_grads.size() == 3;
+  const bool accumulate = weight_grads.size() == 3 && weight_grads[0].defined();
   auto g_h2 = at::addmm(grads[0], g_raw, w_if);
   auto g_w_if = accumulate ? weight_grads[1].addmm_(g_raw.t(), h2) : at::mm(g_raw.t(), h2);
   auto g_b_if = accumulate ? weight_grads[2].add_(g_raw.sum(0)) : g_raw.sum(0);
