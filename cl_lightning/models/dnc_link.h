@@ -41,10 +41,8 @@ inline void link_forward_one(const T* L, const T* p, const T* w, const T* r, int
     if (i + 8 <= n) prefetch_rows(L, n, i + 4, 4);
     new_link_rows(L, p, w, n, i, std::min<int64_t>(4, n - i), Lp + i * n);
   }
-  for (int64_t q = 0; q < reads; ++q) {
-    matvec(Lp, n, n, r + q * n, f + q * n);  // f_q = L' r_q
-    vecmat(r + q * n, Lp, n, n, b + q * n);  // b_q = r_q L'
-  }
+  for (int64_t q = 0; q < reads; ++q) matvec(Lp, n, n, r + q * n, f + q * n);  // f_q = L' r_q
+  vecmats_any(r, reads, Lp, n, n, b);  // b_q = r_q L', four heads per pass over L'
 }
 
 // The link's gradient for K rows i0 .. i0 + K - 1 (K <= 4), given their rows of the new
