@@ -21,9 +21,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Subset
 
 from callbacks.report import (
-    accuracy_heatmap,
-    figure_pixels,
-    plt,
+    HeatmapCanvas,
+    log_png,
+    png_bytes,
     print_few_shot,
     print_matrix,
     print_row,
@@ -84,6 +84,7 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
         self.eval_initial = eval_initial
         self.results_file = results_file
         self.heatmap = heatmap
+        self._canvas = HeatmapCanvas()  # the figure, drawn once; each task end its cells
         self.print_table = print_table
         self.rows: dict[str, list[list[float]]] = {}
         self.initial: dict[str, list[float]] | None = None
@@ -127,6 +128,8 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
             self.few_shot = self.measure_few_shot(trainer, learner, task)
         out_dir = log_dir(trainer)  # a collective under DDP: every rank asks
         self._log(trainer, learner, out_dir)
+        if last:
+            self._canvas.close()
         self._write_results(out_dir, learner)
 
     def measure_few_shot(self, trainer: L.Trainer, learner: ContinualLearner,
@@ -216,15 +219,16 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
                 logger.log_metrics(metrics, step=trainer.global_step)
         if self.heatmap and trainer.is_global_zero:
             primary = learner.primary_variant
-            fig = accuracy_heatmap(self.rows[primary], f"accuracy matrix ({primary})")
-            pixels = figure_pixels(fig)
-            plt.close(fig)
+            pixels = self._canvas.pixels(self.rows[primary], f"accuracy matrix ({primary})",
+                                         trainer.datamodule.num_phases)
+            png = png_bytes(pixels)
             for logger in trainer.loggers:
                 experiment = getattr(logger, "experiment", None)
                 if hasattr(experiment, "add_image"):
-                    experiment.add_image("eval/accuracy_matrix", pixels[..., :3],
-                                         global_step=len(self.rows[primary]), dataformats="HWC")
-            plt.imsave(os.path.join(out_dir, "accuracy_matrix.png"), pixels)
+                    log_png(experiment, "eval/accuracy_matrix", png, *pixels.shape[:2],
+                            step=len(self.rows[primary]))
+            with open(os.path.join(out_dir, "accuracy_matrix.png"), "wb") as f:
+                f.write(png)
 
     def results(self, learner: ContinualLearner) -> dict[str, Any]:
         """The results.json document (schema in docs/usage.md)."""

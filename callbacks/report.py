@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from typing import Any
 
@@ -11,33 +12,48 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from PIL import Image  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from rich.text import Text  # noqa: E402
+from tensorboard.compat.proto.summary_pb2 import Summary  # noqa: E402
 
 
-def accuracy_heatmap(rows: list[list[float]], title: str) -> Figure:
-    """Heatmap of ``rows[i][j]`` = accuracy on task j after phase i (percent)."""
-    n_rows, n_tasks = len(rows), len(rows[0])
+def accuracy_heatmap(rows: list[list[float]], title: str, phases: int | None = None) -> Figure:
+    """Heatmap of ``rows[i][j]`` = accuracy on task j after phase i (percent), on a grid of
+    ``phases`` rows (default ``len(rows)``; the rows not given yet are blank)."""
+    n_rows, n_tasks = max(phases or 0, len(rows)), len(rows[0])
     # at most 8 inches a side and 20 ticks: drawing (every task end) stays cheap on long streams
     fig, ax = plt.subplots(figsize=(min(1.0 + 0.35 * n_tasks, 8.0),
                                     min(1.0 + 0.35 * max(n_rows, 2), 8.0)))
-    im = ax.imshow(rows, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+    im = ax.imshow(_grid(rows, n_rows), vmin=0, vmax=100, cmap="viridis", aspect="auto")
     ax.set_xlabel("evaluated task")
     ax.set_ylabel("after training phase")
     ax.set_xticks(range(0, n_tasks, -(-n_tasks // 20)))
     ax.set_yticks(range(0, n_rows, -(-n_rows // 20)))
-    if n_tasks <= 10:
-        for i, row in enumerate(rows):
-            for j, v in enumerate(row):
-                if math.isnan(v):  # a task not evaluated: a blank cell
-                    continue
-                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
-                        color="white" if v < 60 else "black")
+    _cell_texts(ax, rows)
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="accuracy (%)")
     fig.tight_layout()
     return fig
+
+
+def _grid(rows: list[list[float]], n_rows: int) -> np.ndarray:
+    """``rows`` as an ``(n_rows, tasks)`` array, NaN (a blank cell) below them."""
+    grid = np.full((n_rows, len(rows[0])), np.nan)
+    grid[: len(rows)] = rows
+    return grid
+
+
+def _cell_texts(ax: Any, rows: list[list[float]]) -> list[Any]:
+    """Writes each cell's value on ``ax`` on streams of at most 10 tasks (none on longer
+    ones); returns the texts."""
+    if len(rows[0]) > 10:
+        return []
+    return [ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
+                    color="white" if v < 60 else "black")
+            for i, row in enumerate(rows) for j, v in enumerate(row)
+            if not math.isnan(v)]  # a task not evaluated: a blank cell
 
 
 def figure_pixels(fig: Figure) -> np.ndarray:
@@ -46,6 +62,71 @@ def figure_pixels(fig: Figure) -> np.ndarray:
     ``add_figure`` + ``savefig`` would draw twice."""
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba()).copy()
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """``(H, W, 3 or 4)`` bytes as an RGB PNG (alpha dropped): encoded once, for the file
+    and for TensorBoard."""
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels[..., :3])).save(out, format="png")
+    return out.getvalue()
+
+
+def log_png(experiment: Any, tag: str, png: bytes, height: int, width: int,
+            step: int) -> None:
+    """An RGB PNG as a TensorBoard image, the record ``add_image`` writes, without decoding
+    and encoding it again; through ``add_image`` on writers without a file writer."""
+    file_writer = getattr(experiment, "_get_file_writer", None)
+    if file_writer is None:
+        pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        experiment.add_image(tag, pixels, global_step=step, dataformats="HWC")
+        return
+    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png)
+    file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
+
+class HeatmapCanvas:
+    """Draws a stream's accuracy matrix at every task end for the cost of its cells.
+
+    The first call draws the whole figure of :func:`accuracy_heatmap` (all ``phases`` rows,
+    blank) and keeps its pixels; each call then restores them and draws only the cells,
+    the axes' frame over them and the cells' texts (matplotlib's blitting). The pixels
+    equal a whole drawing of :func:`accuracy_heatmap` with the same arguments (a test checks
+    it); a new shape or title draws the whole figure again."""
+
+    def __init__(self) -> None:
+        self._fig: Figure | None = None
+        self._key: tuple[Any, ...] | None = None
+
+    def pixels(self, rows: list[list[float]], title: str, phases: int) -> np.ndarray:
+        """``(H, W, 4)`` RGBA bytes of the heatmap of ``rows`` on a grid of ``phases`` rows."""
+        key = (max(phases, len(rows)), len(rows[0]), title)
+        if key != self._key:
+            self.close()
+            self._fig = accuracy_heatmap(rows[:0] or [[math.nan] * key[1]], title, key[0])
+            ax = self._fig.axes[0]
+            self._cells = [ax.images[0], *ax.spines.values()]  # the frame: over the cells
+            for artist in self._cells:
+                artist.set_visible(False)
+            self._fig.canvas.draw()
+            self._background = self._fig.canvas.copy_from_bbox(self._fig.bbox)
+            for artist in self._cells:
+                artist.set_visible(True)
+            self._key = key
+        fig, ax = self._fig, self._fig.axes[0]
+        self._cells[0].set_data(_grid(rows, key[0]))
+        fig.canvas.restore_region(self._background)
+        for artist in self._cells:
+            ax.draw_artist(artist)
+        for text in _cell_texts(ax, rows):
+            ax.draw_artist(text)
+            text.remove()
+        return np.asarray(fig.canvas.buffer_rgba()).copy()
+
+    def close(self) -> None:
+        if self._fig is not None:
+            plt.close(self._fig)
+        self._fig, self._key = None, None
 
 
 def print_whole(*renderables: Any) -> None:

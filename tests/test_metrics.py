@@ -119,6 +119,47 @@ def test_terminal_tables_are_printed_whole_when_stdout_is_not_a_terminal(capsys)
         assert text in out, text
 
 
+@pytest.mark.parametrize("tasks", [3, 12])
+def test_heatmap_canvas_draws_what_a_whole_drawing_draws(tasks):
+    """At every task end the canvas redraws only the cells over the figure drawn once; its
+    pixels equal a whole drawing of the same matrix on the same grid, blank (NaN) cells,
+    cell texts (streams of at most 10 tasks) and a changed title included."""
+    import numpy as np
+
+    from callbacks.report import HeatmapCanvas, accuracy_heatmap, figure_pixels, plt
+
+    canvas = HeatmapCanvas()
+    try:
+        for title in ("m", "m", "other"):
+            for t in range(tasks):
+                rows = [[float((7 * i + 13 * j + t) % 101) if j <= i + 1 else math.nan
+                         for j in range(tasks)] for i in range(t + 1)]
+                fig = accuracy_heatmap(rows, title, tasks)
+                whole = figure_pixels(fig)
+                plt.close(fig)
+                assert np.array_equal(canvas.pixels(rows, title, tasks), whole), (title, t)
+    finally:
+        canvas.close()
+
+
+def test_png_reaches_a_writer_without_a_file_writer_as_the_same_pixels():
+    """A logger whose writer only has ``add_image`` gets the pixels the PNG holds."""
+    import numpy as np
+
+    from callbacks.report import log_png, png_bytes
+
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 4), dtype=np.uint8)
+    got = {}
+
+    class Writer:
+        def add_image(self, tag, img, global_step, dataformats):
+            got.update(tag=tag, img=img, step=global_step, fmt=dataformats)
+
+    log_png(Writer(), "t", png_bytes(pixels), 5, 7, step=3)
+    assert (got["tag"], got["step"], got["fmt"]) == ("t", 3, "HWC")
+    assert np.array_equal(got["img"], pixels[..., :3])
+
+
 @pytest.mark.parametrize("tasks", [3, 50])
 def test_heatmap_shows_every_cell_at_a_bounded_size(tasks):
     """The heatmap holds the whole matrix, but a long stream's figure stays at most 8
