@@ -22,8 +22,7 @@ from torch.utils.data import DataLoader, Subset
 
 from callbacks.report import (
     HeatmapCanvas,
-    log_png,
-    png_bytes,
+    log_image,
     print_few_shot,
     print_matrix,
     print_row,
@@ -221,11 +220,7 @@ class ContinualEvaluation(L.Callback, LearnerPlugin):
             primary = learner.primary_variant
             pixels = self._canvas.pixels(self.rows[primary], f"accuracy matrix ({primary})",
                                          trainer.datamodule.num_phases)
-            png = png_bytes(pixels)
-            for logger in trainer.loggers:
-                experiment = getattr(logger, "experiment", None)
-                if hasattr(experiment, "add_image"):
-                    log_png(experiment, "eval/accuracy_matrix", png, *pixels.shape[:2],
+            png = log_image(trainer.loggers, "eval/accuracy_matrix", pixels,
                             step=len(self.rows[primary]))
             with open(os.path.join(out_dir, "accuracy_matrix.png"), "wb") as f:
                 f.write(png)

@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from callbacks import report  # noqa: F401  (selects the Agg backend)
+from callbacks.report import figure_pixels, log_image  # (report selects the Agg backend)
 from cl_lightning.checks import require_at_least
 from cl_lightning.models.agent import MemoryAgent
 from cl_lightning.plugins import LearnerPlugin
@@ -114,13 +114,9 @@ class MemoryMonitor(L.Callback, LearnerPlugin):
         over_time = time_maps(traces[task], task)
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=trainer.global_step)
-            experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_figure"):
-                experiment.add_figure("memory/slots", slots, global_step=task, close=False)
-                experiment.add_figure(f"memory/task_{task:02d}", over_time, global_step=task,
-                                      close=False)
-        plt.close(slots)
-        plt.close(over_time)
+        for tag, fig in (("memory/slots", slots), (f"memory/task_{task:02d}", over_time)):
+            log_image(trainer.loggers, tag, figure_pixels(fig), step=task)
+            plt.close(fig)
 
 
 def recall_usage(trace: Any, primed: torch.Tensor, labels: torch.Tensor,

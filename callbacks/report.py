@@ -85,6 +85,17 @@ def log_png(experiment: Any, tag: str, png: bytes, height: int, width: int,
     file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 
+def log_image(loggers: list[Any], tag: str, pixels: np.ndarray, step: int) -> bytes:
+    """``(H, W, 3 or 4)`` bytes as an image in every logger that takes images (TensorBoard),
+    encoded once; returns the PNG."""
+    png = png_bytes(pixels)
+    for logger in loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            log_png(experiment, tag, png, *pixels.shape[:2], step=step)
+    return png
+
+
 class HeatmapCanvas:
     """Draws a stream's accuracy matrix at every task end for the cost of its cells.
 

@@ -555,10 +555,12 @@ def sequence_reference(step_reference, x_gates: Tensor, *state_and_weights: Tens
 def _run_sequence(args: tuple[Tensor, ...], clip: float, oneplus: bool, keep: bool
                   ) -> tuple[list[Tensor], list[Tensor]]:
     """The C++ forward over :func:`fused_sequence`'s arguments: its outputs, and what its
-    backward reads (each step's intermediates; none without ``keep``)."""
+    backward reads (each step's intermediates; none without ``keep``). The kernel reads the
+    arguments' values only: detached, the views it takes of them at every step carry no
+    autograd metadata."""
+    args = [t.detach() for t in args]
     state = [t.contiguous() for t in args[1:10]]
-    return dnc_native.load().sequence_forward(args[0], state, list(args[10:]), clip, oneplus,
-                                              keep)
+    return dnc_native.load().sequence_forward(args[0], state, args[10:], clip, oneplus, keep)
 
 
 class _Sequence(torch.autograd.Function):

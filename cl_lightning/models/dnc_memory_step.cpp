@@ -169,33 +169,45 @@ struct Sizes {
   int64_t n, w, reads;
 };
 
-// Row pointers of one sample in a (B, ...) tensor.
+// Each tensor's data and its stride between samples, read once per call (the kernels then
+// find one sample's rows by arithmetic alone); the index tensor's are read as int64.
 template <typename T>
-inline const T* at(const at::Tensor& t, int64_t b) {
-  return t.data_ptr<T>() + b * (t.numel() / t.size(0));
-}
-template <typename T>
-inline T* at_mut(at::Tensor& t, int64_t b) {
-  return t.data_ptr<T>() + b * (t.numel() / t.size(0));
-}
+class Samples {
+ public:
+  explicit Samples(const std::vector<at::Tensor>& tensors) {
+    for (const auto& t : tensors) {
+      const bool values = t.scalar_type() == c10::CppTypeToScalarType<T>::value;
+      data_.push_back(values ? t.data_ptr<T>() : nullptr);
+      index_.push_back(values ? nullptr : t.data_ptr<int64_t>());
+      stride_.push_back(t.size(0) ? t.numel() / t.size(0) : 0);
+    }
+  }
+  T* operator()(size_t k, int64_t b) const { return data_[k] + b * stride_[k]; }
+  int64_t* index(size_t k, int64_t b) const { return index_[k] + b * stride_[k]; }
+
+ private:
+  std::vector<T*> data_;
+  std::vector<int64_t*> index_;
+  std::vector<int64_t> stride_;
+};
 
 template <typename T>
-void forward_sample(const std::vector<at::Tensor>& in, std::vector<at::Tensor>& out,
+void forward_sample(const Samples<T>& in, const Samples<T>& out,
                     int64_t b, const Sizes& s, std::vector<T>& scratch) {
   const int64_t n = s.n, w = s.w, reads = s.reads;
-  const T *M = at<T>(in[0], b), *u = at<T>(in[1], b), *L = at<T>(in[2], b),
-          *p = at<T>(in[3], b), *rwp = at<T>(in[4], b), *wwp = at<T>(in[5], b),
-          *rk = at<T>(in[6], b), *rs = at<T>(in[7], b), *wk = at<T>(in[8], b),
-          *ws = at<T>(in[9], b), *e = at<T>(in[10], b), *v = at<T>(in[11], b),
-          *fr = at<T>(in[12], b), *modes = at<T>(in[15], b);
-  const T ga = *at<T>(in[13], b), gw = *at<T>(in[14], b);
-  T *M2 = at_mut<T>(out[0], b), *u2 = at_mut<T>(out[1], b), *L2 = at_mut<T>(out[2], b),
-    *p2 = at_mut<T>(out[3], b), *rw = at_mut<T>(out[4], b), *ww = at_mut<T>(out[5], b),
-    *rv = at_mut<T>(out[6], b), *alloc = at_mut<T>(out[7], b), *psi = at_mut<T>(out[8], b),
-    *cw = at_mut<T>(out[9], b), *simw = at_mut<T>(out[10], b), *mnold = at_mut<T>(out[11], b),
-    *cr = at_mut<T>(out[12], b), *simr = at_mut<T>(out[13], b), *mnnew = at_mut<T>(out[14], b),
-    *f = at_mut<T>(out[15], b), *bk = at_mut<T>(out[16], b);
-  int64_t* order = out[17].data_ptr<int64_t>() + b * n;
+  const T *M = in(0, b), *u = in(1, b), *L = in(2, b),
+          *p = in(3, b), *rwp = in(4, b), *wwp = in(5, b),
+          *rk = in(6, b), *rs = in(7, b), *wk = in(8, b),
+          *ws = in(9, b), *e = in(10, b), *v = in(11, b),
+          *fr = in(12, b), *modes = in(15, b);
+  const T ga = *in(13, b), gw = *in(14, b);
+  T *M2 = out(0, b), *u2 = out(1, b), *L2 = out(2, b),
+    *p2 = out(3, b), *rw = out(4, b), *ww = out(5, b),
+    *rv = out(6, b), *alloc = out(7, b), *psi = out(8, b),
+    *cw = out(9, b), *simw = out(10, b), *mnold = out(11, b),
+    *cr = out(12, b), *simr = out(13, b), *mnnew = out(14, b),
+    *f = out(15, b), *bk = out(16, b);
+  int64_t* order = out.index(17, b);
   T* uh = scratch.data();
   T* cp = uh + n;
 
@@ -276,35 +288,34 @@ void read_vectors_backward(const T* M2, const T* rw, const T* grv, int64_t n, in
 }
 
 template <typename T>
-void backward_sample(const std::vector<at::Tensor>& sv, const std::vector<at::Tensor>& gr,
-                     std::vector<at::Tensor>& go, int64_t b, const Sizes& s,
-                     std::vector<T>& scratch) {
+void backward_sample(const Samples<T>& sv, const Samples<T>& gr, const Samples<T>& go,
+                     int64_t b, const Sizes& s, std::vector<T>& scratch) {
   const int64_t n = s.n, w = s.w, reads = s.reads;
   // saved: the 16 inputs, then M2, u2, rw, ww, alloc, psi, cw, simw, mnold, cr, simr, mnnew,
   // f, bk, order
-  const T *M = at<T>(sv[0], b), *u = at<T>(sv[1], b), *L = at<T>(sv[2], b),
-          *p = at<T>(sv[3], b), *rwp = at<T>(sv[4], b), *wwp = at<T>(sv[5], b),
-          *rk = at<T>(sv[6], b), *rs = at<T>(sv[7], b), *wk = at<T>(sv[8], b),
-          *ws = at<T>(sv[9], b), *e = at<T>(sv[10], b), *v = at<T>(sv[11], b),
-          *fr = at<T>(sv[12], b), *modes = at<T>(sv[15], b);
-  const T ga = *at<T>(sv[13], b), gw = *at<T>(sv[14], b);
-  const T *M2 = at<T>(sv[16], b), *u2 = at<T>(sv[17], b), *rw = at<T>(sv[18], b),
-          *ww = at<T>(sv[19], b), *alloc = at<T>(sv[20], b), *psi = at<T>(sv[21], b),
-          *cw = at<T>(sv[22], b), *simw = at<T>(sv[23], b), *mnold = at<T>(sv[24], b),
-          *cr = at<T>(sv[25], b), *simr = at<T>(sv[26], b), *mnnew = at<T>(sv[27], b),
-          *f = at<T>(sv[28], b), *bk = at<T>(sv[29], b);
-  const int64_t* order = sv[30].data_ptr<int64_t>() + b * n;
+  const T *M = sv(0, b), *u = sv(1, b), *L = sv(2, b),
+          *p = sv(3, b), *rwp = sv(4, b), *wwp = sv(5, b),
+          *rk = sv(6, b), *rs = sv(7, b), *wk = sv(8, b),
+          *ws = sv(9, b), *e = sv(10, b), *v = sv(11, b),
+          *fr = sv(12, b), *modes = sv(15, b);
+  const T ga = *sv(13, b), gw = *sv(14, b);
+  const T *M2 = sv(16, b), *u2 = sv(17, b), *rw = sv(18, b),
+          *ww = sv(19, b), *alloc = sv(20, b), *psi = sv(21, b),
+          *cw = sv(22, b), *simw = sv(23, b), *mnold = sv(24, b),
+          *cr = sv(25, b), *simr = sv(26, b), *mnnew = sv(27, b),
+          *f = sv(28, b), *bk = sv(29, b);
+  const int64_t* order = sv.index(30, b);
   // incoming: gM2, gu2, gL2, gp2, grw, gww, grv, galloc
-  const T *gM2 = at<T>(gr[0], b), *gu2 = at<T>(gr[1], b), *gL2 = at<T>(gr[2], b),
-          *gp2 = at<T>(gr[3], b), *grw = at<T>(gr[4], b), *gww_in = at<T>(gr[5], b),
-          *grv = at<T>(gr[6], b), *galloc_in = at<T>(gr[7], b);
+  const T *gM2 = gr(0, b), *gu2 = gr(1, b), *gL2 = gr(2, b),
+          *gp2 = gr(3, b), *grw = gr(4, b), *gww_in = gr(5, b),
+          *grv = gr(6, b), *galloc_in = gr(7, b);
   // outgoing: gM, gu, gL, gp, grwp, gwwp, grk, grs, gwk, gws, ge, gv, gfree, gga, ggw, gmodes
-  T *gM = at_mut<T>(go[0], b), *gu = at_mut<T>(go[1], b), *gL = at_mut<T>(go[2], b),
-    *gp = at_mut<T>(go[3], b), *grwp = at_mut<T>(go[4], b), *gwwp = at_mut<T>(go[5], b),
-    *grk = at_mut<T>(go[6], b), *grs = at_mut<T>(go[7], b), *gwk = at_mut<T>(go[8], b),
-    *gws = at_mut<T>(go[9], b), *ge = at_mut<T>(go[10], b), *gv = at_mut<T>(go[11], b),
-    *gfree = at_mut<T>(go[12], b), *gga = at_mut<T>(go[13], b), *ggw = at_mut<T>(go[14], b),
-    *gmodes = at_mut<T>(go[15], b);
+  T *gM = go(0, b), *gu = go(1, b), *gL = go(2, b),
+    *gp = go(3, b), *grwp = go(4, b), *gwwp = go(5, b),
+    *grk = go(6, b), *grs = go(7, b), *gwk = go(8, b),
+    *gws = go(9, b), *ge = go(10, b), *gv = go(11, b),
+    *gfree = go(12, b), *gga = go(13, b), *ggw = go(14, b),
+    *gmodes = go(15, b);
 
   T* gM2t = scratch.data();             // (N, W) total gradient of M'
   T* grwt = gM2t + n * w;               // (R, N) total gradient of rw
@@ -451,10 +462,11 @@ std::vector<at::Tensor> memory_step_forward(std::vector<at::Tensor> in) {
       at::empty_like(in[4]), at::empty_like(in[4]),        // f, bk
       at::empty({batch, s.n}, opt.dtype(at::kLong))};      // order
   AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "dnc_memory_step_forward", [&] {
+    const Samples<scalar_t> ins(in), outs(out);
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       FlushSubnormals flush;
       std::vector<scalar_t> scratch(2 * s.n);
-      for (int64_t b = begin; b < end; ++b) forward_sample<scalar_t>(in, out, b, s, scratch);
+      for (int64_t b = begin; b < end; ++b) forward_sample(ins, outs, b, s, scratch);
     });
   });
   return out;
@@ -476,14 +488,14 @@ std::vector<at::Tensor> memory_step_backward(std::vector<at::Tensor> saved,
     go.push_back(given ? into[i] : at::empty_like(saved[i]));
   }
   AT_DISPATCH_FLOATING_TYPES(saved[0].scalar_type(), "dnc_memory_step_backward", [&] {
+    const Samples<scalar_t> svs(saved), grs(grads), gos(go);
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       FlushSubnormals flush;
       const int64_t n = s.n, r = s.reads;
       // backward_sample's layout: M' (N W), four (R, N), eight (N), content (N + R N),
       // link (8 N)
       std::vector<scalar_t> scratch(n * s.w + 4 * r * n + 8 * n + (n + r * n) + 8 * n);
-      for (int64_t b = begin; b < end; ++b)
-        backward_sample<scalar_t>(saved, grads, go, b, s, scratch);
+      for (int64_t b = begin; b < end; ++b) backward_sample(svs, grs, gos, b, s, scratch);
     });
   });
   return go;
