@@ -170,7 +170,8 @@ struct Sizes {
 };
 
 // Each tensor's data and its stride between samples, read once per call (the kernels then
-// find one sample's rows by arithmetic alone); the index tensor's are read as int64.
+// find one sample's rows by arithmetic alone); the index tensor's are read as int64. A
+// sample's entries are contiguous (check_rows); samples may lie apart.
 template <typename T>
 class Samples {
  public:
@@ -179,7 +180,7 @@ class Samples {
       const bool values = t.scalar_type() == c10::CppTypeToScalarType<T>::value;
       data_.push_back(values ? t.data_ptr<T>() : nullptr);
       index_.push_back(values ? nullptr : t.data_ptr<int64_t>());
-      stride_.push_back(t.size(0) ? t.numel() / t.size(0) : 0);
+      stride_.push_back(t.size(0) > 1 ? t.stride(0) : 0);
     }
   }
   T* operator()(size_t k, int64_t b) const { return data_[k] + b * stride_[k]; }
@@ -445,7 +446,7 @@ std::vector<at::Tensor> memory_step_forward(std::vector<at::Tensor> in) {
                            "write strength", "erase", "write vector", "free gates",
                            "allocation gate", "write gate", "read modes"};
   const int64_t dims[16] = {3, 2, 3, 2, 3, 2, 3, 2, 2, 1, 2, 2, 2, 1, 1, 3};
-  for (int i = 0; i < 16; ++i) check(in[i], dims[i], names[i]);
+  for (int i = 0; i < 16; ++i) check_rows(in[i], dims[i], names[i]);
   const int64_t batch = in[0].size(0);
   const Sizes s{in[0].size(1), in[0].size(2), in[4].size(1)};
   const auto& M = in[0];

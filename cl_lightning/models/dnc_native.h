@@ -14,6 +14,21 @@ inline void check(const at::Tensor& t, int64_t dim, const char* name) {
   TORCH_CHECK(t.is_contiguous(), "dnc kernel: ", name, " must be contiguous");
 }
 
+// As check, for a (B, ...) tensor whose samples may lie apart (a field of a wider row):
+// each sample's entries contiguous, samples at any non-overlapping distance.
+inline void check_rows(const at::Tensor& t, int64_t dim, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "dnc kernel: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.dim() == dim, "dnc kernel: ", name, " must have ", dim, " dimensions");
+  int64_t inner = 1;
+  for (int64_t d = dim - 1; d >= 1; --d) {
+    TORCH_CHECK(t.size(d) == 1 || t.stride(d) == inner, "dnc kernel: ", name,
+                " must have each sample's entries contiguous");
+    inner *= t.size(d);
+  }
+  TORCH_CHECK(t.size(0) <= 1 || t.stride(0) >= inner, "dnc kernel: ", name,
+              " must not overlap between samples");
+}
+
 std::vector<at::Tensor> link_read_forward(at::Tensor L, at::Tensor p, at::Tensor w,
                                              at::Tensor r);
 std::vector<at::Tensor> link_read_backward(at::Tensor L, at::Tensor p, at::Tensor w,

@@ -89,7 +89,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> time_step_forward(
       sig.select(1, s.word + s.reads),                                    // allocation gate
       sig.select(1, s.word + s.reads + 1),                                // write gate
       modes};
-  for (auto& t : memory_in) t = t.contiguous();  // the memory step reads contiguous rows
+  // the fields are views of the interface's rows: the memory step reads them in place
   auto out = memory_step_forward(memory_in);
 
   // h', c', memory, usage, link, precedence, read weights, write weights, read vectors,
