@@ -34,6 +34,26 @@ def native_link_read(*args):
     return kernels.fused_link_read(*args, native=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_lstm_backward_rounds_as_the_aten_expressions(built, dtype) -> None:
+    """The LSTM cell's backward, one C++ pass per element, equals the ATen expressions of
+    the chain rule bit for bit: each product and difference rounded on its own, none fused
+    into a multiply-add by the compiler."""
+    g = torch.Generator().manual_seed(0)
+    batch, hidden = 7, 37
+    act = torch.rand(batch, 4 * hidden, generator=g, dtype=dtype)
+    act[:, 3 * hidden:] = act[:, 3 * hidden:] * 2 - 1  # tanh's range
+    c, g_h2, g_c2 = (torch.randn(batch, hidden, generator=g, dtype=dtype) for _ in range(3))
+    tc = torch.tanh(torch.randn(batch, hidden, generator=g, dtype=dtype))
+    i, f, o, cell = act.split(hidden, 1)
+    total = g_c2 + g_h2 * o * (1 - tc * tc)
+    gates = torch.cat([total * cell * (i * (1 - i)), total * c * (f * (1 - f)),
+                       g_h2 * tc * (o * (1 - o)), total * i * (1 - cell * cell)], 1)
+    got_gates, got_c = dnc_native.load().lstm_cell_backward(act, c, tc, g_h2, g_c2)
+    assert torch.equal(got_gates, gates)
+    assert torch.equal(got_c, total * f)
+
+
 @pytest.mark.parametrize("heads", [(1, 1), (2, 3), (2, 2, True)])
 def test_native_link_equals_reference(built, heads: tuple) -> None:
     """Values, first-order gradients (the C++ backward) and second-order gradients (through

@@ -483,7 +483,7 @@ std::vector<at::Tensor> memory_step_backward(std::vector<at::Tensor> saved,
   std::vector<at::Tensor> go;
   for (int i = 0; i < 16; ++i) {
     const bool given = i < static_cast<int>(into.size()) && into[i].defined();
-    if (given) check(into[i], saved[i].dim(), "gradient buffer");
+    if (given) check_rows(into[i], saved[i].dim(), "gradient buffer");
     TORCH_CHECK(!given || into[i].sizes() == saved[i].sizes(),
                 "memory_step_backward: a gradient buffer of the wrong shape");
     go.push_back(given ? into[i] : at::empty_like(saved[i]));

@@ -39,6 +39,10 @@ std::vector<at::Tensor> memory_step_forward(std::vector<at::Tensor> inputs);
 std::vector<at::Tensor> memory_step_backward(std::vector<at::Tensor> saved,
                                                 std::vector<at::Tensor> grads,
                                                 std::vector<at::Tensor> into = {});
+// The LSTM cell's backward from its activations (i, f, o, g), cell, tanh of the new cell
+// and the new h's and cell's gradients: the gates' and the old cell's gradients.
+std::vector<at::Tensor> lstm_cell_backward(at::Tensor act, at::Tensor c, at::Tensor tc,
+                                           at::Tensor g_h2, at::Tensor g_c2);
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> time_step_forward(
     std::vector<at::Tensor> inputs, double clip, bool oneplus);
 // `weight_grads`: W_rec's, W_if's and b_if's gradients so far, which this step's add to in

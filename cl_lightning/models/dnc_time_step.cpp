@@ -14,6 +14,7 @@
 //   strengths: softplus (+ 1 for oneplus); gates and erase: sigmoid; modes: softmax of 3
 
 #include <ATen/TensorOperators.h>
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addcmul.h>
 #include <ATen/ops/addmm.h>
@@ -48,7 +49,56 @@ Layout layout_of(const at::Tensor& h, const at::Tensor& read_vectors) {
   return {h.size(0), h.size(1), read_vectors.size(1), read_vectors.size(2)};
 }
 
+// The LSTM cell's backward, element by element in one pass, from the activations act
+// (B, 4H: i, f, o sigmoids, g tanh), the cell c, tanh(c') tc, and the gradients of h' and
+// c' (g_h2, g_c2_in): the gates' gradients (B, 4H) and the previous cell's (B, H).
+//   g_c2 = g_c2_in + g_h2 o (1 - tc^2)
+//   g_i = g_c2 g i (1 - i)    g_f = g_c2 c f (1 - f)    g_o = g_h2 tc o (1 - o)
+//   g_g = g_c2 i (1 - g^2)    g_c = g_c2 f
+// Every product and difference is rounded on its own, in the order of the ATen expressions
+// this pass replaced (no fused multiply-add), so its values equal theirs bit for bit.
+template <typename T>
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+void lstm_backward(const T* act, const T* c, const T* tc, const T* g_h2, const T* g_c2_in,
+                   int64_t batch, int64_t H, T* g_gates, T* g_c) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  for (int64_t b = 0; b < batch; ++b) {
+    const T* a = act + b * 4 * H;
+    T* gg = g_gates + b * 4 * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const int64_t k = b * H + j;
+      const T i = a[j], f = a[H + j], o = a[2 * H + j], g = a[3 * H + j], t = tc[k];
+      const T g_c2 = g_c2_in[k] + g_h2[k] * o * (T(1) - t * t);
+      gg[j] = g_c2 * g * (i * (T(1) - i));
+      gg[H + j] = g_c2 * c[k] * (f * (T(1) - f));
+      gg[2 * H + j] = g_h2[k] * t * (o * (T(1) - o));
+      gg[3 * H + j] = g_c2 * i * (T(1) - g * g);
+      g_c[k] = g_c2 * f;
+    }
+  }
+}
+
 }  // namespace
+
+std::vector<at::Tensor> lstm_cell_backward(at::Tensor act, at::Tensor c, at::Tensor tc,
+                                           at::Tensor g_h2, at::Tensor g_c2) {
+  check(act, 2, "activations");
+  for (const auto& t : {c, tc, g_h2, g_c2}) check(t, 2, "cell tensor");
+  const int64_t H = tc.size(1);
+  TORCH_CHECK(act.size(1) == 4 * H, "lstm_cell_backward: activations (B, 4H)");
+  auto g_gates = at::empty_like(act), g_c = at::empty_like(tc);
+  AT_DISPATCH_FLOATING_TYPES(act.scalar_type(), "dnc_lstm_backward", [&] {
+    lstm_backward<scalar_t>(act.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
+                            tc.data_ptr<scalar_t>(), g_h2.data_ptr<scalar_t>(),
+                            g_c2.data_ptr<scalar_t>(), act.size(0), H,
+                            g_gates.data_ptr<scalar_t>(), g_c.data_ptr<scalar_t>());
+  });
+  return {g_gates, g_c};
+}
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> time_step_forward(
     std::vector<at::Tensor> in, double clip, bool oneplus) {
@@ -117,28 +167,35 @@ std::vector<at::Tensor> time_step_backward(std::vector<at::Tensor> saved,
   const int64_t H = tc.size(1);
   const Layout s{tc.size(0), H, saved[6].size(1), saved[6].size(2)};
 
+  // the interface's gradient: the memory step writes its fields' parts in place (the
+  // fields' views of the interface's rows, as in the forward), the modes' part below
+  auto g_raw = at::empty_like(raw);
+  auto g_strengths = g_raw.narrow(1, s.strengths(), s.reads + 1);
+  auto g_sig = g_raw.narrow(1, s.sigmoids(), s.word + s.reads + 2);
+  std::vector<at::Tensor> g_into(into.begin(), into.end());
+  g_into.resize(15);
+  g_into[6] = g_raw.narrow(1, 0, s.keys()).view({s.batch, s.reads, s.word});
+  g_into[7] = g_strengths.narrow(1, 0, s.reads);
+  g_into[8] = g_raw.narrow(1, s.keys(), s.word);
+  g_into[9] = g_strengths.select(1, s.reads);
+  g_into[10] = g_sig.narrow(1, 0, s.word);
+  g_into[11] = g_raw.narrow(1, s.keys() + s.word, s.word);
+  g_into[12] = g_sig.narrow(1, s.word, s.reads);
+  g_into[13] = g_sig.select(1, s.word + s.reads);
+  g_into[14] = g_sig.select(1, s.word + s.reads + 1);
   std::vector<at::Tensor> memory_saved(saved.begin(), saved.begin() + 31);
   std::vector<at::Tensor> memory_grads(grads.begin() + 2, grads.begin() + 10);
-  auto g = memory_step_backward(memory_saved, memory_grads, into);
+  auto g = memory_step_backward(memory_saved, memory_grads, g_into);
   // g: memory, usage, link, precedence, read weights, (write weights), read keys, read
   // strengths, write key, write strength, erase, write vector, free gates, allocation gate,
   // write gate, read modes; the diagnostics' gradients join their fields'
-  auto g_raw = at::empty_like(raw);
-  g_raw.narrow(1, 0, s.keys()).copy_(g[6].reshape({s.batch, s.keys()}));
-  g_raw.narrow(1, s.keys(), s.word).copy_(g[8]);
-  g_raw.narrow(1, s.keys() + s.word, s.word).copy_(g[11]);
+  g[12].add_(grads[12]);
+  g[13].add_(grads[10]);
+  g[14].add_(grads[11]);
   // softplus' = sigmoid of the pre-activation (oneplus adds a constant: the same)
   auto pre = raw.narrow(1, s.strengths(), s.reads + 1);
   if (clip > 0) pre = pre.clamp(-clip, clip);
-  auto g_strengths = g_raw.narrow(1, s.strengths(), s.reads + 1);
-  g_strengths.narrow(1, 0, s.reads).copy_(g[7]);
-  g_strengths.select(1, s.reads).copy_(g[9]);
   g_strengths.mul_(at::sigmoid(pre));
-  auto g_sig = g_raw.narrow(1, s.sigmoids(), s.word + s.reads + 2);
-  g_sig.narrow(1, 0, s.word).copy_(g[10]);
-  g_sig.narrow(1, s.word, s.reads).copy_(g[12] + grads[12]);
-  g_sig.select(1, s.word + s.reads).copy_(g[13] + grads[10]);
-  g_sig.select(1, s.word + s.reads + 1).copy_(g[14] + grads[11]);
   g_sig.mul_(sig * (1 - sig));
   auto g_modes = g[15] + grads[13];
   g_raw.narrow(1, s.modes(), 3 * s.reads)
@@ -149,25 +206,15 @@ std::vector<at::Tensor> time_step_backward(std::vector<at::Tensor> saved,
   auto g_h2 = at::addmm(grads[0], g_raw, w_if);
   auto g_w_if = accumulate ? weight_grads[1].addmm_(g_raw.t(), h2) : at::mm(g_raw.t(), h2);
   auto g_b_if = accumulate ? weight_grads[2].add_(g_raw.sum(0)) : g_raw.sum(0);
-  auto i = act.narrow(1, 0, H), f = act.narrow(1, H, H), o = act.narrow(1, 2 * H, H),
-       cell = act.narrow(1, 3 * H, H);
-  auto g_c2 = grads[1] + g_h2 * o * (1 - tc * tc);
-  auto g_gates = at::empty_like(act);
-  auto g_i = g_gates.narrow(1, 0, H), g_f = g_gates.narrow(1, H, H),
-       g_o = g_gates.narrow(1, 2 * H, H), g_cell = g_gates.narrow(1, 3 * H, H);
-  at::mul_out(g_i, g_c2, cell);
-  at::mul_out(g_f, g_c2, c);
-  at::mul_out(g_o, g_h2, tc);
-  const auto sig3 = act.narrow(1, 0, 3 * H);
-  g_gates.narrow(1, 0, 3 * H).mul_(sig3 * (1 - sig3));
-  at::mul_out(g_cell, g_c2 * i, 1 - cell * cell);
+  auto cell = lstm_cell_backward(act, c.contiguous(), tc, g_h2, grads[1].contiguous());
+  const auto &g_gates = cell[0], &g_c = cell[1];
   auto g_rin = at::mm(g_gates, w_rec);
   auto g_w_rec = accumulate ? weight_grads[0].addmm_(g_gates.t(), rin) : at::mm(g_gates.t(), rin);
   // x_gates, h, c, read vectors, memory, usage, link, precedence, read weights, write
   // weights (a constant: no gradient), W_rec, W_if, b_if
   return {g_gates,
           g_rin.narrow(1, s.keys(), H),
-          g_c2 * f,
+          g_c,
           g_rin.narrow(1, 0, s.keys()).reshape({s.batch, s.reads, s.word}),
           g[0], g[1], g[2], g[3], g[4], at::Tensor(), g_w_rec, g_w_if, g_b_if};
 }
