@@ -27,6 +27,7 @@
 #include <ATen/ops/softplus.h>
 #include <ATen/ops/tanh.h>
 
+#include <cmath>
 #include <tuple>
 #include <vector>
 
@@ -79,6 +80,46 @@ void lstm_backward(const T* act, const T* c, const T* tc, const T* g_h2, const T
       gg[3 * H + j] = g_c2 * i * (T(1) - g * g);
       g_c[k] = g_c2 * f;
     }
+  }
+}
+
+// The interface's gradient after the memory step has written its fields' parts into g_raw
+// (B, F), in one pass per sample: through the activations (strengths' softplus, given its
+// derivative sp; the gates' and erase's sigmoids sig; the read modes' softmax, from the
+// memory step's and the diagnostics' gradients of the modes) and the clamp to +-clip (clip
+// 0: none). Rounded as the ATen expressions this pass replaced, like lstm_backward:
+//   g_strength *= sp      g_gate *= s (1 - s)      g_clamped *= (|raw| <= clip)
+//   g_mode_k = m_k (gm_k - sum_k' gm_k' m_k'),  gm = gm_memory + gm_diagnostic
+template <typename T>
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+void interface_backward(const Layout& s, const T* raw, const T* sp, const T* sig,
+                        const T* modes, const T* gm_memory, const T* gm_diagnostic,
+                        double clip, T* g_raw) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  const int64_t F = s.size(), gates = s.word + s.reads + 2, R = s.reads;
+  const T limit = static_cast<T>(clip);
+  for (int64_t b = 0; b < s.batch; ++b) {
+    T* g = g_raw + b * F;
+    const T* x = raw + b * F;
+    for (int64_t k = 0; k <= R; ++k) g[s.strengths() + k] *= sp[b * (R + 1) + k];
+    for (int64_t k = 0; k < gates; ++k) {
+      const T y = sig[b * gates + k];
+      g[s.sigmoids() + k] *= y * (T(1) - y);
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t o = (b * R + r) * 3;
+      const T* m = modes + o;
+      const T gm[3] = {gm_memory[o] + gm_diagnostic[o], gm_memory[o + 1] + gm_diagnostic[o + 1],
+                       gm_memory[o + 2] + gm_diagnostic[o + 2]};
+      const T dot = gm[0] * m[0] + gm[1] * m[1] + gm[2] * m[2];
+      for (int k = 0; k < 3; ++k) g[s.modes() + 3 * r + k] = m[k] * (gm[k] - dot);
+    }
+    if (clip > 0)
+      for (int64_t k = 0; k < F; ++k) g[k] *= T(std::abs(x[k]) <= limit);
   }
 }
 
@@ -195,12 +236,15 @@ std::vector<at::Tensor> time_step_backward(std::vector<at::Tensor> saved,
   // softplus' = sigmoid of the pre-activation (oneplus adds a constant: the same)
   auto pre = raw.narrow(1, s.strengths(), s.reads + 1);
   if (clip > 0) pre = pre.clamp(-clip, clip);
-  g_strengths.mul_(at::sigmoid(pre));
-  g_sig.mul_(sig * (1 - sig));
-  auto g_modes = g[15] + grads[13];
-  g_raw.narrow(1, s.modes(), 3 * s.reads)
-      .copy_((modes * (g_modes - (g_modes * modes).sum(-1, true))).reshape({s.batch, -1}));
-  if (clip > 0) g_raw.mul_(raw.abs() <= clip);
+  const auto softplus_grad = at::sigmoid(pre).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(raw.scalar_type(), "dnc_interface_backward", [&] {
+    interface_backward<scalar_t>(s, raw.data_ptr<scalar_t>(),
+                                 softplus_grad.data_ptr<scalar_t>(), sig.data_ptr<scalar_t>(),
+                                 modes.contiguous().data_ptr<scalar_t>(),
+                                 g[15].contiguous().data_ptr<scalar_t>(),
+                                 grads[13].contiguous().data_ptr<scalar_t>(), clip,
+                                 g_raw.data_ptr<scalar_t>());
+  });
 
   const bool accumulate = weight_grads.size() == 3 && weight_grads[0].defined();
   auto g_h2 = at::addmm(grads[0], g_raw, w_if);
