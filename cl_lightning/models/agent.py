@@ -141,7 +141,8 @@ class TokenClassifier(Classifier):
             state = self.expand_state(self.read_context(context), len(x), context_mask)
         out = self.core_forward(tokens, state)[0]
         out = out[:, -1] if self.readout == "last" else out.mean(1)
-        out = out + self.unused_anchor(read_context, recall is not None)
+        if torch.is_grad_enabled():  # no gradient, no need: evaluation skips the anchor
+            out = out + self.unused_anchor(read_context, recall is not None)
         if self.skip_hidden:
             out = torch.cat([out, self.skip(tokens.flatten(1))], 1)
         return torch.cat([out, read], 1) if self.recall_size else out
