@@ -57,9 +57,8 @@ def _cell_texts(ax: Any, rows: list[list[float]]) -> list[Any]:
 
 
 def figure_pixels(fig: Figure) -> np.ndarray:
-    """The figure rendered once, as ``(H, W, 4)`` RGBA bytes at its own dpi: one drawing
-    serves TensorBoard (``add_image``) and the PNG file (``plt.imsave``), which
-    ``add_figure`` + ``savefig`` would draw twice."""
+    """The figure rendered once, as ``(H, W, 4)`` RGBA bytes at its own dpi (for
+    :func:`log_image`, which serves TensorBoard and the PNG file from one encoding)."""
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba()).copy()
 
@@ -107,16 +106,18 @@ class HeatmapCanvas:
 
     def __init__(self) -> None:
         self._fig: Figure | None = None
-        self._key: tuple[Any, ...] | None = None
+        self._key: tuple[Any, ...] | None = None  # (phases, tasks, title) of the figure
+        self._cells: list[Any] = []  # the artists drawn at every call: image, then frame
+        self._background: Any = None  # the figure's pixels without them
 
     def pixels(self, rows: list[list[float]], title: str, phases: int) -> np.ndarray:
         """``(H, W, 4)`` RGBA bytes of the heatmap of ``rows`` on a grid of ``phases`` rows."""
         key = (max(phases, len(rows)), len(rows[0]), title)
         if key != self._key:
             self.close()
-            self._fig = accuracy_heatmap(rows[:0] or [[math.nan] * key[1]], title, key[0])
+            self._fig = accuracy_heatmap([[math.nan] * key[1]], title, key[0])
             ax = self._fig.axes[0]
-            self._cells = [ax.images[0], *ax.spines.values()]  # the frame: over the cells
+            self._cells = [ax.images[0], *ax.spines.values()]
             for artist in self._cells:
                 artist.set_visible(False)
             self._fig.canvas.draw()
