@@ -15,6 +15,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return dnc_native::memory_step_backward(saved, grads);
         },
         "its first-order gradients");
+  m.def("interface_activations_backward", &dnc_native::interface_activations_backward,
+        "the interface's gradient through its activations and clamp (time step backward)");
   m.def("lstm_cell_backward", &dnc_native::lstm_cell_backward,
         "the LSTM cell's pointwise backward (gates' and old cell's gradients)");
   m.def("time_step_forward", &dnc_native::time_step_forward,

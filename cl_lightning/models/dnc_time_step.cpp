@@ -125,6 +125,30 @@ void interface_backward(const Layout& s, const T* raw, const T* sp, const T* sig
 
 }  // namespace
 
+at::Tensor interface_activations_backward(at::Tensor raw, at::Tensor softplus_grad,
+                                          at::Tensor sig, at::Tensor modes,
+                                          at::Tensor g_modes_memory,
+                                          at::Tensor g_modes_diagnostic, double clip,
+                                          at::Tensor g_raw) {
+  for (const auto& t : {raw, softplus_grad, sig, g_raw}) check(t, 2, "interface tensor");
+  for (const auto& t : {modes, g_modes_memory, g_modes_diagnostic}) check(t, 3, "read modes");
+  const int64_t reads = modes.size(1), F = raw.size(1);
+  // F = R W + 2 W (keys, write key and vector) + R + 1 + W + R + 2 + 3 R
+  const Layout s{raw.size(0), 0, reads, (F - 5 * reads - 3) / (reads + 3)};
+  TORCH_CHECK(s.size() == F && g_raw.sizes() == raw.sizes() &&
+                  softplus_grad.size(1) == reads + 1 && sig.size(1) == s.word + reads + 2,
+              "interface_activations_backward: shapes of one interface layout");
+  auto out = g_raw.clone();
+  AT_DISPATCH_FLOATING_TYPES(raw.scalar_type(), "dnc_interface_backward", [&] {
+    interface_backward<scalar_t>(s, raw.data_ptr<scalar_t>(), softplus_grad.data_ptr<scalar_t>(),
+                                 sig.data_ptr<scalar_t>(), modes.data_ptr<scalar_t>(),
+                                 g_modes_memory.data_ptr<scalar_t>(),
+                                 g_modes_diagnostic.data_ptr<scalar_t>(), clip,
+                                 out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
 std::vector<at::Tensor> lstm_cell_backward(at::Tensor act, at::Tensor c, at::Tensor tc,
                                            at::Tensor g_h2, at::Tensor g_c2) {
   check(act, 2, "activations");
