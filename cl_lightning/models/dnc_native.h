@@ -39,13 +39,13 @@ std::vector<at::Tensor> memory_step_forward(std::vector<at::Tensor> inputs);
 std::vector<at::Tensor> memory_step_backward(std::vector<at::Tensor> saved,
                                                 std::vector<at::Tensor> grads,
                                                 std::vector<at::Tensor> into = {});
-// The interface's gradient through its activations and clamp (the time step's pass, on a
-// copy of g_raw that holds the memory step's gradients of the fields): for tests.
-at::Tensor interface_activations_backward(at::Tensor raw, at::Tensor softplus_grad,
-                                          at::Tensor sig, at::Tensor modes,
-                                          at::Tensor g_modes_memory,
-                                          at::Tensor g_modes_diagnostic, double clip,
-                                          at::Tensor g_raw);
+// The interface's gradient through its activations and clamp, in place in g_raw (which
+// holds the memory step's gradients of the fields): the time step backward's pass.
+void interface_activations_backward_(at::Tensor raw, at::Tensor softplus_grad,
+                                     at::Tensor sig, at::Tensor modes,
+                                     at::Tensor g_modes_memory,
+                                     at::Tensor g_modes_diagnostic, double clip,
+                                     at::Tensor g_raw);
 // The LSTM cell's backward from its activations (i, f, o, g), cell, tanh of the new cell
 // and the new h's and cell's gradients: the gates' and the old cell's gradients.
 std::vector<at::Tensor> lstm_cell_backward(at::Tensor act, at::Tensor c, at::Tensor tc,

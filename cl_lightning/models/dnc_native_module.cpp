@@ -15,7 +15,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return dnc_native::memory_step_backward(saved, grads);
         },
         "its first-order gradients");
-  m.def("interface_activations_backward", &dnc_native::interface_activations_backward,
+  m.def("interface_activations_backward",
+        [](at::Tensor raw, at::Tensor sp, at::Tensor sig, at::Tensor modes, at::Tensor gm,
+           at::Tensor gd, double clip, at::Tensor g_raw) {
+          auto out = g_raw.clone();
+          dnc_native::interface_activations_backward_(raw, sp, sig, modes, gm, gd, clip, out);
+          return out;
+        },
         "the interface's gradient through its activations and clamp (time step backward)");
   m.def("lstm_cell_backward", &dnc_native::lstm_cell_backward,
         "the LSTM cell's pointwise backward (gates' and old cell's gradients)");

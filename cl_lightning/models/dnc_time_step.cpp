@@ -125,11 +125,11 @@ void interface_backward(const Layout& s, const T* raw, const T* sp, const T* sig
 
 }  // namespace
 
-at::Tensor interface_activations_backward(at::Tensor raw, at::Tensor softplus_grad,
-                                          at::Tensor sig, at::Tensor modes,
-                                          at::Tensor g_modes_memory,
-                                          at::Tensor g_modes_diagnostic, double clip,
-                                          at::Tensor g_raw) {
+void interface_activations_backward_(at::Tensor raw, at::Tensor softplus_grad,
+                                     at::Tensor sig, at::Tensor modes,
+                                     at::Tensor g_modes_memory,
+                                     at::Tensor g_modes_diagnostic, double clip,
+                                     at::Tensor g_raw) {
   for (const auto& t : {raw, softplus_grad, sig, g_raw}) check(t, 2, "interface tensor");
   for (const auto& t : {modes, g_modes_memory, g_modes_diagnostic}) check(t, 3, "read modes");
   const int64_t reads = modes.size(1), F = raw.size(1);
@@ -138,15 +138,13 @@ at::Tensor interface_activations_backward(at::Tensor raw, at::Tensor softplus_gr
   TORCH_CHECK(s.size() == F && g_raw.sizes() == raw.sizes() &&
                   softplus_grad.size(1) == reads + 1 && sig.size(1) == s.word + reads + 2,
               "interface_activations_backward: shapes of one interface layout");
-  auto out = g_raw.clone();
   AT_DISPATCH_FLOATING_TYPES(raw.scalar_type(), "dnc_interface_backward", [&] {
     interface_backward<scalar_t>(s, raw.data_ptr<scalar_t>(), softplus_grad.data_ptr<scalar_t>(),
                                  sig.data_ptr<scalar_t>(), modes.data_ptr<scalar_t>(),
                                  g_modes_memory.data_ptr<scalar_t>(),
                                  g_modes_diagnostic.data_ptr<scalar_t>(), clip,
-                                 out.data_ptr<scalar_t>());
+                                 g_raw.data_ptr<scalar_t>());
   });
-  return out;
 }
 
 std::vector<at::Tensor> lstm_cell_backward(at::Tensor act, at::Tensor c, at::Tensor tc,
@@ -260,15 +258,8 @@ std::vector<at::Tensor> time_step_backward(std::vector<at::Tensor> saved,
   // softplus' = sigmoid of the pre-activation (oneplus adds a constant: the same)
   auto pre = raw.narrow(1, s.strengths(), s.reads + 1);
   if (clip > 0) pre = pre.clamp(-clip, clip);
-  const auto softplus_grad = at::sigmoid(pre).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(raw.scalar_type(), "dnc_interface_backward", [&] {
-    interface_backward<scalar_t>(s, raw.data_ptr<scalar_t>(),
-                                 softplus_grad.data_ptr<scalar_t>(), sig.data_ptr<scalar_t>(),
-                                 modes.contiguous().data_ptr<scalar_t>(),
-                                 g[15].contiguous().data_ptr<scalar_t>(),
-                                 grads[13].contiguous().data_ptr<scalar_t>(), clip,
-                                 g_raw.data_ptr<scalar_t>());
-  });
+  interface_activations_backward_(raw, at::sigmoid(pre).contiguous(), sig, modes.contiguous(),
+                                  g[15].contiguous(), grads[13].contiguous(), clip, g_raw);
 
   const bool accumulate = weight_grads.size() == 3 && weight_grads[0].defined();
   auto g_h2 = at::addmm(grads[0], g_raw, w_if);
