@@ -178,6 +178,7 @@ def time_maps(trace: Any, task: int) -> plt.Figure:
         ax.set_title(f"task {task}: {title}", fontsize=9)
         ax.set_xlabel("memory slot")
         ax.set_ylabel("time step")
+        ax.set_yticks(range(0, len(data), -(-len(data) // 20)))  # whole steps, at most 20
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
     return fig

@@ -213,3 +213,23 @@ def test_memory_slot_maps_stay_bounded_with_whole_task_ticks(tasks):
         assert visible and all(float(t).is_integer() for t in visible)
     finally:
         plt.close(fig)
+
+
+@pytest.mark.parametrize("steps", [1, 4, 50])
+def test_memory_time_maps_tick_whole_time_steps(steps):
+    import types
+
+    import matplotlib.pyplot as plt
+
+    from callbacks.memory_monitor import time_maps
+
+    trace = types.SimpleNamespace(read_weights=torch.rand(3, steps, 2, 32),
+                                  write_weights=torch.rand(3, steps, 1, 32))
+    fig = time_maps(trace, task=0)
+    try:
+        fig.canvas.draw()
+        for ax in fig.axes[:2]:  # the two maps (their colorbars come after them)
+            ticks = [t for t in ax.get_yticks() if -0.5 <= t <= steps - 0.5]
+            assert ticks and all(float(t).is_integer() for t in ticks) and len(ticks) <= 20
+    finally:
+        plt.close(fig)
