@@ -44,10 +44,11 @@ ROOT = Path(__file__).resolve().parents[1]
 KEYS = ["avg_accuracy", "forgetting", "bwt", "fwt"]
 
 
-def train_args(config: str, extra: list[str], seed: int, log_root: str, name: str) -> list[str]:
+def train_args(config: str, extra: list[str], seed: int | None, log_root: str,
+               name: str) -> list[str]:
     """The ``train.py`` arguments of one run, logging to ``log_root/name`` (``{seed}`` in
-    ``extra`` replaced by the seed)."""
-    return ["fit", "-c", config, "--seed_everything", str(seed),
+    ``extra`` replaced by the seed; ``seed`` None: the config's own)."""
+    return ["fit", "-c", config, *([] if seed is None else ["--seed_everything", str(seed)]),
             "--trainer.enable_progress_bar", "false",
             "--trainer.logger.init_args.save_dir", log_root,
             "--trainer.logger.init_args.name", name,
