@@ -420,3 +420,38 @@ def test_bf16_autocast_reads_the_recalled_memory_in_float32():
     assert all(t.dtype == torch.float32 for t in state_bf16)
     torch.testing.assert_close(state_bf16.memory, state.memory, atol=2e-2, rtol=0)
     torch.testing.assert_close(logits.float(), ref, atol=5e-2 * ref.abs().max().item(), rtol=0)
+
+
+def test_cosines_shared_at_retrieval_equal_each_copy_computing_its_own():
+    """With a raw-input key the retrieval computes each query's cosines with its
+    neighbours once (``Recall.cos``) for the net and its EMA copies; every copy's logits
+    are bit for bit those it gives computing them itself, on all rows and on a subset (the
+    replayed rows the copies read)."""
+    import copy
+    import types
+
+    from cl_lightning.recalling import Recalling
+
+    torch.manual_seed(0)
+    net = MemoryAgent((12,), 3, recall_slots=3, recall_key="input", **SMALL_AGENT).eval()
+    ema = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    store = {"x": torch.randn(10, 12), "y": torch.randint(0, 3, (10,))}
+    x = torch.randn(6, 12)
+    learner = types.SimpleNamespace(net=net)
+    recall = Recalling.retrieve(learner, x, x, store, *Recalling.index_store(learner, store))
+    assert recall.cos is not None and recall.cos.shape == (6, 3)
+    own = recall._replace(cos=None)
+    rows = torch.tensor([1, 3, 4])
+    for model in (net, ema):
+        assert torch.equal(model(x, recall=recall), model(x, recall=own))
+        assert torch.equal(model(x[rows], recall=recall.select(rows)),
+                           model(x[rows], recall=own.select(rows)))
+    assert recall.permuted(torch.randperm(12)).cos is None  # permuted inputs: recomputed
+    # a learned key depends on the weights: each copy computes its own
+    token_net = MemoryAgent((12,), 3, recall_slots=3, recall_key="tokens", **SMALL_AGENT)
+    learner = types.SimpleNamespace(net=token_net)
+    index = Recalling.index_store(learner, store)
+    assert Recalling.retrieve(learner, x, x, store, *index).cos is None

@@ -322,12 +322,22 @@ class MemoryAgent(TokenClassifier):
                              "episodic read; set recall_slots > 0")
         return self._keys(x)
 
+    @property
+    def fixed_recall_key(self) -> bool:
+        """Whether :meth:`recall_keys` is free of the weights (the raw input): then the
+        cosines of a query with its neighbours are the same for every copy of the net, and
+        the retrieval computes them once (``Recall.cos``)."""
+        return self.recall_key == "input"
+
     def _read_weights(self, x: torch.Tensor, recall: Recall, tokens: torch.Tensor | None = None,
                       keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The cosines ``(B, k)`` of each query with its recalled neighbours and the primed
         read's weights over them (softmax of the learned strength times the cosine)."""
-        keys = self._keys(recall.x) if keys is None else keys
-        cos = recall_cosines(self._keys(x, tokens), keys, recall.index)
+        if recall.cos is not None and self.fixed_recall_key:
+            cos = recall.cos
+        else:
+            keys = self._keys(recall.x) if keys is None else keys
+            cos = recall_cosines(self._keys(x, tokens), keys, recall.index)
         return cos, weights_from_cosines(cos, recall.valid, F.softplus(self.recall_strength))
 
     def _votes(self, weights: torch.Tensor, recall: Recall) -> torch.Tensor:

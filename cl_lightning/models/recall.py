@@ -28,6 +28,10 @@ class Recall(NamedTuple):
     y: ``(B, k)`` long, their labels (as the query should read them).
     valid: ``(B, k)`` bool, False for empty neighbour places.
     rows: ``(B, k)`` long, each neighbour's row in the store it came from (None if unknown).
+    cos: ``(B, k)`` each query's :func:`recall_cosines` with its neighbours, where they do
+    not depend on the weights (a raw-input key): computed once at retrieval for every
+    model that reads this recall (the net and its EMA copies). None: each model computes
+    its own.
     """
 
     x: Tensor
@@ -35,16 +39,18 @@ class Recall(NamedTuple):
     y: Tensor
     valid: Tensor
     rows: Tensor | None = None
+    cos: Tensor | None = None
 
     def select(self, queries: Tensor) -> Recall:
         """The recall of a subset of the queries (bool mask or indices)."""
-        return Recall(self.x, self.index[queries], self.y[queries], self.valid[queries],
-                      None if self.rows is None else self.rows[queries])
+        return Recall(self.x, *(None if t is None else t[queries]
+                                for t in (self.index, self.y, self.valid, self.rows, self.cos)))
 
     def permuted(self, perm: Tensor) -> Recall:
         """The same neighbours with every stored input's elements permuted by ``perm``
-        (:func:`permute_elements`), as the queries of a novel-input episode see them."""
-        return self._replace(x=permute_elements(self.x, perm))
+        (:func:`permute_elements`), as the queries of a novel-input episode see them (their
+        cosines are computed again, from the permuted inputs)."""
+        return self._replace(x=permute_elements(self.x, perm), cos=None)
 
 
 def permute_elements(x: Tensor, perm: Tensor) -> Tensor:
