@@ -20,12 +20,7 @@ from cl_lightning.episodic_index import EpisodicIndex, fingerprint, nearest_othe
 from cl_lightning.epoch_means import EpochMeans
 from cl_lightning.learner_types import ModelFn, Store
 from cl_lightning.local_adaptation import LocalAdaptation
-from cl_lightning.models.recall import (
-    Recall,
-    permute_elements,
-    recall_cosines,
-    same_label_mass,
-)
+from cl_lightning.models.recall import Recall, permute_elements, same_label_mass
 from cl_lightning.plugins import LearnerPlugin
 from cl_lightning.read_mixture import MixtureFit, ReadMixture, same_class_partners
 
@@ -80,10 +75,10 @@ class Recalling:
         used, inverse = torch.unique(index, return_inverse=True)
         x = store["x"].to(inputs.device)[used]
         y = store["y"].to(inputs.device)[index]
-        cos = None  # the net's own computation, once for every copy that reads this recall
-        if getattr(self.net, "fixed_recall_key", False):
-            cos = recall_cosines(self.net.recall_keys(inputs), self.net.recall_keys(x), inverse)
-        return Recall(x, inverse, y, valid, index, cos)
+        recall = Recall(x, inverse, y, valid, index)
+        if getattr(self.net, "fixed_recall_key", False):  # once for every copy of the net
+            recall = recall._replace(cos=self.net.neighbour_cosines(inputs, recall))
+        return recall
 
     @torch.no_grad()
     def index_store(self, store: Store) -> tuple[torch.Tensor, torch.Tensor]:

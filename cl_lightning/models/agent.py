@@ -329,15 +329,22 @@ class MemoryAgent(TokenClassifier):
         the retrieval computes them once (``Recall.cos``)."""
         return self.recall_key == "input"
 
+    def neighbour_cosines(self, x: torch.Tensor, recall: Recall,
+                          tokens: torch.Tensor | None = None,
+                          keys: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, k)`` the cosine of each query's key with each of its recalled neighbours'
+        (``keys``: theirs, if already computed); ``recall.cos`` where the retrieval
+        computed them once for every copy of the net (:attr:`fixed_recall_key`)."""
+        if recall.cos is not None and self.fixed_recall_key:
+            return recall.cos
+        keys = self._keys(recall.x) if keys is None else keys
+        return recall_cosines(self._keys(x, tokens), keys, recall.index)
+
     def _read_weights(self, x: torch.Tensor, recall: Recall, tokens: torch.Tensor | None = None,
                       keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The cosines ``(B, k)`` of each query with its recalled neighbours and the primed
         read's weights over them (softmax of the learned strength times the cosine)."""
-        if recall.cos is not None and self.fixed_recall_key:
-            cos = recall.cos
-        else:
-            keys = self._keys(recall.x) if keys is None else keys
-            cos = recall_cosines(self._keys(x, tokens), keys, recall.index)
+        cos = self.neighbour_cosines(x, recall, tokens, keys)
         return cos, weights_from_cosines(cos, recall.valid, F.softplus(self.recall_strength))
 
     def _votes(self, weights: torch.Tensor, recall: Recall) -> torch.Tensor:
