@@ -174,9 +174,10 @@ AGENT = ["--model.net", "cl_lightning.models.agent.MemoryAgent", "--model.net.nu
         (["--ckpt_path", "GARBAGE"], "error: --ckpt_path GARBAGE: the file is not a readable"),
         (["--model.net.recall_slots", "0", "--model.label_shuffle", "0.5"],
          "error: model.label_shuffle > 0 needs model.meta"),
+        (["--progress_refresh_rate", "0"], "error: --progress_refresh_rate must be >= 1"),
     ],
     ids=["batch-size", "negative-lr", "read-heads", "support-fraction", "missing-ckpt",
-         "garbage-ckpt", "shuffle-without-reader"],
+         "garbage-ckpt", "shuffle-without-reader", "progress-refresh-rate"],
 )
 def test_bad_input_is_one_error_line_and_exit_status_2(tmp_path, capsys, extra, line):
     garbage = tmp_path / "garbage.ckpt"
@@ -277,3 +278,23 @@ def test_threads_option_sets_torch_threads_for_the_run(tiny_run, capsys, monkeyp
         assert "--threads" in line
     finally:
         torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [([], ("RichProgressBar", 1)),  # Lightning's own default redraws 100 times a second
+     (["--progress_refresh_rate", "7"], ("RichProgressBar", 7)),
+     (["--trainer.callbacks", "lightning.pytorch.callbacks.TQDMProgressBar"],
+      ("TQDMProgressBar", None)),  # a configured bar is kept, not doubled
+     (["--trainer.enable_progress_bar", "false"], None)],
+    ids=["default", "rate", "configured-bar", "off"])
+def test_the_progress_bar_redraws_at_the_configured_rate(tmp_path, extra, expected):
+    cli = run_cli(tmp_path, "--trainer.enable_progress_bar", "true", *extra)
+    bar = cli.trainer.progress_bar_callback
+    if expected is None:
+        assert bar is None
+        return
+    name, rate = expected
+    assert type(bar).__name__ == name
+    if rate is not None:
+        assert bar.refresh_rate == rate
