@@ -44,6 +44,9 @@ TRAINER_DEFAULTS: dict[str, Any] = {
                "init_args": {"save_dir": "logs", "name": "default"}},
 }
 
+PROGRESS_REFRESH_RATE = 1
+"""Progress-bar redraws per second (Lightning's RichProgressBar defaults to 100)."""
+
 
 class ContinualCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -66,7 +69,7 @@ class ContinualCLI(LightningCLI):
                  "almost always zero (an image's border pixels) decay through the subnormal "
                  "range, where each operation is many times slower. false: IEEE subnormals.")
         parser.add_argument(
-            "--progress_refresh_rate", type=int, default=1,
+            "--progress_refresh_rate", type=int, default=PROGRESS_REFRESH_RATE,
             help="Redraws of the progress bar per second (Lightning's RichProgressBar, drawn "
                  "by a thread that competes with training for Python; unless "
                  "trainer.callbacks has a progress bar of its own). Lightning's default, 100, "
@@ -97,7 +100,7 @@ class ContinualCLI(LightningCLI):
         if config.get("reload_dataloaders_every_n_epochs", 0) not in (0, 1):
             raise OptionError("trainer.reload_dataloaders_every_n_epochs must be 1: the stream "
                              "serves a new task's loader at task boundaries; remove the option.")
-        bar = progress_bar(config, cfg.get("progress_refresh_rate", 1))
+        bar = progress_bar(config, cfg.get("progress_refresh_rate", PROGRESS_REFRESH_RATE))
         if bar is not None:
             kwargs["callbacks"] = [*callback_list(config.get("callbacks")), bar]
         trainer = super().instantiate_trainer(
