@@ -449,6 +449,9 @@ def test_cosines_shared_at_retrieval_equal_each_copy_computing_its_own():
         assert torch.equal(model(x, recall=recall), model(x, recall=own))
         assert torch.equal(model(x[rows], recall=recall.select(rows)),
                            model(x[rows], recall=own.select(rows)))
+    # the copies read the shared cosines (other cosines, other logits)
+    swapped = recall._replace(cos=recall.cos.flip(1))
+    assert not torch.equal(net(x, recall=swapped), net(x, recall=recall))
     assert recall.permuted(torch.randperm(12)).cos is None  # permuted inputs: recomputed
     # a learned key depends on the weights: each copy computes its own
     token_net = MemoryAgent((12,), 3, recall_slots=3, recall_key="tokens", **SMALL_AGENT)
