@@ -12,8 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from torch import Tensor
+
+from cl_lightning.checks import OptionError
 
 
 def clip_grad_norm_(grads: list[Tensor], max_norm: float) -> Tensor:
@@ -34,13 +36,24 @@ def optimizer_grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:
             if p.grad is not None]
 
 
+def unscaled_precision(precision_plugin: Any) -> bool:
+    """Whether the gradients a step sees are the true ones: the plain precision plugin, or
+    mixed precision without a gradient scaler (bf16)."""
+    plugin_type = type(precision_plugin)
+    return plugin_type is Precision or (plugin_type is MixedPrecision
+                                        and precision_plugin.scaler is None)
+
+
 def fast_clip_applies(precision_plugin: Any, clip_val: Any, algorithm: Any,
                       grads: list[Tensor]) -> bool:
     """Whether :func:`clip_grad_norm_` does what Lightning would: norm clipping with a
-    positive value, the plain precision plugin (mixed precision unscales, sharded and
-    DeepSpeed strategies clip their own way), and gradients of one device and dtype that
-    the foreach kernels take."""
-    if type(precision_plugin) is not Precision or algorithm not in (None, "norm"):
+    positive value, the plain precision plugin or mixed precision without a gradient scaler
+    (bf16: nothing to unscale; fp16's scaler unscales first, sharded and DeepSpeed
+    strategies clip their own way), and gradients of one device and dtype that the foreach
+    kernels take. Lightning refuses to clip for an optimizer that unscales inside its step
+    (a fused one) under any mixed precision; without a scaler this path clips it as any
+    other."""
+    if algorithm not in (None, "norm") or not unscaled_precision(precision_plugin):
         return False
     if not isinstance(clip_val, (int, float)) or isinstance(clip_val, bool) or clip_val <= 0:
         return False
@@ -50,3 +63,19 @@ def fast_clip_applies(precision_plugin: Any, clip_val: Any, algorithm: Any,
     return (first.device.type in ("cpu", "cuda") and first.dtype.is_floating_point
             and all(g.device == first.device and g.dtype == first.dtype
                     and g.layout == torch.strided for g in grads))
+
+
+def refuse_unclippable(optimizer: torch.optim.Optimizer, precision_plugin: Any,
+                       clip_val: Any) -> None:
+    """Refuse, before the first step, an optimizer that unscales the gradients inside its
+    step (``fused=True``) under a gradient scaler (fp16 mixed precision) with clipping on:
+    the gradients it would clip are still scaled, and Lightning stops at the first step."""
+    unscales_itself = getattr(optimizer, "_step_supports_amp_scaling", False)
+    clips = isinstance(clip_val, (int, float)) and clip_val > 0
+    if unscales_itself and clips and isinstance(precision_plugin, MixedPrecision) \
+            and not unscaled_precision(precision_plugin):
+        raise OptionError(
+            "model.optimizer: a fused optimizer cannot have its gradients clipped under "
+            "16-bit mixed precision (its step unscales them); set "
+            "model.optimizer.init_args.fused false, trainer.gradient_clip_val 0 or "
+            "trainer.precision bf16-mixed")

@@ -20,7 +20,12 @@ from torch import nn
 
 from cl_lightning.adaptation import Adaptation
 from cl_lightning.checks import OptionError, require_at_least, require_in_range
-from cl_lightning.clipping import clip_grad_norm_, fast_clip_applies, optimizer_grads
+from cl_lightning.clipping import (
+    clip_grad_norm_,
+    fast_clip_applies,
+    optimizer_grads,
+    refuse_unclippable,
+)
 from cl_lightning.distributed import gather_objects
 from cl_lightning.ema_model import same_function
 from cl_lightning.episodic_index import EpisodicIndex
@@ -389,6 +394,9 @@ class ContinualLearner(Recalling, Adaptation, L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = _build("model.optimizer", self.optimizer_factory, self.parameters())
+        if attached_trainer(self) is not None:
+            refuse_unclippable(optimizer, self.trainer.precision_plugin,
+                               self.trainer.gradient_clip_val)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = _build("model.scheduler", self.scheduler_factory, optimizer)

@@ -8,7 +8,8 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
 import cl_lightning.module as module
-from cl_lightning.clipping import clip_grad_norm_, fast_clip_applies
+from cl_lightning.checks import OptionError
+from cl_lightning.clipping import clip_grad_norm_, fast_clip_applies, refuse_unclippable
 
 
 def random_grads(scale: float, seed: int = 0) -> list[torch.Tensor]:
@@ -41,7 +42,35 @@ def test_fast_clip_applies_only_where_the_arithmetic_is_the_same():
     assert not fast_clip_applies(plain, 0.0, None, grads)
     assert not fast_clip_applies(plain, None, None, grads)
     assert not fast_clip_applies(plain, 1.0, None, [*grads, torch.zeros(3, dtype=torch.float64)])
-    assert not fast_clip_applies(MixedPrecision("bf16-mixed", "cpu"), 1.0, None, grads)
+    # bf16 has no gradient scaler: the gradients are the true ones, clipped as any others
+    assert fast_clip_applies(MixedPrecision("bf16-mixed", "cpu"), 1.0, None, grads)
+    # fp16's scaler leaves them scaled until it unscales them: Lightning's path
+    assert not fast_clip_applies(MixedPrecision("16-mixed", "cpu"), 1.0, None, grads)
+
+
+def test_a_fused_optimizer_is_refused_only_where_its_gradients_cannot_be_clipped():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    fused = torch.optim.Adam(params, fused=True)
+    looped = torch.optim.Adam(params)
+    fp16, bf16 = MixedPrecision("16-mixed", "cpu"), MixedPrecision("bf16-mixed", "cpu")
+    with pytest.raises(OptionError, match="model.optimizer.init_args.fused false"):
+        refuse_unclippable(fused, fp16, 1.0)
+    for optimizer, plugin, clip in [(fused, fp16, 0.0), (fused, fp16, None), (looped, fp16, 1.0),
+                                    (fused, bf16, 1.0), (fused, Precision(), 1.0)]:
+        refuse_unclippable(optimizer, plugin, clip)  # none of these is refused
+
+
+def test_fused_adam_trains_with_clipping_under_bf16(tiny_run):
+    """Lightning refuses to clip for a fused optimizer under any mixed precision; without a
+    gradient scaler (bf16) the learner clips it itself, and the run equals the loop Adam's
+    run to float rounding."""
+    args = ["--trainer.precision", "bf16-mixed", "--trainer.gradient_clip_val", "0.05",
+            "--data.epochs_per_task", "1"]
+    fused = tiny_run(*args, "--model.optimizer.fused", "true").model
+    assert fused.trainer.optimizers[0].defaults["fused"] is True
+    looped = tiny_run(*args).model.state_dict()
+    for k, v in fused.state_dict().items():
+        assert torch.allclose(v, looped[k], rtol=1e-3, atol=1e-4), k
 
 
 def test_training_with_fast_clipping_equals_lightnings_clipping(tiny_run, monkeypatch):
