@@ -96,13 +96,19 @@ def test_joint_run_has_one_phase(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_from_task_end_checkpoint_reproduces_the_matrix(tmp_path):
-    full = run_cli(tmp_path / "full")
+@pytest.mark.parametrize("adam", [[], ["--model.optimizer.fused", "true"]],
+                         ids=["adam", "fused-adam"])
+def test_resume_from_task_end_checkpoint_reproduces_the_matrix(tmp_path, adam):
+    full = run_cli(tmp_path / "full", *adam)
     expected = read_results(full)["accuracy_matrix"]
     ckpt = os.path.join(full.trainer.log_dir, "checkpoints", "task00.ckpt")
-    resumed = run_cli(tmp_path / "resumed", "--ckpt_path", ckpt)
+    resumed = run_cli(tmp_path / "resumed", "--ckpt_path", ckpt, *adam)
     got = read_results(resumed)["accuracy_matrix"]
     assert torch.allclose(torch.tensor(got), torch.tensor(expected), atol=1e-6)
+    # the optimizer's state came back with the checkpoint: the same weights at the end
+    assert bool(resumed.trainer.optimizers[0].defaults["fused"]) is bool(adam)
+    for key, value in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
 
 
 @pytest.mark.slow
