@@ -303,8 +303,12 @@ def test_dnc_with_cpp_kernels_equals_the_default(built, kernel: str) -> None:
     g_ref = torch.autograd.grad(y_ref.square().sum(), list(default.parameters()))
     y, _, trace = native(x, return_trace=True)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    # The trace is per slot. Two usages a rounding apart may sort the other way under
+    # another CPU's rounding, and the write then goes to the other free slot: the same
+    # memory with two slots swapped (the outputs above stay equal). So each step's values
+    # over the slots are compared as a set.
     for a, c in zip(trace, trace_ref, strict=True):
-        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a.sort(-1).values, c.sort(-1).values, atol=1e-5, rtol=1e-4)
     for compiled in (False, True):
         native.compile_step = compiled
         y = native(x)[0]

@@ -261,14 +261,19 @@ std::vector<at::Tensor> time_step_backward(std::vector<at::Tensor> saved,
   interface_activations_backward_(raw, at::sigmoid(pre).contiguous(), sig, modes.contiguous(),
                                   g[15].contiguous(), grads[13].contiguous(), clip, g_raw);
 
+  // the sequence's weight gradients: each step's product, then added to the later steps'
+  // sum, as autograd adds the steps' gradients (an addmm_ may round the sum inside the
+  // product, differently on different CPUs' BLAS)
   const bool accumulate = weight_grads.size() == 3 && weight_grads[0].defined();
   auto g_h2 = at::addmm(grads[0], g_raw, w_if);
-  auto g_w_if = accumulate ? weight_grads[1].addmm_(g_raw.t(), h2) : at::mm(g_raw.t(), h2);
+  auto g_w_if = at::mm(g_raw.t(), h2);
+  if (accumulate) g_w_if = weight_grads[1].add_(g_w_if);
   auto g_b_if = accumulate ? weight_grads[2].add_(g_raw.sum(0)) : g_raw.sum(0);
   auto cell = lstm_cell_backward(act, c.contiguous(), tc, g_h2, grads[1].contiguous());
   const auto &g_gates = cell[0], &g_c = cell[1];
   auto g_rin = at::mm(g_gates, w_rec);
-  auto g_w_rec = accumulate ? weight_grads[0].addmm_(g_gates.t(), rin) : at::mm(g_gates.t(), rin);
+  auto g_w_rec = at::mm(g_gates.t(), rin);
+  if (accumulate) g_w_rec = weight_grads[0].add_(g_w_rec);
   // x_gates, h, c, read vectors, memory, usage, link, precedence, read weights, write
   // weights (a constant: no gradient), W_rec, W_if, b_if
   return {g_gates,
