@@ -36,6 +36,11 @@ def optimizer_grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:
             if p.grad is not None]
 
 
+def clipping_on(clip_val: Any) -> bool:
+    """Whether ``trainer.gradient_clip_val`` asks for clipping: a positive number."""
+    return isinstance(clip_val, (int, float)) and not isinstance(clip_val, bool) and clip_val > 0
+
+
 def unscaled_precision(precision_plugin: Any) -> bool:
     """Whether the gradients a step sees are the true ones: the plain precision plugin, or
     mixed precision without a gradient scaler (bf16)."""
@@ -55,7 +60,7 @@ def fast_clip_applies(precision_plugin: Any, clip_val: Any, algorithm: Any,
     other."""
     if algorithm not in (None, "norm") or not unscaled_precision(precision_plugin):
         return False
-    if not isinstance(clip_val, (int, float)) or isinstance(clip_val, bool) or clip_val <= 0:
+    if not clipping_on(clip_val):
         return False
     if not grads:
         return True
@@ -71,9 +76,8 @@ def refuse_unclippable(optimizer: torch.optim.Optimizer, precision_plugin: Any,
     step (``fused=True``) under a gradient scaler (fp16 mixed precision) with clipping on:
     the gradients it would clip are still scaled, and Lightning stops at the first step."""
     unscales_itself = getattr(optimizer, "_step_supports_amp_scaling", False)
-    clips = isinstance(clip_val, (int, float)) and clip_val > 0
-    if unscales_itself and clips and isinstance(precision_plugin, MixedPrecision) \
-            and not unscaled_precision(precision_plugin):
+    scaled = getattr(precision_plugin, "scaler", None) is not None
+    if unscales_itself and scaled and clipping_on(clip_val):
         raise OptionError(
             "model.optimizer: a fused optimizer cannot have its gradients clipped under "
             "16-bit mixed precision (its step unscales them); set "
