@@ -4,7 +4,7 @@ Lightning clips through its precision plugin into ``torch.nn.utils.clip_grad_nor
 groups the gradients by device and dtype on every call; for a small model that chain costs
 a tenth of a step (Split-MNIST MLP, batch 10 + 10). :func:`clip_grad_norm_` does the
 same arithmetic on gradients of one device and dtype (the result is bit-equal), and
-:func:`fast_clip_applies` says when the learner may take this path instead of Lightning's.
+:func:`learner_clips` says when the learner may take this path instead of Lightning's.
 """
 
 from __future__ import annotations
@@ -49,25 +49,39 @@ def unscaled_precision(precision_plugin: Any) -> bool:
                                         and precision_plugin.scaler is None)
 
 
-def fast_clip_applies(precision_plugin: Any, clip_val: Any, algorithm: Any,
-                      grads: list[Tensor]) -> bool:
-    """Whether :func:`clip_grad_norm_` does what Lightning would: norm clipping with a
-    positive value, the plain precision plugin or mixed precision without a gradient scaler
-    (bf16: nothing to unscale; fp16's scaler unscales first, sharded and DeepSpeed
-    strategies clip their own way), and gradients of one device and dtype that the foreach
-    kernels take. Lightning refuses to clip for an optimizer that unscales inside its step
-    (a fused one) under any mixed precision; without a scaler this path clips it as any
-    other."""
-    if algorithm not in (None, "norm") or not unscaled_precision(precision_plugin):
-        return False
-    if not clipping_on(clip_val):
-        return False
+def learner_clips(precision_plugin: Any, clip_val: Any, algorithm: Any) -> bool:
+    """Whether the learner clips the gradients itself (:func:`clip_optimizer_grads_`)
+    where Lightning would: norm clipping with a positive value, under the plain precision
+    plugin or mixed precision without a gradient scaler (bf16: nothing to unscale; fp16's
+    scaler unscales first, sharded and DeepSpeed strategies clip their own way). Lightning
+    refuses to clip for an optimizer that unscales inside its step (a fused one) under any
+    mixed precision; without a scaler the learner clips it as any other."""
+    return (algorithm in (None, "norm") and unscaled_precision(precision_plugin)
+            and clipping_on(clip_val))
+
+
+def uniform_grads(grads: list[Tensor]) -> bool:
+    """Whether the gradients share one device and floating dtype, dense, as the foreach
+    kernels of :func:`clip_grad_norm_` take them."""
     if not grads:
         return True
     first = grads[0]
     return (first.device.type in ("cpu", "cuda") and first.dtype.is_floating_point
             and all(g.device == first.device and g.dtype == first.dtype
                     and g.layout == torch.strided for g in grads))
+
+
+def clip_optimizer_grads_(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+    """Clip the optimizer's gradients to a global L2 norm of ``max_norm``, bit-equal to
+    Lightning's plain precision plugin: :func:`clip_grad_norm_` where they share one device
+    and dtype, else torch's ``clip_grad_norm_`` over the parameters (Lightning's own call,
+    which groups them by device and dtype)."""
+    grads = optimizer_grads(optimizer)
+    if uniform_grads(grads):
+        clip_grad_norm_(grads, max_norm)
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def refuse_unclippable(optimizer: torch.optim.Optimizer, precision_plugin: Any,
