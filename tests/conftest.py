@@ -128,3 +128,12 @@ def hand_step(plugin, learner, x: torch.Tensor, y: torch.Tensor):
     logits = learner.net(batch["x"])
     losses = F.cross_entropy(logits, batch["y"], reduction="none")
     return StepOutput(batch=batch, inputs=batch["x"], logits=logits, losses=losses, task=0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``-n 2 --dist loadgroup``, the README's test command) the
+    multi-process DDP tests share one worker, so two of them never run at once on a 2-core
+    machine (each starts two ranks); every other test goes to whichever worker is free."""
+    for item in items:
+        if item.get_closest_marker("ddp") is not None:
+            item.add_marker(pytest.mark.xdist_group("ddp"))
